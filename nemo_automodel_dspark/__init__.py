@@ -1,0 +1,31 @@
+"""Train DSpark speculative-decoding drafters (semi-autoregressive parallel drafter + Markov head + confidence head).
+
+The package root stays light: it imports neither `nemo_automodel` nor `torch.distributed`. Public names are
+resolved lazily so that `import nemo_automodel_dspark` costs nothing until a name is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "DSparkConfig": "nemo_automodel_dspark.model.config",
+    "DSparkDrafter": "nemo_automodel_dspark.model.drafter",
+    "DSparkOutput": "nemo_automodel_dspark.model.drafter",
+    "dspark_loss": "nemo_automodel_dspark.loss.objective",
+    "DSparkLossOutput": "nemo_automodel_dspark.loss.objective",
+    "capture_target_features": "nemo_automodel_dspark.target.capture",
+    "default_target_layer_ids": "nemo_automodel_dspark.target.capture",
+    "sample_anchors": "nemo_automodel_dspark.masks",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'nemo_automodel_dspark' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
