@@ -1,0 +1,178 @@
+"""`DSparkDrafter`: parallel backbone over anchor blocks + feature projection + Markov and confidence heads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from nemo_automodel_dspark.masks import build_eval_mask, dense_block_mask, flex_block_mask, slot_positions
+from nemo_automodel_dspark.model.config import DSparkConfig
+from nemo_automodel_dspark.model.families import TargetFamily, family_for
+from nemo_automodel_dspark.model.heads import ConfidenceHead, MarkovHead
+from nemo_automodel_dspark.model.layers import RotaryEmbedding, rope_inv_freq
+from nemo_automodel_dspark.target.capture import default_target_layer_ids, validate_target_layer_ids
+
+
+@dataclass
+class DSparkOutput:
+    """What one training forward produces; losses are computed elsewhere (`dspark_loss`)."""
+
+    draft_logits: Tensor  # [B, N, K, V]  Z = U + b
+    eval_mask: Tensor  # [B, N, K] bool: supervised slots
+    target_ids: Tensor  # [B, N, K] data token each slot predicts (x_{a+k+1})
+    teacher_positions: Tensor  # [B, N, K] position whose target hidden gives the teacher distribution (a+k)
+    confidence_logits: Tensor | None  # [B, N, K]
+    hidden: Tensor  # [B, N, K, H] backbone output after the final norm
+
+
+class DSparkDrafter(nn.Module):
+    """A DSpark draft for one target; module names are the serving tensor names (SPEC §8)."""
+
+    def __init__(self, target_config, dspark: DSparkConfig) -> None:
+        super().__init__()
+        self.family: TargetFamily = family_for(target_config)
+        text = self.family.text_config(target_config)
+        self.family.check_supported(text)
+        dspark.check_vocab(text.vocab_size)
+        num_target_layers = text.num_hidden_layers
+        layer_ids = dspark.target_layer_ids or default_target_layer_ids(
+            num_target_layers, dspark.draft_num_hidden_layers
+        )
+        dspark.target_layer_ids = validate_target_layer_ids(layer_ids, num_target_layers)
+        self.dspark, self.text_config, self.target_config = dspark, text, target_config
+        self.num_target_layers = num_target_layers
+        hidden, vocab = text.hidden_size, text.vocab_size
+
+        self.embed_tokens = nn.Embedding(vocab, hidden)
+        self.fc = nn.Linear(len(dspark.target_layer_ids) * hidden, hidden, bias=False)
+        self.hidden_norm = self.family.build_norm(text)
+        self.layers = nn.ModuleList(self.family.build_layer(text, i) for i in range(dspark.draft_num_hidden_layers))
+        self.norm = self.family.build_norm(text)
+        self.lm_head = nn.Linear(hidden, vocab, bias=False)
+        head_dim = getattr(text, "head_dim", None) or hidden // text.num_attention_heads
+        self.rotary = RotaryEmbedding(*rope_inv_freq(text, head_dim))
+        self.markov_head = (
+            MarkovHead(hidden, vocab, dspark.markov_rank, dspark.markov_head_type) if dspark.markov_rank else None
+        )
+        self.confidence_head = (
+            ConfidenceHead(hidden, dspark.markov_rank, dspark.confidence_head_with_markov)
+            if dspark.enable_confidence_head
+            else None
+        )
+        self.embed_scale = float(self.family.embed_scale(text))
+        self.logit_softcap = self.family.logit_softcap(text)
+        self.apply(self._init_weights)
+        self.set_embeddings_trainable(not dspark.freeze_embeddings)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear | nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    def set_embeddings_trainable(self, trainable: bool) -> None:
+        self.embed_tokens.weight.requires_grad_(trainable)
+        self.lm_head.weight.requires_grad_(trainable)
+
+    @classmethod
+    def from_target(cls, target: nn.Module, dspark: DSparkConfig) -> DSparkDrafter:
+        """A fresh draft for `target`, with the target's `embed_tokens` and `lm_head` copied in (frozen by default)."""
+        draft = cls(target.config, dspark)
+        parts = draft.family.decoder_parts(target)
+        with torch.no_grad():
+            draft.embed_tokens.weight.copy_(parts.embed_tokens.weight)
+            draft.lm_head.weight.copy_(parts.lm_head.weight)
+        return draft
+
+    # ------------------------------------------------------------------ forward pieces
+    def head_logits(self, hidden: Tensor) -> Tensor:
+        """Frozen LM head (+ the family's final softcap): [..., H] → [..., V]; also gives teacher logits."""
+        logits = self.lm_head(hidden)
+        if self.logit_softcap:
+            logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
+        return logits
+
+    @torch.no_grad()
+    def teacher_logits(self, target_hidden: Tensor, teacher_positions: Tensor) -> Tensor:
+        """Target next-token logits only at the supervised slots: [B, S, H] + [B, N, K] → [B, N, K, V]."""
+        batch, n, k = teacher_positions.shape
+        rows = torch.gather(target_hidden, 1, teacher_positions.view(batch, -1, 1).expand(-1, -1, target_hidden.shape[-1]))
+        return self.head_logits(rows.to(self.lm_head.weight.dtype)).view(batch, n, k, -1)
+
+    def project_context(self, target_features: Tensor) -> Tensor:
+        """Concatenated target features [B, S, L·H] → context C [B, S, H] read by every backbone layer."""
+        return self.hidden_norm(self.fc(target_features.to(self.fc.weight.dtype)))
+
+    def attention_mask(self, anchors: Tensor, keep: Tensor, seq_len: int):
+        if self.dspark.attention_backend == "flex_attention" and anchors.is_cuda:
+            return flex_block_mask(anchors, keep, seq_len, self.dspark.block_size)
+        return dense_block_mask(anchors, keep, seq_len, self.dspark.block_size)
+
+    def backbone(self, block_tokens: Tensor, slot_pos: Tensor, ctx: Tensor, mask) -> Tensor:
+        """Parallel stage: block tokens [B, Q] at positions [B, Q] attend to ctx [B, S, H] → normed hidden [B, Q, H]."""
+        x = self.embed_tokens(block_tokens) * self.embed_scale
+        x = x.to(ctx.dtype)
+        ctx_pos = torch.arange(ctx.shape[1], device=ctx.device).expand(ctx.shape[0], -1)
+        rope_q = self.rotary(slot_pos, x.dtype)
+        rope_kv = self.rotary(torch.cat([ctx_pos, slot_pos], dim=1), x.dtype)
+        for layer in self.layers:
+            x = layer(x, ctx, rope_q, rope_kv, mask)
+        return self.norm(x)
+
+    def block_tokens(self, input_ids: Tensor, anchors: Tensor) -> Tensor:
+        """Slot 0 = anchor token, slots 1..K−1 = mask token → [B, N, K]."""
+        tokens = anchors.new_full((*anchors.shape, self.dspark.block_size), self.dspark.mask_token_id)
+        tokens[..., 0] = torch.gather(input_ids, 1, anchors)
+        return tokens
+
+    def forward(self, input_ids: Tensor, target_features: Tensor, loss_mask: Tensor, anchors: Tensor,
+                block_keep: Tensor) -> DSparkOutput:
+        """Teacher-forced training forward over N anchor blocks per row (input_ids [B, S], features [B, S, L·H])."""
+        batch, seq = input_ids.shape
+        k = self.dspark.block_size
+        pos = slot_positions(anchors, k)  # [B, N, K]
+        ctx = self.project_context(target_features)
+        mask = self.attention_mask(anchors, block_keep, seq)
+        hidden = self.backbone(self.block_tokens(input_ids, anchors).flatten(1), pos.flatten(1), ctx, mask)
+        hidden = hidden.view(batch, -1, k, hidden.shape[-1])  # [B, N, K, H]
+        last = seq - 1
+        prev_tokens = torch.gather(input_ids, 1, pos.clamp(max=last).flatten(1)).view_as(pos)  # x_{a+k}
+        target_ids = torch.gather(input_ids, 1, (pos + 1).clamp(max=last).flatten(1)).view_as(pos)  # x_{a+k+1}
+        logits, conf = self.heads(hidden, prev_tokens)
+        return DSparkOutput(
+            draft_logits=logits,
+            eval_mask=build_eval_mask(loss_mask, anchors, block_keep, k),
+            target_ids=target_ids,
+            teacher_positions=pos.clamp(max=last),
+            confidence_logits=conf,
+            hidden=hidden,
+        )
+
+    def heads(self, hidden: Tensor, prev_tokens: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Draft logits Z = U + b and confidence logits, teacher-forced on `prev_tokens` [B, N, K]."""
+        logits = self.head_logits(hidden)  # U [B, N, K, V]
+        e = None
+        if self.markov_head is not None:
+            bias, e = self.markov_head(hidden, prev_tokens)
+            logits = logits + bias.to(logits.dtype)
+        conf = None
+        if self.confidence_head is not None:
+            # Detached inputs: the confidence loss trains only the confidence head, never the draft distribution.
+            conf = self.confidence_head(hidden.detach(), None if e is None else e.detach())
+        return logits, conf
+
+    # ------------------------------------------------------------------ persistence (SPEC §8)
+    def save_pretrained(self, directory) -> None:
+        """Servable draft: `config.json` in the DSpark dialect + `model.safetensors`."""
+        from nemo_automodel_dspark.model.serving import save_draft
+
+        save_draft(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory, *, device="cpu") -> DSparkDrafter:
+        from nemo_automodel_dspark.model.serving import load_draft
+
+        return load_draft(cls, directory, device=device)

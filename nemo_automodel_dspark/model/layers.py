@@ -1,0 +1,121 @@
+"""Building blocks shared by every draft family: RMSNorm, fp32 RoPE, and context+block attention."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+_compiled_flex = None
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32; `offset=1.0` gives Gemma's `(1 + w)` scaling."""
+
+    def __init__(self, dim: int, eps: float, offset: float = 0.0) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
+        self.eps = eps
+        self.offset = offset
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x32 * (self.offset + self.weight.float())).to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE whose inverse frequencies stay fp32 whatever `.to(dtype)` does to the module (SPEC §1)."""
+
+    def __init__(self, inv_freq: Tensor, attention_scaling: float = 1.0) -> None:
+        super().__init__()
+        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+        self.attention_scaling = attention_scaling
+
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        fp32 = self.inv_freq
+        super()._apply(fn, recurse)
+        self.inv_freq = fp32.to(self.inv_freq.device)  # keep the fp32 values, follow the device
+        return self
+
+    def forward(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """cos/sin tables [B, T, head_dim] for integer positions [B, T], computed in fp32."""
+        freqs = positions.float().unsqueeze(-1) * self.inv_freq  # [B, T, D/2]
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return (emb.cos() * self.attention_scaling).to(dtype), (emb.sin() * self.attention_scaling).to(dtype)
+
+
+def rope_inv_freq(config, head_dim: int) -> tuple[Tensor, float]:
+    """Inverse frequencies for a HF text config (default RoPE, or any `rope_type` transformers knows)."""
+    params = getattr(config, "rope_parameters", None) or {}
+    rope_type = params.get("rope_type", "default")
+    if rope_type != "default":
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, None)
+        return inv_freq.float(), float(scaling)
+    theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+    return inv_freq, 1.0
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [B, heads, T, D], cos/sin [B, T, D] → rotated x."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, mask, scale: float) -> Tensor:
+    """Attention with either a dense boolean mask (SDPA) or a FlexAttention BlockMask; GQA handled by both."""
+    if isinstance(mask, Tensor):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    global _compiled_flex
+    if _compiled_flex is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex(q, k, v, block_mask=mask, scale=scale, enable_gqa=True)
+
+
+class ContextBlockAttention(nn.Module):
+    """Block slots query `[context | blocks]`; the layer's own k/v projections read both (DFlash-style)."""
+
+    def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, eps: float, *, scale: float,
+                 bias: bool = False, norm_offset: float = 0.0) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim, self.scale = heads, kv_heads, head_dim, scale
+        self.q_proj = nn.Linear(hidden, heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden, kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden, kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(heads * head_dim, hidden, bias=False)
+        self.q_norm = RMSNorm(head_dim, eps, norm_offset)
+        self.k_norm = RMSNorm(head_dim, eps, norm_offset)
+
+    def _heads(self, x: Tensor, n: int) -> Tensor:
+        return x.view(x.shape[0], x.shape[1], n, self.head_dim).transpose(1, 2)  # [B, n, T, D]
+
+    def forward(self, x: Tensor, ctx: Tensor, rope_q: tuple[Tensor, Tensor], rope_kv: tuple[Tensor, Tensor],
+                mask) -> Tensor:
+        """x [B, Q, H] block slots, ctx [B, S, H] projected target features → [B, Q, H]."""
+        kv_in = torch.cat([ctx, x], dim=1)  # [B, S + Q, H]
+        q = apply_rope(self.q_norm(self._heads(self.q_proj(x), self.heads)), *rope_q)
+        k = apply_rope(self.k_norm(self._heads(self.k_proj(kv_in), self.kv_heads)), *rope_kv)
+        v = self._heads(self.v_proj(kv_in), self.kv_heads)
+        out = attend(q, k, v, mask, self.scale)  # [B, heads, Q, D]
+        return self.o_proj(out.transpose(1, 2).flatten(2))
+
+
+class SwiGLU(nn.Module):
+    """HF-named gated MLP: down(act(gate(x)) * up(x))."""
+
+    def __init__(self, hidden: int, intermediate: int, act: str = "silu") -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.act = F.silu if act == "silu" else (lambda t: F.gelu(t, approximate="tanh"))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))

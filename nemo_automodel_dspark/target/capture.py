@@ -1,0 +1,75 @@
+"""Capture target hidden states with forward hooks in one no-grad forward (SPEC §2).
+
+Layer-id convention = HF `hidden_states[id + 1]`: id -1 → embedding output, 0 ≤ id < n−1 → output of decoder layer
+id, id = n−1 → the final-norm output. The final-norm output at every position is always returned (the teacher).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from nemo_automodel_dspark.model.families import family_for
+
+
+@dataclass
+class CapturedFeatures:
+    features: Tensor  # [B, S, L·H] concatenated in ascending layer-id order
+    last_hidden: Tensor  # [B, S, H] final-norm output (the teacher's pre-head hidden)
+
+
+def default_target_layer_ids(num_layers: int, num_features: int) -> list[int]:
+    """`num_features` ids spread evenly over [1, n−1] (28 layers, 5 features → [1, 8, 14, 20, 27])."""
+    if num_features == 1:
+        return [num_layers - 1]
+    ids = (round(1 + i * (num_layers - 2) / (num_features - 1)) for i in range(num_features))
+    return sorted({min(max(i, 1), num_layers - 1) for i in ids})
+
+
+def validate_target_layer_ids(layer_ids: list[int], num_layers: int) -> list[int]:
+    """Non-empty, strictly increasing, each in [-1, n−1]; warns on ids common serving engines cannot capture."""
+    if not layer_ids:
+        raise ValueError("target_layer_ids must not be empty")
+    for i in layer_ids:
+        if not -1 <= i <= num_layers - 1:
+            raise ValueError(f"target_layer_ids: id {i} is out of range; valid ids are -1..{num_layers - 1}")
+    if any(b <= a for a, b in zip(layer_ids, layer_ids[1:], strict=False)):
+        raise ValueError(f"target_layer_ids must be strictly increasing, got {layer_ids}")
+    if -1 in layer_ids or num_layers - 1 in layer_ids:
+        warnings.warn(
+            f"target_layer_ids {layer_ids} include -1 or {num_layers - 1}: serving engines that capture "
+            "'the input of layer id+1' cannot serve such a draft",
+            stacklevel=2,
+        )
+    return list(layer_ids)
+
+
+def _output_tensor(output) -> Tensor:
+    return output[0] if isinstance(output, tuple | list) else output  # MoE / older layers return tuples
+
+
+@torch.no_grad()
+def capture_target_features(
+    target: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, layer_ids: list[int]
+) -> CapturedFeatures:
+    """One forward of the frozen target's decoder (no LM head); hooks are removed even if the forward raises."""
+    parts = family_for(target.config).decoder_parts(target)
+    num_layers = len(parts.layers)
+    captured: dict[int, Tensor] = {}
+
+    def keep(layer_id: int):
+        return lambda module, args, output: captured.__setitem__(layer_id, _output_tensor(output))
+
+    sources = {-1: parts.embed_tokens, num_layers - 1: parts.norm}
+    sources.update({i: parts.layers[i] for i in layer_ids if 0 <= i < num_layers - 1})
+    handles = [sources[i].register_forward_hook(keep(i)) for i in sorted(set(layer_ids) | {num_layers - 1})]
+    try:
+        parts.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    features = torch.cat([captured[i] for i in layer_ids], dim=-1)
+    return CapturedFeatures(features=features, last_hidden=captured[num_layers - 1])

@@ -1,0 +1,47 @@
+import pytest
+import torch
+
+from nemo_automodel_dspark.target.capture import (
+    capture_target_features,
+    default_target_layer_ids,
+    validate_target_layer_ids,
+)
+
+
+def test_default_spread():
+    assert default_target_layer_ids(28, 5) == [1, 8, 14, 20, 27]
+    assert default_target_layer_ids(28, 1) == [27]
+    assert default_target_layer_ids(4, 5) == [1, 2, 3]  # clamped and deduplicated
+
+
+@pytest.mark.parametrize("ids, match", [([], "empty"), ([1, 1], "strictly increasing"), ([3, 1], "strictly"),
+                                        ([-2, 1], "id -2"), ([1, 4], "id 4 .* -1..3")])
+def test_bad_ids_name_the_id(ids, match):
+    with pytest.raises(ValueError, match=match):
+        validate_target_layer_ids(ids, 4)
+
+
+@pytest.mark.parametrize("fixture", ["qwen3_target", "qwen3_moe_target"])
+def test_capture_equals_hf_hidden_states(fixture, request):
+    target = request.getfixturevalue(fixture)
+    ids = torch.randint(0, 90, (2, 11), generator=torch.Generator().manual_seed(0))
+    attn = torch.ones_like(ids)
+    layer_ids = [-1, 1, 3]
+    with pytest.warns(UserWarning, match="serving engines"):
+        layer_ids = validate_target_layer_ids(layer_ids, 4)
+    cap = capture_target_features(target, ids, attn, layer_ids)
+    with torch.no_grad():
+        hs = target(input_ids=ids, attention_mask=attn, output_hidden_states=True).hidden_states
+    expected = torch.cat([hs[i + 1] for i in layer_ids], dim=-1)
+    torch.testing.assert_close(cap.features, expected, rtol=0, atol=0)
+    torch.testing.assert_close(cap.last_hidden, hs[-1], rtol=0, atol=0)
+    assert not cap.features.requires_grad
+
+
+def test_hooks_removed_when_forward_raises(qwen3_target):
+    parts = qwen3_target.model
+    modules = [parts.embed_tokens, parts.layers[1], parts.norm]
+    before = [dict(m._forward_hooks) for m in modules]
+    with pytest.raises(IndexError):  # token id outside the vocabulary fails inside the target forward
+        capture_target_features(qwen3_target, torch.full((1, 4), 10_000), None, [-1, 1])
+    assert [dict(m._forward_hooks) for m in modules] == before
