@@ -1,0 +1,203 @@
+"""Render one conversation with a chat template and mark the assistant tokens the draft is trained on.
+
+The training text is always the whole conversation rendered once, tokenised once (so `input_ids` are exactly what
+`apply_chat_template` gives). Which tokens are supervised is decided in one of two ways:
+
+* **Generation tags.** A template with `{% generation %}` blocks says itself what the assistant generates; we use
+  `apply_chat_template(..., return_assistant_tokens_mask=True)`.
+* **Prefix rendering** (every other template). Assistant turn `i` is the text that `messages[: i + 1]` adds to
+  `messages[:i]` rendered with a generation prompt: the role header is part of the prompt, the content and the
+  end-of-turn token are what the model generates. Comparison is on characters, not tokens, so BPE merges at a
+  boundary cannot misalign it; tokens are mapped to characters through the tokenizer's offsets.
+  Some templates render a turn differently once later turns follow (Qwen3 drops the reasoning of earlier turns),
+  so the prefix is not always a prefix of the whole conversation. Then the turn is located as the text that
+  removing it from the whole conversation takes away (same head, same tail); if neither works the row is
+  skipped ("cannot locate an assistant turn") rather than trained on a guessed mask. Whitespace after the
+  end-of-turn token (Qwen's "\n" after `<|im_end|>`) is not supervised: the model stops at the end token, and
+  this keeps both methods in agreement. An assistant message at index 0 has no prompt and is context only.
+
+`mask_reasoning_content=True` also removes `<think>…</think>` blocks (with the whitespace after them; an unclosed
+block runs to the end of the turn) and the literal text of `reasoning_content` fields from the supervision.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from itertools import accumulate
+from typing import Any
+
+import jinja2
+
+from nemo_automodel_dspark.data.sources import RowError
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+_THINK_BLOCK = re.compile(re.escape(THINK_OPEN) + r".*?(?:" + re.escape(THINK_CLOSE) + r"\s*|\Z)", re.DOTALL)
+_GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+Span = tuple[int, int]  # [start, end) character offsets into the rendered text
+
+
+@dataclass(frozen=True)
+class TokenizedRow:
+    """One conversation: `input_ids` [L] and `loss_mask` [L] (1 on supervised tokens), L <= seq_length."""
+
+    input_ids: list[int]
+    loss_mask: list[int]
+    truncated: bool = False
+
+
+def resolve_chat_template(tokenizer: Any, chat_template: str | None = None) -> str:
+    """Return the Jinja text to render with: the override (inline, a name, a .jinja path) or the tokenizer's own."""
+    if chat_template is not None and "{" not in chat_template and chat_template.endswith(".jinja"):
+        with open(chat_template, encoding="utf-8") as f:
+            return f.read()
+    try:
+        return tokenizer.get_chat_template(chat_template)
+    except ValueError as err:
+        raise ValueError(f"cannot render chats: {err} (set recipe_args.chat_template)") from err
+
+
+def has_generation_tags(template: str) -> bool:
+    """True when the template marks assistant output with `{% generation %}` blocks."""
+    return _GENERATION_TAG.search(template) is not None
+
+
+def tokenize_conversation(
+    messages: list[dict[str, Any]],
+    tokenizer: Any,
+    seq_length: int,
+    *,
+    chat_template: str | None = None,
+    mask_reasoning_content: bool = False,
+) -> TokenizedRow:
+    """Tokenise a normalised conversation; loss_mask is 1 exactly on assistant content + end-of-turn tokens."""
+    template = resolve_chat_template(tokenizer, chat_template)
+    if has_generation_tags(template):
+        input_ids, offsets, mask = _encode_with_generation_tags(tokenizer, messages, template)
+        text = _render(tokenizer, messages, template) if mask_reasoning_content else ""
+        turns = _supervised_runs(offsets, mask)
+    else:
+        text = _render(tokenizer, messages, template)
+        turns = [_turn_span(tokenizer, messages, i, template, text) for i in _assistant_turns(messages)]
+        input_ids, offsets = _encode(tokenizer, text)
+        mask = [int(hit) for hit in _token_hits(offsets, turns, len(text))]
+    if mask_reasoning_content:
+        reasoning = _token_hits(offsets, _reasoning_spans(text, turns, messages), len(text))
+        mask = [m * (not hit) for m, hit in zip(mask, reasoning, strict=True)]
+    return _truncate(input_ids, mask, seq_length)
+
+
+def _truncate(input_ids: list[int], mask: list[int], seq_length: int) -> TokenizedRow:
+    if not any(mask):
+        raise RowError("no supervised token")
+    truncated = len(input_ids) > seq_length
+    input_ids, mask = input_ids[:seq_length], mask[:seq_length]
+    if not any(mask):
+        raise RowError("nothing supervised after truncation")
+    return TokenizedRow(input_ids=input_ids, loss_mask=mask, truncated=truncated)
+
+
+def _render(tokenizer: Any, messages: list[dict[str, Any]], template: str, *, generation_prompt: bool = False) -> str:
+    try:
+        return tokenizer.apply_chat_template(
+            messages, chat_template=template, tokenize=False, add_generation_prompt=generation_prompt
+        )
+    except jinja2.TemplateError as err:
+        raise RowError(f"chat template error: {str(err)[:80]}") from err
+
+
+def _encode(tokenizer: Any, text: str) -> tuple[list[int], list[Span]]:
+    """Token ids of the rendered text (no extra BOS/EOS: the template has its own) and their character offsets."""
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return list(encoded["input_ids"]), [tuple(o) for o in encoded["offset_mapping"]]
+
+
+def _encode_with_generation_tags(
+    tokenizer: Any, messages: list[dict[str, Any]], template: str
+) -> tuple[list[int], list[Span], list[int]]:
+    try:
+        out = tokenizer.apply_chat_template(
+            messages,
+            chat_template=template,
+            tokenize=True,
+            return_dict=True,
+            return_assistant_tokens_mask=True,
+            tokenizer_kwargs={"return_offsets_mapping": True},
+        )
+    except jinja2.TemplateError as err:
+        raise RowError(f"chat template error: {str(err)[:80]}") from err
+    offsets = [tuple(o) for o in out["offset_mapping"]]
+    return list(out["input_ids"]), offsets, [int(m) for m in out["assistant_masks"]]
+
+
+def _assistant_turns(messages: list[dict[str, Any]]) -> list[int]:
+    return [i for i, m in enumerate(messages) if m["role"] == "assistant" and i > 0]
+
+
+def _turn_span(tokenizer: Any, messages: list[dict[str, Any]], i: int, template: str, full: str) -> Span:
+    """Character span of assistant turn i inside `full`: after its role header, up to its end-of-turn token."""
+    before = _render(tokenizer, messages[:i], template)
+    prompt = _render(tokenizer, messages[:i], template, generation_prompt=True)
+    upto = _render(tokenizer, messages[: i + 1], template)
+    start = _common_prefix_len(prompt, upto)  # where the turn leaves its generation prompt
+    if full.startswith(upto) and start >= len(before):
+        return _rstrip(full, start, len(upto))
+    # Rendered differently once later turns follow: the turn is what removing it takes away (same head and tail).
+    without = _render(tokenizer, messages[:i] + messages[i + 1 :], template)
+    tail = without[len(before) :]
+    start, end = _common_prefix_len(full, prompt), len(full) - len(tail)
+    if without.startswith(before) and full.endswith(tail) and len(before) <= start <= end:
+        return _rstrip(full, start, end)
+    raise RowError("cannot locate an assistant turn in the rendered chat")
+
+
+def _common_prefix_len(a: str, b: str) -> int:
+    if b.startswith(a):
+        return len(a)
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _rstrip(text: str, start: int, end: int) -> Span:
+    """Drop whitespace that follows the end-of-turn token: the model stops at the token and never generates it."""
+    while end > start and text[end - 1].isspace():
+        end -= 1
+    return start, end
+
+
+def _token_hits(offsets: list[Span], spans: list[Span], num_chars: int) -> list[bool]:
+    """hits[t] is True iff token t's character range overlaps any span."""
+    marked = bytearray(num_chars + 1)
+    for start, end in spans:
+        marked[start:end] = b"\x01" * (end - start)
+    before = list(accumulate(marked, initial=0))  # before[c] = marked characters in [0, c)
+    return [before[end] > before[start] for start, end in offsets]
+
+
+def _supervised_runs(offsets: list[Span], mask: list[int]) -> list[Span]:
+    """Character spans of the maximal runs of supervised tokens (one per assistant turn)."""
+    runs: list[Span] = []
+    for t, m in enumerate(mask):
+        if not m:
+            continue
+        if t > 0 and mask[t - 1]:
+            runs[-1] = (runs[-1][0], offsets[t][1])
+        else:
+            runs.append(offsets[t])
+    return runs
+
+
+def _reasoning_spans(text: str, turns: list[Span], messages: list[dict[str, Any]]) -> list[Span]:
+    """Reasoning inside the assistant turns: <think> blocks, and the rendered text of `reasoning_content` fields."""
+    spans = [m.span() for start, end in turns for m in _THINK_BLOCK.finditer(text, start, end)]
+    fields = [m["reasoning_content"].strip() for m in messages if m.get("reasoning_content", "").strip()]
+    for field in fields:  # templates that render reasoning without <think> tags
+        hit = next((pos for start, end in turns if (pos := text.find(field, start, end)) >= 0), -1)
+        if hit >= 0:
+            spans.append((hit, hit + len(field)))
+    return spans

@@ -1,0 +1,207 @@
+"""The tokenised chat dataset, its collate function, and a sampler that resumes at the exact next item.
+
+How the recipe reads data (exact resume, SPEC §8)::
+
+    sampler = ResumableSampler(len(dataset), seed=shuffle_seed, rank=rank, world_size=world_size)
+    sampler.load_state_dict(ckpt["sampler"])            # on resume only
+    collate_fn = functools.partial(collate, seq_length=seq_length, pad_token_id=pad_id)
+    for epoch in range(sampler.epoch, num_epochs):
+        sampler.set_epoch(epoch)                         # keeps a resumed position within the same epoch
+        for batch in batches(sampler, dataset, micro_batch_size, collate_fn):
+            ...                                          # train; at a checkpoint save sampler.state_dict()
+
+`batches` pulls indices lazily, so at any point `sampler.consumed` counts exactly the items of the batches handed
+out so far. A `DataLoader(dataset, batch_sampler=BatchSampler(sampler, micro_batch_size, drop_last=False),
+collate_fn=collate_fn, num_workers=0)` is equivalent; with `num_workers > 0` the loader prefetches indices and
+`consumed` runs ahead of training. Rows are tokenised up front, so workers would buy nothing anyway.
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Callable, Iterator
+from itertools import islice
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from nemo_automodel_dspark.data.chat import TokenizedRow, resolve_chat_template, tokenize_conversation
+from nemo_automodel_dspark.data.sources import RowError, normalize_messages, open_rows
+
+_PROGRESS_MIN_ROWS = 1000
+
+
+class DSparkChatDataset(torch.utils.data.Dataset):
+    """Every usable row tokenised once at construction; item i is {input_ids, loss_mask}, 1-D long, <= seq_length."""
+
+    def __init__(
+        self,
+        path_or_id: str,
+        tokenizer: Any,
+        seq_length: int,
+        *,
+        chat_template: str | None = None,
+        mask_reasoning_content: bool = False,
+        mask_token_id: int | None = None,
+        split: str = "train",
+        show_progress: bool = True,
+    ) -> None:
+        self.name = path_or_id
+        self.seq_length = seq_length
+        self.skipped: dict[str, int] = {}
+        self.first_skipped: dict[str, int] = {}  # reason -> first line/row number with it
+        self.num_truncated = 0
+        self._unit = "line" if path_or_id.endswith(".jsonl") else "row"
+        self._mask_token_id = mask_token_id
+        template = resolve_chat_template(tokenizer, chat_template)
+        num_rows, rows = open_rows(path_or_id, split=split)
+        show = show_progress and num_rows > _PROGRESS_MIN_ROWS
+        ids, mask, lengths = array("i"), array("b"), [0]  # flat storage: 5 bytes a token instead of 16
+        for number, row in tqdm(rows, total=num_rows, disable=not show, desc=f"tokenising {path_or_id}"):
+            try:
+                tokenized = self._tokenize(row, tokenizer, template, mask_reasoning_content)
+            except RowError as err:
+                self._skip(err.reason, number)
+                continue
+            self._check_mask_token(tokenized, number)
+            self.num_truncated += tokenized.truncated
+            ids.extend(tokenized.input_ids)
+            mask.extend(tokenized.loss_mask)
+            lengths.append(len(tokenized.input_ids))
+        if len(lengths) == 1:
+            raise ValueError(f"{path_or_id}: no usable row ({self._skip_summary() or 'the data is empty'})")
+        self._ids = torch.frombuffer(ids, dtype=torch.int32).clone()  # [T] all tokens, rows back to back
+        self._loss_mask = torch.frombuffer(mask, dtype=torch.int8).clone()  # [T]
+        self._starts = torch.tensor(lengths).cumsum(0).tolist()  # row r = [starts[r], starts[r + 1])
+
+    def _tokenize(self, row: Any, tokenizer: Any, template: str, mask_reasoning_content: bool) -> TokenizedRow:
+        if isinstance(row, RowError):
+            raise row
+        return tokenize_conversation(
+            normalize_messages(row),
+            tokenizer,
+            self.seq_length,
+            chat_template=template,
+            mask_reasoning_content=mask_reasoning_content,
+        )
+
+    def _skip(self, reason: str, number: int) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+        self.first_skipped.setdefault(reason, number)
+
+    def _check_mask_token(self, row: TokenizedRow, number: int) -> None:
+        """SPEC §6: mask_token_id fills the draft's block slots, so the data must never ask it to predict that token."""
+        token = self._mask_token_id
+        if token is not None and any(t == token and m for t, m in zip(row.input_ids, row.loss_mask, strict=True)):
+            raise ValueError(
+                f"{self.name}: mask_token_id={token} occurs in the supervised (assistant) text of {self._unit} "
+                f"{number}; choose a reserved token that never appears in responses"
+            )
+
+    def _skip_summary(self) -> str:
+        return "; ".join(
+            f"{reason}: {count}, first at {self._unit} {self.first_skipped[reason]}"
+            for reason, count in self.skipped.items()
+        )
+
+    def report(self) -> str:
+        """One line: rows used, rows skipped per reason with the first offending line, rows truncated."""
+        text = f"{self.name}: {len(self)} rows used, {sum(self.skipped.values())} skipped"
+        if self.skipped:
+            text += f" ({self._skip_summary()})"
+        if self.num_truncated:
+            text += f", {self.num_truncated} truncated to seq_length={self.seq_length}"
+        return text
+
+    def __len__(self) -> int:
+        return len(self._starts) - 1
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        start, end = self._starts[index], self._starts[index + 1]
+        return {"input_ids": self._ids[start:end].long(), "loss_mask": self._loss_mask[start:end].long()}  # [L]
+
+
+def collate(items: list[dict[str, torch.Tensor]], *, seq_length: int, pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to exactly seq_length (static shapes): input_ids, attention_mask, loss_mask, each [B, S] long."""
+    input_ids = torch.full((len(items), seq_length), pad_token_id, dtype=torch.long)  # [B, S]
+    attention_mask = torch.zeros((len(items), seq_length), dtype=torch.long)  # [B, S], 1 on real tokens
+    loss_mask = torch.zeros((len(items), seq_length), dtype=torch.long)  # [B, S], 0 on padding
+    for b, item in enumerate(items):
+        n = item["input_ids"].numel()
+        if n > seq_length:
+            raise ValueError(f"item {b} has {n} tokens, more than seq_length={seq_length}")
+        input_ids[b, :n] = item["input_ids"]
+        attention_mask[b, :n] = 1
+        loss_mask[b, :n] = item["loss_mask"]
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+
+
+class ResumableSampler:
+    """Per-epoch permutation from (seed, epoch), strided over ranks in equal shards; resumes at the exact next item."""
+
+    def __init__(self, num_items: int, *, seed: int, rank: int = 0, world_size: int = 1, drop_last: bool = True):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        if num_items < (world_size if drop_last else 1):
+            raise ValueError(f"{num_items} items cannot give every one of {world_size} ranks an item")
+        self.num_items, self.seed, self.rank, self.world_size = num_items, seed, rank, world_size
+        self.drop_last = drop_last
+        self.epoch = 0
+        self.consumed = 0  # items of this epoch handed out on this rank
+
+    def __len__(self) -> int:
+        """Items per rank per epoch (the same on every rank)."""
+        return self.num_items // self.world_size if self.drop_last else -(-self.num_items // self.world_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Move to the start of `epoch`; calling it with the current epoch keeps a resumed position."""
+        if epoch != self.epoch:
+            self.epoch, self.consumed = epoch, 0
+
+    def indices(self) -> list[int]:
+        """This rank's items for the current epoch, in order; ranks' shards are disjoint when drop_last."""
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2**63)
+        order = torch.randperm(self.num_items, generator=generator).tolist()
+        total = len(self) * self.world_size
+        order = (order * -(-total // self.num_items))[:total]  # drop the tail, or wrap around to pad it
+        return order[self.rank : total : self.world_size]
+
+    def __iter__(self) -> Iterator[int]:
+        shard = self.indices()
+        while self.consumed < len(shard):
+            self.consumed += 1  # counted as it is handed out, so a checkpoint taken after a batch is exact
+            yield shard[self.consumed - 1]
+
+    def state_dict(self) -> dict[str, int]:
+        """Data position (epoch, items consumed this epoch on this rank) and what it is only valid for."""
+        return {
+            "epoch": self.epoch,
+            "consumed": self.consumed,
+            "seed": self.seed,
+            "num_items": self.num_items,
+            "world_size": self.world_size,
+        }
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Resume at `state`; refuse a position taken with another seed, dataset size or world size."""
+        for key in ("seed", "num_items", "world_size"):
+            if key in state and state[key] != getattr(self, key):
+                raise ValueError(
+                    f"cannot resume the data position: checkpoint {key}={state[key]}, now {getattr(self, key)}"
+                )
+        if not 0 <= state["consumed"] <= len(self):
+            raise ValueError(f"checkpoint consumed={state['consumed']} is outside [0, {len(self)}]")
+        self.epoch, self.consumed = state["epoch"], state["consumed"]
+
+
+def batches(
+    sampler: ResumableSampler,
+    dataset: torch.utils.data.Dataset,
+    micro_batch_size: int,
+    collate_fn: Callable[[list[dict[str, torch.Tensor]]], dict[str, torch.Tensor]],
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Collated micro-batches of the epoch's remaining items (the last may be smaller); lazy, so resume is exact."""
+    indices = iter(sampler)
+    while chunk := list(islice(indices, micro_batch_size)):
+        yield collate_fn([dataset[i] for i in chunk])
