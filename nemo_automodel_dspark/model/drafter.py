@@ -25,6 +25,7 @@ class DSparkOutput:
     teacher_positions: Tensor  # [B, N, K] position whose target hidden gives the teacher distribution (a+k)
     confidence_logits: Tensor | None  # [B, N, K]
     hidden: Tensor  # [B, N, K, H] backbone output after the final norm
+    target_logits: Tensor | None = None  # [B, N, K, V] teacher logits, when the target's last hidden was given
 
 
 class DSparkDrafter(nn.Module):
@@ -99,7 +100,8 @@ class DSparkDrafter(nn.Module):
     def teacher_logits(self, target_hidden: Tensor, teacher_positions: Tensor) -> Tensor:
         """Target next-token logits only at the supervised slots: [B, S, H] + [B, N, K] → [B, N, K, V]."""
         batch, n, k = teacher_positions.shape
-        rows = torch.gather(target_hidden, 1, teacher_positions.view(batch, -1, 1).expand(-1, -1, target_hidden.shape[-1]))
+        index = teacher_positions.view(batch, -1, 1).expand(-1, -1, target_hidden.shape[-1])
+        rows = torch.gather(target_hidden, 1, index)
         return self.head_logits(rows.to(self.lm_head.weight.dtype)).view(batch, n, k, -1)
 
     def project_context(self, target_features: Tensor) -> Tensor:
@@ -129,8 +131,12 @@ class DSparkDrafter(nn.Module):
         return tokens
 
     def forward(self, input_ids: Tensor, target_features: Tensor, loss_mask: Tensor, anchors: Tensor,
-                block_keep: Tensor) -> DSparkOutput:
-        """Teacher-forced training forward over N anchor blocks per row (input_ids [B, S], features [B, S, L·H])."""
+                block_keep: Tensor, target_hidden: Tensor | None = None) -> DSparkOutput:
+        """Teacher-forced training forward over N anchor blocks per row (input_ids [B, S], features [B, S, L·H]).
+
+        With `target_hidden` [B, S, H] (the target's final-norm output) the teacher logits at the supervised slots
+        are computed here too, so that a sharded (FSDP2) LM head is only ever used inside `forward`.
+        """
         batch, seq = input_ids.shape
         k = self.dspark.block_size
         pos = slot_positions(anchors, k)  # [B, N, K]
@@ -149,6 +155,7 @@ class DSparkDrafter(nn.Module):
             teacher_positions=pos.clamp(max=last),
             confidence_logits=conf,
             hidden=hidden,
+            target_logits=None if target_hidden is None else self.teacher_logits(target_hidden, pos.clamp(max=last)),
         )
 
     def heads(self, hidden: Tensor, prev_tokens: Tensor) -> tuple[Tensor, Tensor | None]:

@@ -35,9 +35,16 @@ class TargetFamily:
     decoder_parts: Callable[[nn.Module], DecoderParts]
     build_layer: Callable  # (text_config, layer_index) → draft decoder layer
     build_norm: Callable  # text_config → final / feature norm module
+    model_class: Callable = field(default=lambda config: _auto_causal_lm())  # HF config → class to load the target
     check_supported: Callable = field(default=lambda text_config: None)
     embed_scale: Callable = field(default=lambda text_config: 1.0)
     logit_softcap: Callable = field(default=lambda text_config: None)
+
+
+def _auto_causal_lm():
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM
 
 
 def register_family(family: TargetFamily) -> TargetFamily:

@@ -1,0 +1,1 @@
+"""The training recipe: typed config, distributed wrapping, train step, metrics, checkpoints."""

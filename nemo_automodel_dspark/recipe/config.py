@@ -1,0 +1,243 @@
+"""Typed recipe configuration (SPEC §6): parsed and validated once, defaults in one place.
+
+The upstream NeMo AutoModel DSpark YAMLs load unchanged. An unknown key is an error suggesting the nearest valid
+key; a known upstream key this plugin does not implement is an error saying so (unless it holds its no-op value).
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A bad configuration value or key; the message names the dotted key."""
+
+
+@dataclass
+class RecipeArgs:
+    target_model_name_or_path: str
+    train_data_path: str
+    output_dir: str
+    seq_length: int
+    mask_token_id: int
+    val_data_path: str | None = None
+    train_split: str = "train"
+    val_split: str = "train"
+    micro_batch_size: int = 1
+    grad_accumulation_steps: int = 1
+    num_workers: int = 0
+    num_epochs: int = 1
+    max_steps: int | None = None
+    draft_num_hidden_layers: int = 5
+    block_size: int = 7
+    num_anchors: int = 512
+    target_layer_ids: list[int] | None = None
+    freeze_embeddings: bool = True
+    attention_backend: str = "flex_attention"
+    markov_rank: int = 256
+    markov_head_type: str = "vanilla"
+    confidence_head_alpha: float = 1.0
+    confidence_head_with_markov: bool = True
+    ce_loss_alpha: float = 0.1
+    l1_loss_alpha: float = 0.9
+    loss_decay_gamma: float | None = 4.0
+    trust_remote_code: bool = False
+    shuffle_seed: int = 42
+    log_every_steps: int = 10
+    val_every_steps: int | None = None
+    max_grad_norm: float | None = 1.0
+    mask_reasoning_content: bool = False
+    chat_template: str | None = None
+    ckpt_every_steps: int | None = None
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.04
+    min_lr_ratio: float = 0.1
+    eps: float = 1e-8
+    target: Any = None  # `_target_`: an optimizer class (or dotted path) used instead of AdamW
+    extra: dict = field(default_factory=dict)  # other kwargs passed to an explicit `_target_`
+
+
+@dataclass
+class CheckpointConfig:
+    enabled: bool = True
+    checkpoint_dir: str | None = None  # default: <output_dir>/checkpoints
+    model_save_format: str = "safetensors"
+    save_consolidated: str = "final"  # final | every (true means every, as upstream)
+    ckpt_every_steps: int | None = None
+    restore_from: str | None = None  # path | LATEST | null
+
+
+@dataclass
+class DistConfig:
+    backend: str = "nccl"  # falls back to gloo without CUDA
+    timeout_minutes: int = 30
+    strategy: str = "fsdp2"  # fsdp2 | ddp
+    defer_fsdp_grad_sync: bool = True
+
+
+@dataclass
+class DSparkRecipeConfig:
+    recipe_args: RecipeArgs
+    optimizer: OptimizerConfig
+    checkpoint: CheckpointConfig
+    dist: DistConfig
+    recipe: str | None = None
+
+
+# Upstream keys we accept only with their no-op value (anything else is refused with a clear message).
+_UNIMPLEMENTED_RECIPE_ARGS = {
+    "mask_generation_prompt": False, "cached_target_path": None, "multimodal": False, "packed_sequence_size": 0,
+    "target_force_hf": False, "target_attn_implementation": None, "shard_dense_target": False,
+    "target_num_hidden_layers": None, "target_attn_backend": None, "target_dispatcher": None,
+    "target_experts": None, "target_enable_fsdp_optimizations": None, "confidence_head_stop_gradient": False,
+    "save_checkpoint_every_epoch": False, "draft_weights_path": None,
+}
+_UNIMPLEMENTED_DISTRIBUTED = {"activation_checkpointing": False, "cp_size": 1, "tp_size": 1, "pp_size": 1,
+                              "ep_size": 1, "dp_replicate_size": 1, "dp_size": None}
+_UNIMPLEMENTED_CHECKPOINT = {"model_cache_dir": None, "model_repo_id": None, "is_peft": False,
+                             "model_state_dict_keys": None, "is_async": False, "max_recent_checkpoints": None}
+_UNIMPLEMENTED_SECTIONS = ("wandb", "fp8", "compile", "peft", "dataset", "val_dataset", "model")
+_SECTIONS = ("recipe", "dist_env", "distributed", "recipe_args", "optimizer", "checkpoint", *_UNIMPLEMENTED_SECTIONS)
+
+
+def _names(cls) -> list[str]:
+    return [f.name for f in fields(cls) if not f.metadata.get("internal")]
+
+
+def _unknown(key: str, valid: list[str], section: str) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f"; did you mean '{section}.{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(valid))}"
+    return ConfigError(f"unknown config key '{section}.{key}'{hint}")
+
+
+def _check_section(section: str, values: dict, valid: list[str], unimplemented: dict) -> dict:
+    """Split a section into accepted keys; refuse unknown and non-trivial unimplemented ones."""
+    kept = {}
+    for key, value in values.items():
+        if key in unimplemented:
+            if value != unimplemented[key] and value is not None:
+                raise ConfigError(f"'{section}.{key}' is an upstream NeMo AutoModel option this plugin does not "
+                                  f"implement (got {value!r}); remove it or set it to {unimplemented[key]!r}")
+        elif key in valid:
+            kept[key] = value
+        else:
+            raise _unknown(key, valid + list(unimplemented), section)
+    return kept
+
+
+def _require(section: str, values: dict, names: list[str]) -> None:
+    for name in names:
+        if values.get(name) is None:
+            raise ConfigError(f"'{section}.{name}' is required")
+
+
+def _typed(section: str, cls, values: dict):
+    try:
+        obj = cls(**values)
+    except TypeError as err:
+        raise ConfigError(f"{section}: {err}") from err
+    for f in fields(cls):
+        value = getattr(obj, f.name)
+        if f.type in ("int", "int | None") and value is not None and not isinstance(value, int):
+            raise ConfigError(f"'{section}.{f.name}' must be an integer, got {value!r}")
+    return obj
+
+
+def _as_dict(cfg: Any) -> dict:
+    if cfg is None:
+        return {}
+    if hasattr(cfg, "to_dict"):
+        cfg = cfg.to_dict()
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"expected a mapping, got {type(cfg).__name__}")
+    return {k: _as_dict(v) if hasattr(v, "to_dict") else v for k, v in cfg.items()}
+
+
+def _parse_recipe_args(values: dict) -> RecipeArgs:
+    kept = _check_section("recipe_args", values, _names(RecipeArgs), _UNIMPLEMENTED_RECIPE_ARGS)
+    _require("recipe_args", kept, ["target_model_name_or_path", "train_data_path", "output_dir", "seq_length",
+                                   "mask_token_id"])
+    for key in ("train_split", "val_split"):
+        if kept.get(key) is None:
+            kept.pop(key, None)
+    args = _typed("recipe_args", RecipeArgs, kept)
+    for key in ("seq_length", "micro_batch_size", "grad_accumulation_steps", "num_epochs", "log_every_steps"):
+        if getattr(args, key) < 1:
+            raise ConfigError(f"'recipe_args.{key}' must be >= 1, got {getattr(args, key)}")
+    for key in ("max_steps", "val_every_steps", "ckpt_every_steps"):
+        if getattr(args, key) is not None and getattr(args, key) < 1:
+            raise ConfigError(f"'recipe_args.{key}' must be >= 1 or null, got {getattr(args, key)}")
+    if args.confidence_head_alpha < 0:
+        raise ConfigError("'recipe_args.confidence_head_alpha' must be >= 0")
+    return args
+
+
+def _parse_optimizer(values: dict) -> OptimizerConfig:
+    values = dict(values)
+    target = values.pop("_target_", None)
+    _require("optimizer", values, ["lr"])
+    known = [n for n in _names(OptimizerConfig) if n not in ("target", "extra")]
+    if target is None:
+        kept = _check_section("optimizer", values, known, {})
+        return _typed("optimizer", OptimizerConfig, kept)
+    schedule = {k: values.pop(k) for k in ("warmup_ratio", "min_lr_ratio") if k in values}
+    return OptimizerConfig(lr=values.pop("lr"), target=target, extra=values, **schedule)
+
+
+def _parse_checkpoint(values: dict) -> CheckpointConfig:
+    kept = _check_section("checkpoint", values, _names(CheckpointConfig), _UNIMPLEMENTED_CHECKPOINT)
+    consolidated = kept.get("save_consolidated", "final")
+    if consolidated is True:
+        consolidated = "every"
+    if consolidated not in ("final", "every"):
+        raise ConfigError(f"'checkpoint.save_consolidated' must be final, every or true, got {consolidated!r}")
+    kept["save_consolidated"] = consolidated
+    if kept.get("model_save_format", "safetensors") != "safetensors":
+        raise ConfigError("'checkpoint.model_save_format': only safetensors is implemented")
+    return _typed("checkpoint", CheckpointConfig, kept)
+
+
+def _parse_dist(dist_env: dict, distributed: dict) -> DistConfig:
+    env = _check_section("dist_env", dist_env, ["backend", "timeout_minutes"], {})
+    dist = _check_section("distributed", distributed, ["strategy", "defer_fsdp_grad_sync"], _UNIMPLEMENTED_DISTRIBUTED)
+    out = _typed("distributed", DistConfig, {**env, **dist})
+    if out.strategy not in ("fsdp2", "ddp"):
+        raise ConfigError(f"'distributed.strategy' must be fsdp2 or ddp, got {out.strategy!r}")
+    return out
+
+
+def parse_config(cfg: Any) -> DSparkRecipeConfig:
+    """Validate a whole YAML (dict or AutoModel ConfigNode) into typed sections; raises ConfigError naming the key."""
+    raw = _as_dict(cfg)
+    for key in raw:
+        if key not in _SECTIONS:
+            raise _unknown(key, list(_SECTIONS), "<top level>")
+    for key in _UNIMPLEMENTED_SECTIONS:
+        if raw.get(key):
+            raise ConfigError(f"'{key}' is an upstream NeMo AutoModel section this plugin does not implement; "
+                              "remove it (metrics are written to <output_dir>/dspark_train_metrics.jsonl)")
+    for section in ("recipe_args", "optimizer"):
+        if section not in raw:
+            raise ConfigError(f"'{section}' section is required")
+    args = _parse_recipe_args(_as_dict(raw["recipe_args"]))
+    checkpoint = _parse_checkpoint(_as_dict(raw.get("checkpoint")))
+    if args.ckpt_every_steps is not None:
+        if checkpoint.ckpt_every_steps not in (None, args.ckpt_every_steps):
+            raise ConfigError("'recipe_args.ckpt_every_steps' and 'checkpoint.ckpt_every_steps' disagree")
+        checkpoint.ckpt_every_steps = args.ckpt_every_steps
+    recipe = raw.get("recipe")
+    return DSparkRecipeConfig(
+        recipe_args=args,
+        optimizer=_parse_optimizer(_as_dict(raw["optimizer"])),
+        checkpoint=checkpoint,
+        dist=_parse_dist(_as_dict(raw.get("dist_env")), _as_dict(raw.get("distributed"))),
+        recipe=recipe if isinstance(recipe, str) or recipe is None else str(recipe),
+    )

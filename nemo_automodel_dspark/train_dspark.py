@@ -1,0 +1,291 @@
+"""`TrainDSparkRecipe`: train a DSpark drafter against a frozen target, runnable by AutoModel's recipe loader
+(`recipe: nemo_automodel_dspark.train_dspark.TrainDSparkRecipe`) or directly:
+
+    torchrun --standalone --nproc_per_node=2 -m nemo_automodel_dspark.train_dspark -c cfg.yaml --recipe_args.max_steps=5
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from nemo_automodel.recipes.base_recipe import BaseRecipe
+from tqdm import tqdm
+
+from nemo_automodel_dspark import distributed as D
+from nemo_automodel_dspark.data import DSparkChatDataset, ResumableSampler, collate
+from nemo_automodel_dspark.loss import flatten_sums, metrics_from_sums, unflatten_sums
+from nemo_automodel_dspark.model.config import DSparkConfig
+from nemo_automodel_dspark.model.drafter import DSparkDrafter
+from nemo_automodel_dspark.recipe import checkpoint as ckpt
+from nemo_automodel_dspark.recipe.config import DSparkRecipeConfig, parse_config
+from nemo_automodel_dspark.recipe.metrics import MetricsWriter, console_line, peak_memory_gib
+from nemo_automodel_dspark.recipe.optim import build_optimizer, build_scheduler
+from nemo_automodel_dspark.recipe.step import DSparkStep, MicroBatch
+from nemo_automodel_dspark.target.loading import load_target, load_tokenizer
+
+
+@dataclass
+class FrozenTarget:
+    """Holder that keeps the frozen target out of BaseRecipe's checkpointed state."""
+
+    model: torch.nn.Module
+
+
+@dataclass
+class Window:
+    """Metrics accumulated since the last log step (reduced across ranks when logged)."""
+
+    sums: dict | None = None
+    grad_norm: float = 0.0
+    steps: int = 0
+    tokens: int = 0
+    start: float = 0.0
+
+
+class TrainDSparkRecipe(BaseRecipe):
+    """Frozen target + trainable DSpark draft; setup() reads as a table of contents of `_build_*` steps."""
+
+    def __init__(self, cfg) -> None:
+        self.cfg = cfg
+        self.config: DSparkRecipeConfig = parse_config(cfg)
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        args = self.config.recipe_args
+        self.info = D.init_distributed(self.config.dist.backend, self.config.dist.timeout_minutes)
+        torch.manual_seed(args.shuffle_seed)
+        self._build_data()
+        self._build_target()
+        self._build_draft()
+        self._build_optimizer()
+        self._build_metrics()
+        self._restore()
+
+    def _log(self, message: str) -> None:
+        if self.info.is_main:
+            tqdm.write(message)
+
+    def _build_data(self) -> None:
+        args = self.config.recipe_args
+        self.tokenizer = load_tokenizer(args.target_model_name_or_path, args.trust_remote_code)
+        options = dict(chat_template=args.chat_template, mask_reasoning_content=args.mask_reasoning_content,
+                       mask_token_id=args.mask_token_id, show_progress=self.info.is_main)
+        self.train_set = DSparkChatDataset(args.train_data_path, self.tokenizer, args.seq_length,
+                                           split=args.train_split, **options)
+        self._log(self.train_set.report())
+        self.val_set = None
+        if args.val_data_path:
+            self.val_set = DSparkChatDataset(args.val_data_path, self.tokenizer, args.seq_length,
+                                             split=args.val_split, **options)
+            self._log(self.val_set.report())
+        self.sampler = ResumableSampler(len(self.train_set), seed=args.shuffle_seed, rank=self.info.rank,
+                                        world_size=self.info.world_size)
+        self.per_step = args.micro_batch_size * args.grad_accumulation_steps
+        self.steps_per_epoch = len(self.sampler) // self.per_step
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{args.train_data_path}: {len(self.train_set)} usable rows cannot fill one optimizer "
+                             f"step of {self.per_step * self.info.world_size} rows (ranks x micro_batch_size x "
+                             "grad_accumulation_steps)")
+        total = self.steps_per_epoch * args.num_epochs
+        self.total_steps = min(total, args.max_steps) if args.max_steps else total
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+    def _build_target(self) -> None:
+        args = self.config.recipe_args
+        dtype = torch.bfloat16 if self.info.device.type == "cuda" else torch.float32
+        self.frozen = FrozenTarget(load_target(args.target_model_name_or_path, dtype=dtype, device=self.info.device,
+                                               trust_remote_code=args.trust_remote_code))
+
+    def _build_draft(self) -> None:
+        args = self.config.recipe_args
+        backend = args.attention_backend
+        if backend == "flex_attention" and self.info.device.type != "cuda":
+            self._log("attention_backend: flex_attention needs CUDA; using SDPA with a dense block mask on CPU")
+            backend = "sdpa"
+        dspark = DSparkConfig(
+            mask_token_id=args.mask_token_id, draft_num_hidden_layers=args.draft_num_hidden_layers,
+            block_size=args.block_size, num_anchors=args.num_anchors, target_layer_ids=args.target_layer_ids,
+            markov_rank=args.markov_rank, markov_head_type=args.markov_head_type,
+            enable_confidence_head=args.confidence_head_alpha > 0,
+            confidence_head_with_markov=args.confidence_head_with_markov, freeze_embeddings=args.freeze_embeddings,
+            attention_backend=backend,
+        )
+        torch.manual_seed(args.shuffle_seed)  # identical initial draft on every rank and every world size
+        self.draft = DSparkDrafter.from_target(self.frozen.model, dspark).to(self.info.device)
+        self.model = D.wrap_draft(self.draft, self.config.dist.strategy, self.info)
+        self.runner = DSparkStep(self.model, self.draft, self.frozen.model, args, self.info,
+                                 defer_fsdp_sync=self.config.dist.defer_fsdp_grad_sync)
+
+    def _build_optimizer(self) -> None:
+        self.optimizer = build_optimizer(self.model, self.config.optimizer)
+        self.lr_scheduler = build_scheduler(self.optimizer, self.config.optimizer, self.total_steps)
+
+    def _build_metrics(self) -> None:
+        args = self.config.recipe_args
+        self.metrics = MetricsWriter(args.output_dir, enabled=self.info.is_main)
+        self.ckpt_root = Path(self.config.checkpoint.checkpoint_dir or Path(args.output_dir) / "checkpoints")
+        self.step, self.epoch = 0, 0
+        self._rows = None  # this epoch's row iterator (continues across steps; resumes mid-epoch)
+        self.window = Window(start=time.perf_counter())
+
+    def _restore(self) -> None:
+        """Resume from `checkpoint.restore_from` (path or LATEST): weights, optimizer, schedule, data position."""
+        path = ckpt.resolve_restore(self.config.checkpoint.restore_from, self.ckpt_root)
+        if path is None:
+            if self.config.checkpoint.restore_from:
+                self._log(f"restore_from: no checkpoint under {self.ckpt_root} yet; starting from scratch")
+            self.metrics.truncate_after(0)
+            return
+        state = ckpt.load_trainer_state(path)
+        ckpt.check_compatible(path, state["compat"], self._compat())
+        model_state, optim_state = ckpt.load_weights(path) if self.info.is_main else ({}, {})
+        D.load_full_state(self.model, self.optimizer, model_state, optim_state)
+        self.lr_scheduler.load_state_dict(state["scheduler"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.step, self.epoch = state["step"], state["epoch"]
+        if self.info.is_main and state.get("window") is not None:
+            like = {k: torch.empty(shape) for k, shape in state["window"]["shapes"].items()}
+            self.window.sums = unflatten_sums(torch.tensor(state["window"]["sums"]), like)
+            self.window.grad_norm, self.window.steps = state["window"]["grad_norm"], state["window"]["steps"]
+        self.metrics.truncate_after(self.step)
+        self._log(f"resumed from {path} at step {self.step} (epoch {self.epoch})")
+
+    def _compat(self) -> dict:
+        args = self.config.recipe_args
+        return {"block_size": args.block_size, "mask_token_id": args.mask_token_id,
+                "target_layer_ids": list(self.draft.dspark.target_layer_ids),
+                "target_model_name_or_path": args.target_model_name_or_path}
+
+    # ------------------------------------------------------------------ loop
+    def _micro_batches(self, indices: list[int]) -> list[MicroBatch]:
+        mbs = self.config.recipe_args.micro_batch_size
+        out = []
+        for start in range(0, len(indices), mbs):
+            rows = indices[start : start + mbs]
+            batch = collate([self.train_set[i] for i in rows], seq_length=self.config.recipe_args.seq_length,
+                            pad_token_id=self.pad_id)
+            out.append(MicroBatch(batch["input_ids"], batch["attention_mask"], batch["loss_mask"], rows))
+            self.window.tokens += int(batch["attention_mask"].sum())  # CPU tensor: no device sync
+        return out
+
+    def run_train_validation_loop(self) -> None:
+        args, cfg_ckpt = self.config.recipe_args, self.config.checkpoint
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.info.is_main, desc="dspark")
+        self.model.train()
+        while self.step < self.total_steps:
+            if self._rows is None:
+                self.sampler.set_epoch(self.epoch)
+                self._rows = iter(self.sampler)
+            rows = [next(self._rows) for _ in range(self.per_step)]
+            sums, grad_norm = self.runner.train_step(self._micro_batches(rows), self.epoch, self.optimizer,
+                                                     self.lr_scheduler)
+            self._accumulate(sums, grad_norm)
+            self.step += 1
+            bar.update(1)
+            step_epoch = self.epoch
+            epoch_done = self.sampler.consumed // self.per_step >= self.steps_per_epoch
+            last = self.step >= self.total_steps
+            if self.step % args.log_every_steps == 0 or epoch_done or last:
+                self._log_window(step_epoch)
+            if self.val_set is not None and (epoch_done or (args.val_every_steps and
+                                                            self.step % args.val_every_steps == 0)):
+                self._validate(step_epoch)
+            if epoch_done:
+                self.epoch += 1
+                self.sampler.set_epoch(self.epoch)
+                self._rows = None
+            every = cfg_ckpt.ckpt_every_steps
+            if cfg_ckpt.enabled and ((every and self.step % every == 0) or last):
+                self._save(step_epoch)
+        bar.close()
+        D.barrier()
+
+    def _accumulate(self, sums: dict, grad_norm: torch.Tensor) -> None:
+        w = self.window
+        if w.sums is None:
+            w.sums = dict(sums)
+        else:
+            w.sums = {k: w.sums[k] + v.to(w.sums[k].device) for k, v in sums.items()}
+        w.grad_norm = w.grad_norm + grad_norm
+        w.steps += 1
+
+    def _reduced_window(self) -> tuple[dict, float, float, int]:
+        """All-reduce the open window once: (sums, mean grad norm, tokens, peak memory GiB)."""
+        w = self.window
+        flat = flatten_sums(w.sums).to(self.info.device)
+        extra = torch.tensor([float(w.grad_norm), float(w.tokens)], device=self.info.device)
+        total = D.all_reduce_sum(torch.cat([flat, extra]))
+        mem = D.all_reduce_max(torch.tensor([peak_memory_gib(self.info.device)], device=self.info.device))
+        sums = unflatten_sums(total[: flat.numel()].cpu(), w.sums)
+        grad_norm = float(total[-2]) / max(w.steps, 1) / self.info.world_size
+        return sums, grad_norm, float(total[-1]), float(mem)
+
+    def _log_window(self, epoch: int) -> None:
+        if self.window.sums is None:
+            return
+        sums, grad_norm, tokens, mem = self._reduced_window()
+        elapsed = time.perf_counter() - self.window.start
+        args = self.config.recipe_args
+        record = {"step": self.step, "epoch": epoch,
+                  **metrics_from_sums(sums, ce_loss_alpha=args.ce_loss_alpha, l1_loss_alpha=args.l1_loss_alpha,
+                                      confidence_head_alpha=args.confidence_head_alpha),
+                  "lr": self.runner.last_lr, "grad_norm": grad_norm, "tokens_per_s": tokens / max(elapsed, 1e-9),
+                  "mem": mem}
+        self.metrics.write(record)
+        self._log(console_line(record))
+        self.window = Window(start=time.perf_counter())
+
+    def _validate(self, epoch: int) -> None:
+        """Objective and diagnostics on the validation split (own anchor stream: training is unaffected)."""
+        args = self.config.recipe_args
+        sampler = ResumableSampler(len(self.val_set), seed=args.shuffle_seed, rank=self.info.rank,
+                                   world_size=self.info.world_size)
+        order = list(sampler.indices())
+        batches = []
+        for start in range(0, len(order), args.micro_batch_size):
+            rows = order[start : start + args.micro_batch_size]
+            batch = collate([self.val_set[i] for i in rows], seq_length=args.seq_length, pad_token_id=self.pad_id)
+            batches.append(MicroBatch(batch["input_ids"], batch["attention_mask"], batch["loss_mask"], rows))
+        sums = self.runner.eval_sums(batches)
+        flat = D.all_reduce_sum(flatten_sums(sums).to(self.info.device))
+        metrics = metrics_from_sums(unflatten_sums(flat.cpu(), sums), ce_loss_alpha=args.ce_loss_alpha,
+                                    l1_loss_alpha=args.l1_loss_alpha, confidence_head_alpha=args.confidence_head_alpha)
+        record = {"step": self.step, "epoch": epoch, **{f"val/{k}": v for k, v in metrics.items()}}
+        self.metrics.write(record)
+        self._log(console_line(record))
+
+    def _save(self, epoch: int) -> None:
+        """Consolidate on rank 0 and write `epoch_{E}_step_{S}/` atomically; every rank joins the gathers."""
+        model_state, optim_state = D.full_state(self.model, self.optimizer)
+        window = None
+        if self.window.sums is not None:
+            sums, _, _, _ = self._reduced_window()  # the open window, reduced, so a resumed log is identical
+            window = {"sums": flatten_sums(sums).tolist(), "shapes": {k: list(v.shape) for k, v in sums.items()},
+                      "grad_norm": float(self.window.grad_norm) * self.info.world_size, "steps": self.window.steps}
+        if self.info.is_main:
+            state = {"step": self.step, "epoch": self.epoch, "sampler": self.sampler.state_dict(),
+                     "scheduler": self.lr_scheduler.state_dict(), "compat": self._compat(), "window": window}
+            path = ckpt.save_checkpoint(self.ckpt_root, epoch, self.step, draft=self.draft, model_state=model_state,
+                                        optimizer_state=optim_state, trainer_state=state)
+            self._log(f"saved checkpoint {path}")
+        D.barrier()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m nemo_automodel_dspark.train_dspark -c cfg.yaml [--section.key=value ...]` (under torchrun)."""
+    from nemo_automodel.components.config._arg_parser import parse_args_and_load_config
+
+    cfg = parse_args_and_load_config(argv=argv)
+    recipe = TrainDSparkRecipe(cfg)
+    try:
+        recipe.setup()
+        recipe.run_train_validation_loop()
+    finally:
+        D.destroy()
+
+
+if __name__ == "__main__":
+    main()
