@@ -124,6 +124,25 @@ class DSparkDrafter(nn.Module):
             x = layer(x, ctx, rope_q, rope_kv, mask)
         return self.norm(x)
 
+    # ------------------------------------------------------------------ incremental inference (SPEC §5)
+    def context_kv(self, target_features: Tensor, positions: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """Per-layer context keys/values for new committed rows: features [B, T, L·H], positions [B, T].
+
+        Context rows never change once committed, so callers append these along dim 2 to a cache and pass the
+        concatenation to `backbone_cached` each round instead of re-projecting the whole prefix.
+        """
+        ctx = self.project_context(target_features)
+        rope = self.rotary(positions, ctx.dtype)
+        return [layer.self_attn.context_kv(ctx, rope) for layer in self.layers]
+
+    def backbone_cached(self, block_tokens: Tensor, slot_pos: Tensor, ctx_kv: list[tuple[Tensor, Tensor]]) -> Tensor:
+        """One block per row (tokens/positions [B, K]) seeing every cached context row → normed hidden [B, K, H]."""
+        x = (self.embed_tokens(block_tokens) * self.embed_scale).to(ctx_kv[0][0].dtype)
+        rope = self.rotary(slot_pos, x.dtype)
+        for layer, kv in zip(self.layers, ctx_kv, strict=True):
+            x = layer(x, None, rope, rope, None, kv)
+        return self.norm(x)
+
     def block_tokens(self, input_ids: Tensor, anchors: Tensor) -> Tensor:
         """Slot 0 = anchor token, slots 1..K−1 = mask token → [B, N, K]."""
         tokens = anchors.new_full((*anchors.shape, self.dspark.block_size), self.dspark.mask_token_id)

@@ -68,8 +68,8 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask, scale: float) -> Tensor:
-    """Attention with either a dense boolean mask (SDPA) or a FlexAttention BlockMask; GQA handled by both."""
-    if isinstance(mask, Tensor):
+    """Attention with a dense boolean mask (SDPA), a FlexAttention BlockMask, or None (all visible); GQA both."""
+    if mask is None or isinstance(mask, Tensor):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
     global _compiled_flex
     if _compiled_flex is None:
@@ -96,13 +96,25 @@ class ContextBlockAttention(nn.Module):
     def _heads(self, x: Tensor, n: int) -> Tensor:
         return x.view(x.shape[0], x.shape[1], n, self.head_dim).transpose(1, 2)  # [B, n, T, D]
 
-    def forward(self, x: Tensor, ctx: Tensor, rope_q: tuple[Tensor, Tensor], rope_kv: tuple[Tensor, Tensor],
-                mask) -> Tensor:
-        """x [B, Q, H] block slots, ctx [B, S, H] projected target features → [B, Q, H]."""
-        kv_in = torch.cat([ctx, x], dim=1)  # [B, S + Q, H]
+    def context_kv(self, ctx: Tensor, rope_ctx: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """Keys/values of context rows [B, S, H] → ([B, kv, S, D], [B, kv, S, D]); cacheable across rounds."""
+        k = apply_rope(self.k_norm(self._heads(self.k_proj(ctx), self.kv_heads)), *rope_ctx)
+        return k, self._heads(self.v_proj(ctx), self.kv_heads)
+
+    def forward(self, x: Tensor, ctx: Tensor | None, rope_q: tuple[Tensor, Tensor], rope_kv: tuple[Tensor, Tensor],
+                mask, ctx_kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """x [B, Q, H] block slots; context as rows ctx [B, S, H] or precomputed `ctx_kv` → [B, Q, H].
+
+        `rope_kv` covers `[context | block]` positions when `ctx` is given, only the block positions with `ctx_kv`.
+        """
         q = apply_rope(self.q_norm(self._heads(self.q_proj(x), self.heads)), *rope_q)
-        k = apply_rope(self.k_norm(self._heads(self.k_proj(kv_in), self.kv_heads)), *rope_kv)
-        v = self._heads(self.v_proj(kv_in), self.kv_heads)
+        if ctx_kv is None:
+            kv_in = torch.cat([ctx, x], dim=1)  # [B, S + Q, H]
+            k = apply_rope(self.k_norm(self._heads(self.k_proj(kv_in), self.kv_heads)), *rope_kv)
+            v = self._heads(self.v_proj(kv_in), self.kv_heads)
+        else:
+            k_blk, v_blk = self.context_kv(x, rope_kv)  # the block's own keys/values, same projections
+            k, v = torch.cat([ctx_kv[0], k_blk], dim=2), torch.cat([ctx_kv[1], v_blk], dim=2)
         out = attend(q, k, v, mask, self.scale)  # [B, heads, Q, D]
         return self.o_proj(out.transpose(1, 2).flatten(2))
 

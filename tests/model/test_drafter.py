@@ -146,3 +146,20 @@ def test_confidence_loss_trains_only_the_confidence_head(qwen3_target):
     for name, param in draft.named_parameters():
         if param.requires_grad:
             assert (param.grad is not None) == name.startswith("confidence_head"), name
+
+
+def test_cached_context_backbone_equals_training_backbone(qwen3_target):
+    """The inference path (cached context K/V, one block) gives the training forward's hidden for that block."""
+    draft = make_draft(qwen3_target).eval()
+    ids, loss_mask, cap, _, _ = batch(qwen3_target, draft)
+    anchors, keep = torch.tensor([[9], [14]]), torch.ones(2, 1, dtype=torch.bool)
+    out = draft(ids, cap.features, loss_mask, anchors, keep)
+    for row in range(2):
+        a = anchors[row, 0].item()
+        feats = cap.features[row : row + 1, :a]
+        first = draft.context_kv(feats[:, :5], torch.arange(5).view(1, -1))  # cache built in two appends
+        second = draft.context_kv(feats[:, 5:], torch.arange(5, a).view(1, -1))
+        kv = [(torch.cat([k1, k2], 2), torch.cat([v1, v2], 2)) for (k1, v1), (k2, v2) in zip(first, second)]
+        tokens = draft.block_tokens(ids[row : row + 1], anchors[row : row + 1])[:, 0]
+        hidden = draft.backbone_cached(tokens, torch.arange(a, a + 4).view(1, -1), kv)
+        torch.testing.assert_close(hidden[0], out.hidden[row, 0], atol=1e-5, rtol=1e-5)

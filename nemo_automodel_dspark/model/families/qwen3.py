@@ -23,8 +23,8 @@ class Qwen3DraftLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x: Tensor, ctx: Tensor, rope_q, rope_kv, mask) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), ctx, rope_q, rope_kv, mask)
+    def forward(self, x: Tensor, ctx: Tensor | None, rope_q, rope_kv, mask, ctx_kv=None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), ctx, rope_q, rope_kv, mask, ctx_kv)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
