@@ -46,13 +46,19 @@ class RotaryEmbedding(nn.Module):
 
 
 def rope_inv_freq(config, head_dim: int) -> tuple[Tensor, float]:
-    """Inverse frequencies for a HF text config (default RoPE, or any `rope_type` transformers knows)."""
+    """Inverse frequencies for a HF text config (default RoPE, or any `rope_type` transformers knows).
+
+    Draft layers are full (non-sliding) attention, so a config with RoPE per layer type (Gemma4:
+    `rope_parameters = {"sliding_attention": ..., "full_attention": ...}`) uses its full-attention entry.
+    """
     params = getattr(config, "rope_parameters", None) or {}
+    per_type = {"layer_type": "full_attention"} if "full_attention" in params else {}
+    params = params.get("full_attention", params)
     rope_type = params.get("rope_type", "default")
     if rope_type != "default":
         from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, None)
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, None, **per_type)
         return inv_freq.float(), float(scaling)
     theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
@@ -97,7 +103,7 @@ class ContextBlockAttention(nn.Module):
         return x.view(x.shape[0], x.shape[1], n, self.head_dim).transpose(1, 2)  # [B, n, T, D]
 
     def context_kv(self, ctx: Tensor, rope_ctx: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-        """Keys/values of context rows [B, S, H] → ([B, kv, S, D], [B, kv, S, D]); cacheable across rounds."""
+        """Keys/values of rows [B, T, H] → ([B, kv, T, D], [B, kv, T, D]); context rows can be cached across rounds."""
         k = apply_rope(self.k_norm(self._heads(self.k_proj(ctx), self.kv_heads)), *rope_ctx)
         return k, self._heads(self.v_proj(ctx), self.kv_heads)
 
@@ -109,9 +115,7 @@ class ContextBlockAttention(nn.Module):
         """
         q = apply_rope(self.q_norm(self._heads(self.q_proj(x), self.heads)), *rope_q)
         if ctx_kv is None:
-            kv_in = torch.cat([ctx, x], dim=1)  # [B, S + Q, H]
-            k = apply_rope(self.k_norm(self._heads(self.k_proj(kv_in), self.kv_heads)), *rope_kv)
-            v = self._heads(self.v_proj(kv_in), self.kv_heads)
+            k, v = self.context_kv(torch.cat([ctx, x], dim=1), rope_kv)  # rows [B, S + Q, H]
         else:
             k_blk, v_blk = self.context_kv(x, rope_kv)  # the block's own keys/values, same projections
             k, v = torch.cat([ctx_kv[0], k_blk], dim=2), torch.cat([ctx_kv[1], v_blk], dim=2)

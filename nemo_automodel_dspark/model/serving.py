@@ -47,6 +47,8 @@ def serving_config(draft) -> dict:
         tie_word_embeddings=False,
         target_architectures=list(getattr(draft.target_config, "architectures", None) or []),
     )
+    if "layer_types" in config:  # HF checks len(layer_types) == num_hidden_layers; draft layers are all full attention
+        config["layer_types"] = ["full_attention"] * dspark.draft_num_hidden_layers
     if dspark.confidence_temperatures is not None:
         config["confidence_temperatures"] = list(dspark.confidence_temperatures)
     return config
@@ -78,6 +80,8 @@ def read_serving_config(directory: str | os.PathLike) -> tuple[object, DSparkCon
         **{key: fields.pop(key) for key in _DSPARK_KEYS},
     )
     fields["num_hidden_layers"] = fields.pop("num_target_layers")
+    if "layer_types" in fields:
+        fields["layer_types"] = ["full_attention"] * fields["num_hidden_layers"]
     fields.pop("target_architectures", None)
     model_type = fields.pop("model_type")
     return AutoConfig.for_model(model_type, **fields), dspark

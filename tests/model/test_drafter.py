@@ -121,6 +121,9 @@ def test_save_load_round_trip(qwen3_target, tmp_path, head):
     assert config["architectures"] == ["Qwen3DSparkModel"] and config["tie_word_embeddings"] is False
     assert config["num_hidden_layers"] == 2 and config["num_target_layers"] == 4
     assert config["block_size"] == 4 and config["mask_token_id"] == MASK_ID and config["target_layer_ids"] == [0, 2]
+    from transformers import AutoConfig
+
+    assert AutoConfig.from_pretrained(tmp_path).num_hidden_layers == 2  # plain HF can read the dialect config
     from safetensors import safe_open
 
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 # Modules imported on first lookup; each calls `register_family` for the families it defines.
-_FAMILY_MODULES = ("nemo_automodel_dspark.model.families.qwen3",)
+_FAMILY_MODULES = ("nemo_automodel_dspark.model.families.qwen3", "nemo_automodel_dspark.model.families.gemma4")
 _REGISTRY: dict[str, TargetFamily] = {}
 
 
