@@ -120,15 +120,15 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict
 
 
 def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_sd: dict, optim_sd: dict) -> None:
-    """Load consolidated state held by rank 0 into every rank's (possibly sharded) model and optimizer."""
+    """Load consolidated state (read by every rank) into its (possibly sharded) model and optimizer."""
     if not dist.is_initialized():
         model.load_state_dict(model_sd)
         optimizer.load_state_dict(optim_sd)
         return
-    from torch.distributed.checkpoint.state_dict import set_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
     set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
-                   options=_options(broadcast_from_rank0=True))
+                   options=StateDictOptions(full_state_dict=True))
 
 
 def destroy() -> None:

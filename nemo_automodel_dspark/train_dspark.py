@@ -141,7 +141,7 @@ class TrainDSparkRecipe(BaseRecipe):
             return
         state = ckpt.load_trainer_state(path)
         ckpt.check_compatible(path, state["compat"], self._compat())
-        model_state, optim_state = ckpt.load_weights(path) if self.info.is_main else ({}, {})
+        model_state, optim_state = ckpt.load_weights(path)  # every rank reads: checkpoint_dir is shared storage
         D.load_full_state(self.model, self.optimizer, model_state, optim_state)
         self.lr_scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
