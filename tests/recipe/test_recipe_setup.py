@@ -1,0 +1,80 @@
+"""In-process recipe checks (single process, no torchrun): resume refusals, optimizer, schedule."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from _helpers.recipe_assets import base_config
+
+from nemo_automodel_dspark.recipe.optim import lr_factor
+from nemo_automodel_dspark.train_dspark import TrainDSparkRecipe
+
+
+def train(cfg: dict) -> TrainDSparkRecipe:
+    recipe = TrainDSparkRecipe(cfg)
+    recipe.setup()
+    recipe.run_train_validation_loop()
+    return recipe
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_assets):
+    out = tmp_path_factory.mktemp("inproc") / "run"
+    cfg = base_config(tiny_assets, out, max_steps=2)
+    train(cfg)
+    return cfg
+
+
+@pytest.mark.parametrize("field, value", [("block_size", 5), ("mask_token_id", 0), ("target_layer_ids", [1, 2])])
+def test_resume_refuses_a_different_field(trained, field, value):
+    cfg = {
+        **trained,
+        "recipe_args": {**trained["recipe_args"], field: value},
+        "checkpoint": {**trained["checkpoint"], "restore_from": "LATEST"},
+    }
+    with pytest.raises(ValueError, match=f"trained with {field}="):
+        TrainDSparkRecipe(cfg).setup()
+
+
+def test_resume_at_the_end_continues_to_a_longer_run(trained):
+    cfg = {
+        **trained,
+        "recipe_args": {**trained["recipe_args"], "max_steps": 3},
+        "checkpoint": {**trained["checkpoint"], "restore_from": "LATEST"},
+    }
+    recipe = TrainDSparkRecipe(cfg)
+    recipe.setup()
+    assert recipe.step == 2 and recipe.sampler.consumed == 4
+    recipe.run_train_validation_loop()
+    assert recipe.step == 3
+
+
+def test_explicit_optimizer_target_is_honoured(tiny_assets, tmp_path):
+    cfg = base_config(tiny_assets, tmp_path / "sgd", max_steps=1)
+    cfg["optimizer"] = {"_target_": "torch.optim.SGD", "lr": 0.01, "momentum": 0.5}
+    recipe = TrainDSparkRecipe(cfg)
+    recipe.setup()
+    assert isinstance(recipe.optimizer, torch.optim.SGD) and recipe.optimizer.defaults["momentum"] == 0.5
+    trainable = {id(p) for p in recipe.draft.parameters() if p.requires_grad}
+    optimised = {id(p) for g in recipe.optimizer.param_groups for p in g["params"]}
+    assert optimised == trainable and id(recipe.draft.lm_head.weight) not in optimised
+
+
+def test_too_little_data_for_one_step_names_the_file(tiny_assets, tmp_path):
+    cfg = base_config(tiny_assets, tmp_path / "big", micro_batch_size=16, grad_accumulation_steps=2)
+    with pytest.raises(ValueError, match=r"train\.jsonl: 24 usable rows cannot fill one optimizer step"):
+        TrainDSparkRecipe(cfg).setup()
+
+
+def test_warmup_then_cosine_to_min_lr():
+    total, ratio, floor = 100, 0.04, 0.1
+    assert lr_factor(0, total, ratio, floor) == pytest.approx(1 / 4)
+    assert lr_factor(3, total, ratio, floor) == pytest.approx(1.0)
+    mid = 4 + (total - 4) // 2
+    assert lr_factor(mid, total, ratio, floor) == pytest.approx(
+        floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * 0.5))
+    )
+    assert lr_factor(total, total, ratio, floor) == pytest.approx(floor)
+    assert lr_factor(0, 10, 0.0, floor) == pytest.approx(1.0)  # at least one warm-up step
