@@ -7,6 +7,8 @@ id, id = n−1 → the final-norm output. The final-norm output at every positio
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -51,11 +53,13 @@ def _output_tensor(output) -> Tensor:
     return output[0] if isinstance(output, tuple | list) else output  # MoE / older layers return tuples
 
 
-@torch.no_grad()
-def capture_target_features(
-    target: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, layer_ids: list[int]
-) -> CapturedFeatures:
-    """One forward of the frozen target's decoder (no LM head); hooks are removed even if the forward raises."""
+@contextmanager
+def hidden_state_hooks(target: nn.Module, layer_ids: list[int]) -> Iterator[dict[int, Tensor]]:
+    """Inside the block, every forward of `target` fills the yielded dict {layer id: [B, T, H]} (SPEC §2 ids).
+
+    Works for any forward that runs the decoder (the bare decoder, or the CausalLM with a KV cache); the hooks are
+    removed on exit even if the forward raises.
+    """
     parts = family_for(target.config).decoder_parts(target)
     num_layers = len(parts.layers)
     captured: dict[int, Tensor] = {}
@@ -65,11 +69,22 @@ def capture_target_features(
 
     sources = {-1: parts.embed_tokens, num_layers - 1: parts.norm}
     sources.update({i: parts.layers[i] for i in layer_ids if 0 <= i < num_layers - 1})
-    handles = [sources[i].register_forward_hook(keep(i)) for i in sorted(set(layer_ids) | {num_layers - 1})]
+    handles = [sources[i].register_forward_hook(keep(i)) for i in sorted(set(layer_ids))]
     try:
-        parts.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        yield captured
     finally:
         for handle in handles:
             handle.remove()
+
+
+@torch.no_grad()
+def capture_target_features(
+    target: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, layer_ids: list[int]
+) -> CapturedFeatures:
+    """One forward of the frozen target's decoder (no LM head); hooks are removed even if the forward raises."""
+    parts = family_for(target.config).decoder_parts(target)
+    last = len(parts.layers) - 1
+    with hidden_state_hooks(target, [*layer_ids, last]) as captured:
+        parts.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     features = torch.cat([captured[i] for i in layer_ids], dim=-1)
-    return CapturedFeatures(features=features, last_hidden=captured[num_layers - 1])
+    return CapturedFeatures(features=features, last_hidden=captured[last])

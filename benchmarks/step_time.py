@@ -1,0 +1,109 @@
+"""Where a DSpark training step spends its time: target forward, draft forward+backward, optimizer, everything else.
+
+Runs the recipe's own train step (`DSparkStep.train_step`, with collation of each micro-batch) on a small random
+Qwen3 target, single process, and prints each phase's share of the step measured side by side in one run.
+"Everything else" (data, anchors, masks, metrics bookkeeping, host syncs) must stay ≤ 15% of the step.
+
+    python benchmarks/step_time.py                 # CPU defaults (~1 minute on 2 cores)
+    python benchmarks/step_time.py --device cuda --hidden 1024 --layers 8 --vocab 151936 --seq 4096 --anchors 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from types import SimpleNamespace
+
+import torch
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+from nemo_automodel_dspark import DSparkConfig, DSparkDrafter
+from nemo_automodel_dspark.data import collate
+from nemo_automodel_dspark.distributed import DistInfo
+from nemo_automodel_dspark.recipe.config import OptimizerConfig
+from nemo_automodel_dspark.recipe.optim import build_optimizer, build_scheduler
+from nemo_automodel_dspark.recipe.step import DSparkStep, MicroBatch
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--anchors", type=int, default=64)
+    p.add_argument("--block", type=int, default=7)
+    p.add_argument("--draft-layers", type=int, default=2)
+    p.add_argument("--micro-batch", type=int, default=2)
+    p.add_argument("--accum", type=int, default=2)
+    p.add_argument("--steps", type=int, default=6)
+    return p.parse_args()
+
+
+def build(a: argparse.Namespace, device: torch.device):
+    config = Qwen3Config(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=3 * a.hidden,
+                         num_hidden_layers=a.layers, num_attention_heads=a.hidden // 64, num_key_value_heads=2,
+                         head_dim=64, max_position_embeddings=max(4096, a.seq))
+    config.architectures = ["Qwen3ForCausalLM"]
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    target = Qwen3ForCausalLM(config).to(device, dtype).eval().requires_grad_(False)
+    draft = DSparkDrafter.from_target(target, DSparkConfig(
+        mask_token_id=a.vocab - 1, draft_num_hidden_layers=a.draft_layers, block_size=a.block, num_anchors=a.anchors,
+        attention_backend="flex_attention" if device.type == "cuda" else "sdpa")).to(device)
+    args = SimpleNamespace(loss_decay_gamma=4.0, ce_loss_alpha=0.1, l1_loss_alpha=0.9, confidence_head_alpha=1.0,
+                           shuffle_seed=0, num_anchors=a.anchors, max_grad_norm=1.0)
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=device)
+    step = DSparkStep(draft, draft, target, args, info, defer_fsdp_sync=False)
+    optimizer = build_optimizer(draft, OptimizerConfig(lr=1e-4))
+    return step, optimizer, build_scheduler(optimizer, OptimizerConfig(lr=1e-4), 1000)
+
+
+def rows(a: argparse.Namespace, n: int) -> list[dict]:
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(n):
+        length = int(torch.randint(a.seq // 2, a.seq + 1, (1,), generator=g))
+        mask = torch.zeros(length, dtype=torch.long)
+        mask[length // 4 :] = 1
+        out.append({"input_ids": torch.randint(0, a.vocab - 1, (length,), generator=g), "loss_mask": mask})
+    return out
+
+
+def micro_batches(a: argparse.Namespace, data: list[dict], step: int) -> list[MicroBatch]:
+    out = []
+    for m in range(a.accum):
+        idx = [(step * a.accum + m) * a.micro_batch + i for i in range(a.micro_batch)]
+        batch = collate([data[i % len(data)] for i in idx], seq_length=a.seq, pad_token_id=0)
+        out.append(MicroBatch(batch["input_ids"], batch["attention_mask"], batch["loss_mask"], idx))
+    return out
+
+
+def main() -> None:
+    a = parse()
+    device = torch.device(a.device)
+    step, optimizer, scheduler = build(a, device)
+    data = rows(a, 64)
+    for s in range(2):  # warm-up (allocator, compile)
+        step.train_step(micro_batches(a, data, s), 0, optimizer, scheduler)
+    step.timer.enabled = True
+    step.timer.totals.clear()
+    start = time.perf_counter()
+    for s in range(2, 2 + a.steps):
+        step.train_step(micro_batches(a, data, s), 0, optimizer, scheduler)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    total = time.perf_counter() - start
+    phases = dict(step.timer.totals)
+    phases["other"] = total - sum(phases.values()) + phases.pop("other", 0.0)
+    print(f"device={device} steps={a.steps} step_time={total / a.steps * 1000:.1f} ms "
+          f"(micro_batch={a.micro_batch} x accum={a.accum}, seq={a.seq}, anchors={a.anchors}, vocab={a.vocab})")
+    for name in ("target_forward", "draft_forward_backward", "optimizer", "other"):
+        print(f"  {name:<24} {phases.get(name, 0.0) / total:6.1%}")
+    share = phases["other"] / total
+    print(f"everything else: {share:.1%} of the step (limit 15%) -> {'PASS' if share <= 0.15 else 'FAIL'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Inference with a trained draft: lossless speculative decoding, evaluation, confidence calibration, scheduling."""
