@@ -119,6 +119,15 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict
     return get_state_dict(model, optimizer, options=_options())
 
 
+def full_model_state(model: nn.Module) -> dict:
+    """Consolidated model state on rank 0 only (every rank must call it)."""
+    if not dist.is_initialized():
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model, options=_options())
+
+
 def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_sd: dict, optim_sd: dict) -> None:
     """Load consolidated state (read by every rank) into its (possibly sharded) model and optimizer."""
     if not dist.is_initialized():

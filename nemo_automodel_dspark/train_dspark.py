@@ -128,6 +128,7 @@ class TrainDSparkRecipe(BaseRecipe):
         self.metrics = MetricsWriter(args.output_dir, enabled=self.info.is_main)
         self.ckpt_root = Path(self.config.checkpoint.checkpoint_dir or Path(args.output_dir) / "checkpoints")
         self.step, self.epoch = 0, 0
+        self._decode_prompts = None  # eval_decode prompts, loaded on first use
         self._rows = None  # this epoch's row iterator (continues across steps; resumes mid-epoch)
         self.window = Window(start=time.perf_counter())
 
@@ -197,6 +198,9 @@ class TrainDSparkRecipe(BaseRecipe):
                 self.epoch += 1
                 self.sampler.set_epoch(self.epoch)
                 self._rows = None
+            decode = args.eval_decode
+            if decode is not None and (self.step % decode.every_steps == 0 or last):
+                self._eval_decode(step_epoch)
             every = cfg_ckpt.ckpt_every_steps
             if cfg_ckpt.enabled and ((every and self.step % every == 0) or last):
                 self._save(step_epoch)
@@ -256,6 +260,27 @@ class TrainDSparkRecipe(BaseRecipe):
         record = {"step": self.step, "epoch": epoch, **{f"val/{k}": v for k, v in metrics.items()}}
         self.metrics.write(record)
         self._log(console_line(record))
+
+    def _eval_decode(self, epoch: int) -> None:
+        """Real speculative decoding on rank 0 with a consolidated copy of the draft; training state is untouched."""
+        from nemo_automodel_dspark.inference.evaluate import evaluate
+        from nemo_automodel_dspark.inference.prompts import load_prompts
+
+        decode = self.config.recipe_args.eval_decode
+        state = D.full_model_state(self.model)  # every rank joins the gather
+        if self.info.is_main:
+            draft = DSparkDrafter(self.draft.target_config, self.draft.dspark).to(self.info.device)
+            draft.load_state_dict(state)
+            if self._decode_prompts is None:
+                self._decode_prompts = load_prompts(decode.data_path, self.tokenizer, decode.num_prompts)
+            report = evaluate(self.frozen.model, draft.eval(), self.tokenizer, self._decode_prompts,
+                              temperature=decode.temperature, max_new_tokens=decode.max_new_tokens,
+                              seed=self.config.recipe_args.shuffle_seed)
+            record = {"step": self.step, "epoch": epoch, "decode/tau": report["tau"],
+                      "decode/speedup": report.get("speedup"), "decode/rounds": report["rounds"]}
+            self.metrics.write(record)
+            self._log(f"step {self.step} | decode/tau {report['tau']} | decode/speedup {report.get('speedup')}")
+        D.barrier()
 
     def _save(self, epoch: int) -> None:
         """Consolidate on rank 0 and write `epoch_{E}_step_{S}/` atomically; every rank joins the gathers."""

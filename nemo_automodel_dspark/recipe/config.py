@@ -51,6 +51,18 @@ class RecipeArgs:
     mask_reasoning_content: bool = False
     chat_template: str | None = None
     ckpt_every_steps: int | None = None
+    eval_decode: EvalDecodeConfig | None = None
+
+
+@dataclass
+class EvalDecodeConfig:
+    """Real speculative decoding on rank 0 every `every_steps` steps (logged as `decode/*`)."""
+
+    every_steps: int
+    data_path: str
+    num_prompts: int = 8
+    max_new_tokens: int = 64
+    temperature: float = 0.0
 
 
 @dataclass
@@ -168,6 +180,10 @@ def _parse_recipe_args(values: dict) -> RecipeArgs:
     for key in ("train_split", "val_split"):
         if kept.get(key) is None:
             kept.pop(key, None)
+    if kept.get("eval_decode") is not None:
+        block = _check_section("recipe_args.eval_decode", _as_dict(kept["eval_decode"]), _names(EvalDecodeConfig), {})
+        _require("recipe_args.eval_decode", block, ["every_steps", "data_path"])
+        kept["eval_decode"] = _typed("recipe_args.eval_decode", EvalDecodeConfig, block)
     args = _typed("recipe_args", RecipeArgs, kept)
     for key in ("seq_length", "micro_batch_size", "grad_accumulation_steps", "num_epochs", "log_every_steps"):
         if getattr(args, key) < 1:

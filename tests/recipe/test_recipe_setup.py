@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -78,3 +80,25 @@ def test_warmup_then_cosine_to_min_lr():
     )
     assert lr_factor(total, total, ratio, floor) == pytest.approx(floor)
     assert lr_factor(0, 10, 0.0, floor) == pytest.approx(1.0)  # at least one warm-up step
+
+
+def test_eval_decode_logs_real_tau_without_changing_training(trained, tiny_assets, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "decode"
+    cfg = base_config(tiny_assets, out, max_steps=2)
+    cfg["recipe_args"]["eval_decode"] = {
+        "every_steps": 1,
+        "data_path": str(tiny_assets["val"]),
+        "num_prompts": 2,
+        "max_new_tokens": 6,
+        "temperature": 0.0,
+    }
+    train(cfg)
+    records = [json.loads(line) for line in (out / "dspark_train_metrics.jsonl").read_text().splitlines()]
+    decode = [r for r in records if "decode/tau" in r]
+    assert [r["step"] for r in decode] == [1, 2] and all(1.0 <= r["decode/tau"] <= 5.0 for r in decode)
+    ref_dir = Path(trained["checkpoint"]["checkpoint_dir"]) / "epoch_0_step_2"
+    ref = load_file(str(ref_dir / "model.safetensors"))
+    got = load_file(str(out / "ckpt" / "epoch_0_step_2" / "model.safetensors"))
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
