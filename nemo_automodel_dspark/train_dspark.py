@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,8 +39,8 @@ class FrozenTarget:
 class Window:
     """Metrics accumulated since the last log step (reduced across ranks when logged)."""
 
-    sums: dict | None = None
-    grad_norm: float = 0.0
+    sums: dict[str, torch.Tensor] | None = None
+    grad_norm: float | torch.Tensor = 0.0
     steps: int = 0
     tokens: int = 0
     start: float = 0.0
@@ -71,33 +72,49 @@ class TrainDSparkRecipe(BaseRecipe):
     def _build_data(self) -> None:
         args = self.config.recipe_args
         self.tokenizer = load_tokenizer(args.target_model_name_or_path, args.trust_remote_code)
-        options = dict(chat_template=args.chat_template, mask_reasoning_content=args.mask_reasoning_content,
-                       mask_token_id=args.mask_token_id, show_progress=self.info.is_main)
-        self.train_set = DSparkChatDataset(args.train_data_path, self.tokenizer, args.seq_length,
-                                           split=args.train_split, **options)
-        self._log(self.train_set.report())
-        self.val_set = None
-        if args.val_data_path:
-            self.val_set = DSparkChatDataset(args.val_data_path, self.tokenizer, args.seq_length,
-                                             split=args.val_split, **options)
-            self._log(self.val_set.report())
-        self.sampler = ResumableSampler(len(self.train_set), seed=args.shuffle_seed, rank=self.info.rank,
-                                        world_size=self.info.world_size)
+        self.train_set = self._dataset(args.train_data_path, args.train_split)
+        self.val_set = self._dataset(args.val_data_path, args.val_split) if args.val_data_path else None
+        self.sampler = ResumableSampler(
+            len(self.train_set), seed=args.shuffle_seed, rank=self.info.rank, world_size=self.info.world_size
+        )
         self.per_step = args.micro_batch_size * args.grad_accumulation_steps
         self.steps_per_epoch = len(self.sampler) // self.per_step
         if self.steps_per_epoch == 0:
-            raise ValueError(f"{args.train_data_path}: {len(self.train_set)} usable rows cannot fill one optimizer "
-                             f"step of {self.per_step * self.info.world_size} rows (ranks x micro_batch_size x "
-                             "grad_accumulation_steps)")
+            raise ValueError(
+                f"{args.train_data_path}: {len(self.train_set)} usable rows cannot fill one optimizer "
+                f"step of {self.per_step * self.info.world_size} rows (ranks x micro_batch_size x "
+                "grad_accumulation_steps)"
+            )
         total = self.steps_per_epoch * args.num_epochs
         self.total_steps = min(total, args.max_steps) if args.max_steps else total
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
+    def _dataset(self, path: str, split: str) -> DSparkChatDataset:
+        args = self.config.recipe_args
+        dataset = DSparkChatDataset(
+            path,
+            self.tokenizer,
+            args.seq_length,
+            split=split,
+            chat_template=args.chat_template,
+            mask_reasoning_content=args.mask_reasoning_content,
+            mask_token_id=args.mask_token_id,
+            show_progress=self.info.is_main,
+        )
+        self._log(dataset.report())
+        return dataset
+
     def _build_target(self) -> None:
         args = self.config.recipe_args
         dtype = torch.bfloat16 if self.info.device.type == "cuda" else torch.float32
-        self.frozen = FrozenTarget(load_target(args.target_model_name_or_path, dtype=dtype, device=self.info.device,
-                                               trust_remote_code=args.trust_remote_code))
+        self.frozen = FrozenTarget(
+            load_target(
+                args.target_model_name_or_path,
+                dtype=dtype,
+                device=self.info.device,
+                trust_remote_code=args.trust_remote_code,
+            )
+        )
 
     def _build_draft(self) -> None:
         args = self.config.recipe_args
@@ -106,18 +123,29 @@ class TrainDSparkRecipe(BaseRecipe):
             self._log("attention_backend: flex_attention needs CUDA; using SDPA with a dense block mask on CPU")
             backend = "sdpa"
         dspark = DSparkConfig(
-            mask_token_id=args.mask_token_id, draft_num_hidden_layers=args.draft_num_hidden_layers,
-            block_size=args.block_size, num_anchors=args.num_anchors, target_layer_ids=args.target_layer_ids,
-            markov_rank=args.markov_rank, markov_head_type=args.markov_head_type,
+            mask_token_id=args.mask_token_id,
+            draft_num_hidden_layers=args.draft_num_hidden_layers,
+            block_size=args.block_size,
+            num_anchors=args.num_anchors,
+            target_layer_ids=args.target_layer_ids,
+            markov_rank=args.markov_rank,
+            markov_head_type=args.markov_head_type,
             enable_confidence_head=args.confidence_head_alpha > 0,
-            confidence_head_with_markov=args.confidence_head_with_markov, freeze_embeddings=args.freeze_embeddings,
+            confidence_head_with_markov=args.confidence_head_with_markov,
+            freeze_embeddings=args.freeze_embeddings,
             attention_backend=backend,
         )
         torch.manual_seed(args.shuffle_seed)  # identical initial draft on every rank and every world size
         self.draft = DSparkDrafter.from_target(self.frozen.model, dspark).to(self.info.device)
         self.model = D.wrap_draft(self.draft, self.config.dist.strategy, self.info)
-        self.runner = DSparkStep(self.model, self.draft, self.frozen.model, args, self.info,
-                                 defer_fsdp_sync=self.config.dist.defer_fsdp_grad_sync)
+        self.runner = DSparkStep(
+            self.model,
+            self.draft,
+            self.frozen.model,
+            args,
+            self.info,
+            defer_fsdp_sync=self.config.dist.defer_fsdp_grad_sync,
+        )
 
     def _build_optimizer(self) -> None:
         self.optimizer = build_optimizer(self.model, self.config.optimizer)
@@ -128,8 +156,8 @@ class TrainDSparkRecipe(BaseRecipe):
         self.metrics = MetricsWriter(args.output_dir, enabled=self.info.is_main)
         self.ckpt_root = Path(self.config.checkpoint.checkpoint_dir or Path(args.output_dir) / "checkpoints")
         self.step, self.epoch = 0, 0
-        self._decode_prompts = None  # eval_decode prompts, loaded on first use
-        self._rows = None  # this epoch's row iterator (continues across steps; resumes mid-epoch)
+        self._decode_prompts: list | None = None  # eval_decode prompts, loaded on first use
+        self._rows: Iterator[int] | None = None  # this epoch's row iterator (continues across steps; resumes mid-epoch)
         self.window = Window(start=time.perf_counter())
 
     def _restore(self) -> None:
@@ -156,20 +184,22 @@ class TrainDSparkRecipe(BaseRecipe):
 
     def _compat(self) -> dict:
         args = self.config.recipe_args
-        return {"block_size": args.block_size, "mask_token_id": args.mask_token_id,
-                "target_layer_ids": list(self.draft.dspark.target_layer_ids),
-                "target_model_name_or_path": args.target_model_name_or_path}
+        return {
+            "block_size": args.block_size,
+            "mask_token_id": args.mask_token_id,
+            "target_layer_ids": list(self.draft.dspark.target_layer_ids or []),
+            "target_model_name_or_path": args.target_model_name_or_path,
+        }
 
     # ------------------------------------------------------------------ loop
-    def _micro_batches(self, indices: list[int]) -> list[MicroBatch]:
-        mbs = self.config.recipe_args.micro_batch_size
+    def _micro_batches(self, dataset: DSparkChatDataset, indices: list[int]) -> list[MicroBatch]:
+        """Collate `indices` into micro-batches (CPU tensors; moved to the device inside the step)."""
+        mbs, seq = self.config.recipe_args.micro_batch_size, self.config.recipe_args.seq_length
         out = []
         for start in range(0, len(indices), mbs):
             rows = indices[start : start + mbs]
-            batch = collate([self.train_set[i] for i in rows], seq_length=self.config.recipe_args.seq_length,
-                            pad_token_id=self.pad_id)
+            batch = collate([dataset[i] for i in rows], seq_length=seq, pad_token_id=self.pad_id)
             out.append(MicroBatch(batch["input_ids"], batch["attention_mask"], batch["loss_mask"], rows))
-            self.window.tokens += int(batch["attention_mask"].sum())  # CPU tensor: no device sync
         return out
 
     def run_train_validation_loop(self) -> None:
@@ -180,9 +210,9 @@ class TrainDSparkRecipe(BaseRecipe):
             if self._rows is None:
                 self.sampler.set_epoch(self.epoch)
                 self._rows = iter(self.sampler)
-            rows = [next(self._rows) for _ in range(self.per_step)]
-            sums, grad_norm = self.runner.train_step(self._micro_batches(rows), self.epoch, self.optimizer,
-                                                     self.lr_scheduler)
+            batches = self._micro_batches(self.train_set, [next(self._rows) for _ in range(self.per_step)])
+            self.window.tokens += sum(int(mb.attention_mask.sum()) for mb in batches)  # CPU tensors: no device sync
+            sums, grad_norm = self.runner.train_step(batches, self.epoch, self.optimizer, self.lr_scheduler)
             self._accumulate(sums, grad_norm)
             self.step += 1
             bar.update(1)
@@ -191,8 +221,9 @@ class TrainDSparkRecipe(BaseRecipe):
             last = self.step >= self.total_steps
             if self.step % args.log_every_steps == 0 or epoch_done or last:
                 self._log_window(step_epoch)
-            if self.val_set is not None and (epoch_done or (args.val_every_steps and
-                                                            self.step % args.val_every_steps == 0)):
+            if self.val_set is not None and (
+                epoch_done or (args.val_every_steps and self.step % args.val_every_steps == 0)
+            ):
                 self._validate(step_epoch)
             if epoch_done:
                 self.epoch += 1
@@ -216,9 +247,10 @@ class TrainDSparkRecipe(BaseRecipe):
         w.grad_norm = w.grad_norm + grad_norm
         w.steps += 1
 
-    def _reduced_window(self) -> tuple[dict, float, float, int]:
+    def _reduced_window(self) -> tuple[dict[str, torch.Tensor], float, float, float]:
         """All-reduce the open window once: (sums, mean grad norm, tokens, peak memory GiB)."""
         w = self.window
+        assert w.sums is not None
         flat = flatten_sums(w.sums).to(self.info.device)
         extra = torch.tensor([float(w.grad_norm), float(w.tokens)], device=self.info.device)
         total = D.all_reduce_sum(torch.cat([flat, extra]))
@@ -233,30 +265,39 @@ class TrainDSparkRecipe(BaseRecipe):
         sums, grad_norm, tokens, mem = self._reduced_window()
         elapsed = time.perf_counter() - self.window.start
         args = self.config.recipe_args
-        record = {"step": self.step, "epoch": epoch,
-                  **metrics_from_sums(sums, ce_loss_alpha=args.ce_loss_alpha, l1_loss_alpha=args.l1_loss_alpha,
-                                      confidence_head_alpha=args.confidence_head_alpha),
-                  "lr": self.runner.last_lr, "grad_norm": grad_norm, "tokens_per_s": tokens / max(elapsed, 1e-9),
-                  "mem": mem}
+        record = {
+            "step": self.step,
+            "epoch": epoch,
+            **metrics_from_sums(
+                sums,
+                ce_loss_alpha=args.ce_loss_alpha,
+                l1_loss_alpha=args.l1_loss_alpha,
+                confidence_head_alpha=args.confidence_head_alpha,
+            ),
+            "lr": self.runner.last_lr,
+            "grad_norm": grad_norm,
+            "tokens_per_s": tokens / max(elapsed, 1e-9),
+            "mem": mem,
+        }
         self.metrics.write(record)
         self._log(console_line(record))
         self.window = Window(start=time.perf_counter())
 
     def _validate(self, epoch: int) -> None:
         """Objective and diagnostics on the validation split (own anchor stream: training is unaffected)."""
-        args = self.config.recipe_args
-        sampler = ResumableSampler(len(self.val_set), seed=args.shuffle_seed, rank=self.info.rank,
-                                   world_size=self.info.world_size)
-        order = list(sampler.indices())
-        batches = []
-        for start in range(0, len(order), args.micro_batch_size):
-            rows = order[start : start + args.micro_batch_size]
-            batch = collate([self.val_set[i] for i in rows], seq_length=args.seq_length, pad_token_id=self.pad_id)
-            batches.append(MicroBatch(batch["input_ids"], batch["attention_mask"], batch["loss_mask"], rows))
-        sums = self.runner.eval_sums(batches)
+        args, val_set = self.config.recipe_args, self.val_set
+        assert val_set is not None
+        sampler = ResumableSampler(
+            len(val_set), seed=args.shuffle_seed, rank=self.info.rank, world_size=self.info.world_size
+        )
+        sums = self.runner.eval_sums(self._micro_batches(val_set, sampler.indices()))
         flat = D.all_reduce_sum(flatten_sums(sums).to(self.info.device))
-        metrics = metrics_from_sums(unflatten_sums(flat.cpu(), sums), ce_loss_alpha=args.ce_loss_alpha,
-                                    l1_loss_alpha=args.l1_loss_alpha, confidence_head_alpha=args.confidence_head_alpha)
+        metrics = metrics_from_sums(
+            unflatten_sums(flat.cpu(), sums),
+            ce_loss_alpha=args.ce_loss_alpha,
+            l1_loss_alpha=args.l1_loss_alpha,
+            confidence_head_alpha=args.confidence_head_alpha,
+        )
         record = {"step": self.step, "epoch": epoch, **{f"val/{k}": v for k, v in metrics.items()}}
         self.metrics.write(record)
         self._log(console_line(record))
@@ -267,17 +308,29 @@ class TrainDSparkRecipe(BaseRecipe):
         from nemo_automodel_dspark.inference.prompts import load_prompts
 
         decode = self.config.recipe_args.eval_decode
+        assert decode is not None
         state = D.full_model_state(self.model)  # every rank joins the gather
         if self.info.is_main:
             draft = DSparkDrafter(self.draft.target_config, self.draft.dspark).to(self.info.device)
             draft.load_state_dict(state)
             if self._decode_prompts is None:
                 self._decode_prompts = load_prompts(decode.data_path, self.tokenizer, decode.num_prompts)
-            report = evaluate(self.frozen.model, draft.eval(), self.tokenizer, self._decode_prompts,
-                              temperature=decode.temperature, max_new_tokens=decode.max_new_tokens,
-                              seed=self.config.recipe_args.shuffle_seed)
-            record = {"step": self.step, "epoch": epoch, "decode/tau": report["tau"],
-                      "decode/speedup": report.get("speedup"), "decode/rounds": report["rounds"]}
+            report = evaluate(
+                self.frozen.model,
+                draft.eval(),
+                self.tokenizer,
+                self._decode_prompts,
+                temperature=decode.temperature,
+                max_new_tokens=decode.max_new_tokens,
+                seed=self.config.recipe_args.shuffle_seed,
+            )
+            record = {
+                "step": self.step,
+                "epoch": epoch,
+                "decode/tau": report["tau"],
+                "decode/speedup": report.get("speedup"),
+                "decode/rounds": report["rounds"],
+            }
             self.metrics.write(record)
             self._log(f"step {self.step} | decode/tau {report['tau']} | decode/speedup {report.get('speedup')}")
         D.barrier()
@@ -288,13 +341,30 @@ class TrainDSparkRecipe(BaseRecipe):
         window = None
         if self.window.sums is not None:
             sums, _, _, _ = self._reduced_window()  # the open window, reduced, so a resumed log is identical
-            window = {"sums": flatten_sums(sums).tolist(), "shapes": {k: list(v.shape) for k, v in sums.items()},
-                      "grad_norm": float(self.window.grad_norm) * self.info.world_size, "steps": self.window.steps}
+            window = {
+                "sums": flatten_sums(sums).tolist(),
+                "shapes": {k: list(v.shape) for k, v in sums.items()},
+                "grad_norm": float(self.window.grad_norm) * self.info.world_size,
+                "steps": self.window.steps,
+            }
         if self.info.is_main:
-            state = {"step": self.step, "epoch": self.epoch, "sampler": self.sampler.state_dict(),
-                     "scheduler": self.lr_scheduler.state_dict(), "compat": self._compat(), "window": window}
-            path = ckpt.save_checkpoint(self.ckpt_root, epoch, self.step, draft=self.draft, model_state=model_state,
-                                        optimizer_state=optim_state, trainer_state=state)
+            state = {
+                "step": self.step,
+                "epoch": self.epoch,
+                "sampler": self.sampler.state_dict(),
+                "scheduler": self.lr_scheduler.state_dict(),
+                "compat": self._compat(),
+                "window": window,
+            }
+            path = ckpt.save_checkpoint(
+                self.ckpt_root,
+                epoch,
+                self.step,
+                draft=self.draft,
+                model_state=model_state,
+                optimizer_state=optim_state,
+                trainer_state=state,
+            )
             self._log(f"saved checkpoint {path}")
         D.barrier()
 
