@@ -10,6 +10,7 @@ import contextlib
 import datetime
 import os
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.distributed as dist
@@ -55,7 +56,7 @@ def wrap_draft(model: nn.Module, strategy: str, info: DistInfo) -> nn.Module:
     policy = MixedPrecisionPolicy()
     if info.device.type == "cuda":
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    for layer in model.layers:
+    for layer in cast(nn.ModuleList, model.layers):
         fully_shard(layer, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
     return model
@@ -69,8 +70,9 @@ def grad_sync(model: nn.Module, enabled: bool, defer_fsdp: bool):
     """Skip gradient reduction on all but the last micro-batch (DDP `no_sync`, FSDP2 deferred sync)."""
     if isinstance(model, nn.parallel.DistributedDataParallel):
         return contextlib.nullcontext() if enabled else model.no_sync()
-    if defer_fsdp and hasattr(model, "set_requires_gradient_sync"):
-        model.set_requires_gradient_sync(enabled)
+    set_requires_gradient_sync = getattr(model, "set_requires_gradient_sync", None)  # FSDP2 modules only
+    if defer_fsdp and set_requires_gradient_sync is not None:
+        set_requires_gradient_sync(enabled)
     return contextlib.nullcontext()
 
 
@@ -136,8 +138,13 @@ def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_sd
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
-                   options=StateDictOptions(full_state_dict=True))
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=model_sd,
+        optim_state_dict=optim_sd,
+        options=StateDictOptions(full_state_dict=True),
+    )
 
 
 def destroy() -> None:

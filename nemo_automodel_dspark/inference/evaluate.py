@@ -15,7 +15,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -24,6 +24,9 @@ from nemo_automodel_dspark.inference.arguments import add_evaluate_arguments
 from nemo_automodel_dspark.inference.calibration import RoundsTable, confidence_report
 from nemo_automodel_dspark.inference.prompts import Prompt, load_prompts, to_prompt
 from nemo_automodel_dspark.inference.speculative import SpeculativeDecoder, eos_token_ids, target_decode
+
+if TYPE_CHECKING:
+    from nemo_automodel_dspark.model.drafter import DSparkDrafter
 
 WARMUP_TOKENS = 8
 
@@ -51,7 +54,7 @@ def _generator(device: torch.device, seed: int) -> torch.Generator:
 
 def run_evaluation(
     target: nn.Module,
-    draft: nn.Module,
+    draft: DSparkDrafter,
     tokenizer: Any,
     prompts: list,
     *,
@@ -99,7 +102,7 @@ def run_evaluation(
 
 def evaluate(
     target: nn.Module,
-    draft: nn.Module,
+    draft: DSparkDrafter,
     tokenizer: Any,
     prompts: list,
     *,
@@ -111,8 +114,17 @@ def evaluate(
 ) -> dict:
     """The report of `run_evaluation` (for the training recipe and the demo); `prompts` are chat rows (dicts with
     `messages` and optional `category`), `Prompt`s or token-id lists."""
-    options = dict(temperature=temperature, max_new_tokens=max_new_tokens, verify_len=verify_len, seed=seed)
-    return run_evaluation(target, draft, tokenizer, prompts, measure_speed=measure_speed, **options).report
+    return run_evaluation(
+        target,
+        draft,
+        tokenizer,
+        prompts,
+        temperature=temperature,
+        max_new_tokens=max_new_tokens,
+        verify_len=verify_len,
+        seed=seed,
+        measure_speed=measure_speed,
+    ).report
 
 
 def _decode_pair(

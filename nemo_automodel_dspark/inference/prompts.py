@@ -57,7 +57,7 @@ def to_prompt(tokenizer: Any, item: Prompt | dict[str, Any] | list[int]) -> Prom
 
 def load_prompts(path: str | Path, tokenizer: Any, num_prompts: int | None = None) -> list[Prompt]:
     """The first `num_prompts` rows of a chat JSONL file, rendered; blank lines are skipped."""
-    prompts = []
+    prompts: list[Prompt] = []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
             if num_prompts is not None and len(prompts) >= num_prompts:

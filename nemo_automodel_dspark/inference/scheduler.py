@@ -132,13 +132,13 @@ def simulate(
             sched += torch.tensor(_policy_rates(table, picks, plan.lengths, plan.expected_tokens, sps))
             every = sum(1 + sum(a) for a in prefix_survival(conf))
             full += torch.tensor(_policy_rates(table, picks, [len(c) for c in conf], every, sps))
-        sched, full = (sched / batches).tolist(), (full / batches).tolist()
+        sched_rates, full_rates = (sched / batches).tolist(), (full / batches).tolist()
         results.append(
             {
                 "concurrency": r,
-                "scheduled": dict(zip(keys, sched, strict=True)),
-                "full_block": dict(zip(keys, full, strict=True)),
-                "realised_gain": sched[1] / full[1],
+                "scheduled": dict(zip(keys, sched_rates, strict=True)),
+                "full_block": dict(zip(keys, full_rates, strict=True)),
+                "realised_gain": sched_rates[1] / full_rates[1],
             }
         )
     return results

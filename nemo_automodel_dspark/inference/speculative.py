@@ -10,11 +10,17 @@ one-hot distributions, so greedy and sampled decoding share one code path and gr
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import Tensor, nn
 
 from nemo_automodel_dspark.target.capture import hidden_state_hooks
+
+if TYPE_CHECKING:
+    from transformers import DynamicCache, PreTrainedConfig
+
+    from nemo_automodel_dspark.model.drafter import DSparkDrafter
 
 
 def probabilities(logits: Tensor, temperature: float) -> Tensor:
@@ -92,7 +98,7 @@ class DecodeState:
 
     tokens: list[int]  # prompt + generated ids
     prompt_len: int
-    target_cache: object  # transformers DynamicCache holding K/V of tokens[:-1]
+    target_cache: DynamicCache  # holding K/V of tokens[:-1]
     draft_kv: list[tuple[Tensor, Tensor]]  # per draft layer ([1, kv, S, D], [1, kv, S, D]) for tokens[:-1]
     rounds: list[RoundRecord] = field(default_factory=list)
 
@@ -115,7 +121,7 @@ class SpeculativeDecoder:
     def __init__(
         self,
         target: nn.Module,
-        draft: nn.Module,
+        draft: DSparkDrafter,
         *,
         temperature: float = 0.0,
         verify_len: int | None = None,
@@ -126,7 +132,9 @@ class SpeculativeDecoder:
             raise ValueError(f"verify_len must be in [1, block_size={block}], got {verify_len}")
         self.target, self.draft, self.temperature = target, draft, temperature
         self.verify_len = verify_len or block
-        self.layer_ids = list(draft.dspark.target_layer_ids)
+        layer_ids = draft.dspark.target_layer_ids
+        assert layer_ids is not None  # DSparkDrafter.__init__ resolves and validates them
+        self.layer_ids = list(layer_ids)
         self.eos = eos_token_ids(target) if eos is None else set(eos)
         self.device = next(target.parameters()).device
 
@@ -154,7 +162,7 @@ class SpeculativeDecoder:
         """Run the target over the prompt and sample the first token (the first anchor) from its last logits."""
         from transformers import DynamicCache
 
-        cache = DynamicCache(config=self.target.config)
+        cache = DynamicCache(config=cast("PreTrainedConfig", self.target.config))
         cache.activate_past_recording()  # sliding-window layers must keep what a rejection may roll back
         ids = torch.tensor([prompt_ids], device=self.device)
         logits, features = self._target_forward(ids, cache, logits_to_keep=1)
@@ -238,7 +246,7 @@ def target_decode(
 
     eos = eos_token_ids(target) if eos is None else eos
     device = next(target.parameters()).device
-    cache = DynamicCache(config=target.config)
+    cache = DynamicCache(config=cast("PreTrainedConfig", target.config))
     ids = torch.tensor([prompt_ids], device=device)
     out: list[int] = []
     while True:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -11,7 +12,7 @@ from nemo_automodel_dspark.masks import build_eval_mask, dense_block_mask, flex_
 from nemo_automodel_dspark.model.config import DSparkConfig
 from nemo_automodel_dspark.model.families import TargetFamily, family_for
 from nemo_automodel_dspark.model.heads import ConfidenceHead, MarkovHead
-from nemo_automodel_dspark.model.layers import RotaryEmbedding, rope_inv_freq
+from nemo_automodel_dspark.model.layers import ContextBlockAttention, RotaryEmbedding, rope_inv_freq
 from nemo_automodel_dspark.target.capture import default_target_layer_ids, validate_target_layer_ids
 
 
@@ -71,8 +72,9 @@ class DSparkDrafter(nn.Module):
     def _init_weights(module: nn.Module) -> None:
         if isinstance(module, nn.Linear | nn.Embedding):
             nn.init.normal_(module.weight, std=0.02)
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
+            bias = getattr(module, "bias", None)  # nn.Embedding has none
+            if bias is not None:
+                nn.init.zeros_(bias)
 
     def set_embeddings_trainable(self, trainable: bool) -> None:
         self.embed_tokens.weight.requires_grad_(trainable)
@@ -84,8 +86,8 @@ class DSparkDrafter(nn.Module):
         draft = cls(target.config, dspark)
         parts = draft.family.decoder_parts(target)
         with torch.no_grad():
-            draft.embed_tokens.weight.copy_(parts.embed_tokens.weight)
-            draft.lm_head.weight.copy_(parts.lm_head.weight)
+            draft.embed_tokens.weight.copy_(cast(Tensor, parts.embed_tokens.weight))
+            draft.lm_head.weight.copy_(cast(Tensor, parts.lm_head.weight))
         return draft
 
     # ------------------------------------------------------------------ forward pieces
@@ -133,7 +135,7 @@ class DSparkDrafter(nn.Module):
         """
         ctx = self.project_context(target_features)
         rope = self.rotary(positions, ctx.dtype)
-        return [layer.self_attn.context_kv(ctx, rope) for layer in self.layers]
+        return [cast(ContextBlockAttention, layer.self_attn).context_kv(ctx, rope) for layer in self.layers]
 
     def backbone_cached(self, block_tokens: Tensor, slot_pos: Tensor, ctx_kv: list[tuple[Tensor, Tensor]]) -> Tensor:
         """One block per row (tokens/positions [B, K]) seeing every cached context row → normed hidden [B, K, H]."""
@@ -149,8 +151,15 @@ class DSparkDrafter(nn.Module):
         tokens[..., 0] = torch.gather(input_ids, 1, anchors)
         return tokens
 
-    def forward(self, input_ids: Tensor, target_features: Tensor, loss_mask: Tensor, anchors: Tensor,
-                block_keep: Tensor, target_hidden: Tensor | None = None) -> DSparkOutput:
+    def forward(
+        self,
+        input_ids: Tensor,
+        target_features: Tensor,
+        loss_mask: Tensor,
+        anchors: Tensor,
+        block_keep: Tensor,
+        target_hidden: Tensor | None = None,
+    ) -> DSparkOutput:
         """Teacher-forced training forward over N anchor blocks per row (input_ids [B, S], features [B, S, L·H]).
 
         With `target_hidden` [B, S, H] (the target's final-norm output) the teacher logits at the supervised slots

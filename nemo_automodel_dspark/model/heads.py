@@ -35,7 +35,7 @@ class MarkovHead(nn.Module):
         return self.markov_w2(torch.tanh(omega)), e, state
 
     def forward(self, h: Tensor, prev_tokens: Tensor) -> tuple[Tensor, Tensor]:
-        """Teacher-forced bias for whole blocks: h [B, N, K, H], prev_tokens [B, N, K] → ([B, N, K, V], [B, N, K, r])."""
+        """Teacher-forced bias for all blocks: h [B, N, K, H], prev_tokens [B, N, K] → ([B, N, K, V], [B, N, K, r])."""
         if self.head_type != "rnn":
             bias, e, _ = self.step(h, prev_tokens, None)
             return bias, e
@@ -57,5 +57,9 @@ class ConfidenceHead(nn.Module):
 
     def forward(self, h: Tensor, e: Tensor | None) -> Tensor:
         """h [..., H], e [..., r] → logits [...]. Callers pass detached inputs (the head only estimates)."""
-        x = torch.cat([h, e.to(h.dtype)], dim=-1) if self.with_markov else h
+        if self.with_markov:
+            assert e is not None, "a confidence head with_markov needs the Markov embeddings e"
+            x = torch.cat([h, e.to(h.dtype)], dim=-1)
+        else:
+            x = h
         return self.proj(x).squeeze(-1)

@@ -88,13 +88,24 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask, scale: float) -> Tensor:
 class ContextBlockAttention(nn.Module):
     """Block slots query `[context | blocks]`; the layer's own k/v projections read both (DFlash-style)."""
 
-    def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, eps: float, *, scale: float,
-                 bias: bool = False, norm_offset: float = 0.0) -> None:
+    def __init__(
+        self,
+        hidden: int,
+        heads: int,
+        kv_heads: int,
+        head_dim: int,
+        eps: float,
+        *,
+        scale: float,
+        bias: bool = False,
+        norm_offset: float = 0.0,
+    ) -> None:
         super().__init__()
         self.heads, self.kv_heads, self.head_dim, self.scale = heads, kv_heads, head_dim, scale
         self.q_proj = nn.Linear(hidden, heads * head_dim, bias=bias)
         self.k_proj = nn.Linear(hidden, kv_heads * head_dim, bias=bias)
-        self.v_proj = nn.Linear(hidden, kv_heads * head_dim, bias=bias)
+        # None in subclasses that reuse the key projection as values (they override `context_kv`)
+        self.v_proj: nn.Linear | None = nn.Linear(hidden, kv_heads * head_dim, bias=bias)
         self.o_proj = nn.Linear(heads * head_dim, hidden, bias=False)
         self.q_norm = RMSNorm(head_dim, eps, norm_offset)
         self.k_norm = RMSNorm(head_dim, eps, norm_offset)
@@ -104,17 +115,26 @@ class ContextBlockAttention(nn.Module):
 
     def context_kv(self, ctx: Tensor, rope_ctx: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         """Keys/values of rows [B, T, H] → ([B, kv, T, D], [B, kv, T, D]); context rows can be cached across rounds."""
+        assert self.v_proj is not None, "a subclass without v_proj must override context_kv"
         k = apply_rope(self.k_norm(self._heads(self.k_proj(ctx), self.kv_heads)), *rope_ctx)
         return k, self._heads(self.v_proj(ctx), self.kv_heads)
 
-    def forward(self, x: Tensor, ctx: Tensor | None, rope_q: tuple[Tensor, Tensor], rope_kv: tuple[Tensor, Tensor],
-                mask, ctx_kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        ctx: Tensor | None,
+        rope_q: tuple[Tensor, Tensor],
+        rope_kv: tuple[Tensor, Tensor],
+        mask,
+        ctx_kv: tuple[Tensor, Tensor] | None = None,
+    ) -> Tensor:
         """x [B, Q, H] block slots; context as rows ctx [B, S, H] or precomputed `ctx_kv` → [B, Q, H].
 
         `rope_kv` covers `[context | block]` positions when `ctx` is given, only the block positions with `ctx_kv`.
         """
         q = apply_rope(self.q_norm(self._heads(self.q_proj(x), self.heads)), *rope_q)
         if ctx_kv is None:
+            assert ctx is not None, "ContextBlockAttention needs context rows `ctx` or cached `ctx_kv`"
             k, v = self.context_kv(torch.cat([ctx, x], dim=1), rope_kv)  # rows [B, S + Q, H]
         else:
             k_blk, v_blk = self.context_kv(x, rope_kv)  # the block's own keys/values, same projections

@@ -13,8 +13,15 @@ from safetensors.torch import load_file, save_file
 from nemo_automodel_dspark.model.config import DSparkConfig
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
-_DSPARK_KEYS = ("block_size", "mask_token_id", "target_layer_ids", "num_anchors", "markov_rank", "markov_head_type",
-                "confidence_head_with_markov")
+_DSPARK_KEYS = (
+    "block_size",
+    "mask_token_id",
+    "target_layer_ids",
+    "num_anchors",
+    "markov_rank",
+    "markov_head_type",
+    "confidence_head_with_markov",
+)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -60,8 +60,9 @@ def check_compatible(path: Path, saved: dict, current: dict) -> None:
             )
 
 
-def save_checkpoint(root: str | Path, epoch: int, step: int, *, draft, model_state: dict, optimizer_state: dict,
-                    trainer_state: dict) -> Path:
+def save_checkpoint(
+    root: str | Path, epoch: int, step: int, *, draft, model_state: dict, optimizer_state: dict, trainer_state: dict
+) -> Path:
     """Rank 0 only: write the whole checkpoint into a temp folder, then rename it into place."""
     final = step_dir(root, epoch, step)
     tmp = final.with_name(f".{final.name}.tmp")

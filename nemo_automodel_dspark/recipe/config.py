@@ -106,16 +106,39 @@ class DSparkRecipeConfig:
 
 # Upstream keys we accept only with their no-op value (anything else is refused with a clear message).
 _UNIMPLEMENTED_RECIPE_ARGS = {
-    "mask_generation_prompt": False, "cached_target_path": None, "multimodal": False, "packed_sequence_size": 0,
-    "target_force_hf": False, "target_attn_implementation": None, "shard_dense_target": False,
-    "target_num_hidden_layers": None, "target_attn_backend": None, "target_dispatcher": None,
-    "target_experts": None, "target_enable_fsdp_optimizations": None, "confidence_head_stop_gradient": False,
-    "save_checkpoint_every_epoch": False, "draft_weights_path": None,
+    "mask_generation_prompt": False,
+    "cached_target_path": None,
+    "multimodal": False,
+    "packed_sequence_size": 0,
+    "target_force_hf": False,
+    "target_attn_implementation": None,
+    "shard_dense_target": False,
+    "target_num_hidden_layers": None,
+    "target_attn_backend": None,
+    "target_dispatcher": None,
+    "target_experts": None,
+    "target_enable_fsdp_optimizations": None,
+    "confidence_head_stop_gradient": False,
+    "save_checkpoint_every_epoch": False,
+    "draft_weights_path": None,
 }
-_UNIMPLEMENTED_DISTRIBUTED = {"activation_checkpointing": False, "cp_size": 1, "tp_size": 1, "pp_size": 1,
-                              "ep_size": 1, "dp_replicate_size": 1, "dp_size": None}
-_UNIMPLEMENTED_CHECKPOINT = {"model_cache_dir": None, "model_repo_id": None, "is_peft": False,
-                             "model_state_dict_keys": None, "is_async": False, "max_recent_checkpoints": None}
+_UNIMPLEMENTED_DISTRIBUTED = {
+    "activation_checkpointing": False,
+    "cp_size": 1,
+    "tp_size": 1,
+    "pp_size": 1,
+    "ep_size": 1,
+    "dp_replicate_size": 1,
+    "dp_size": None,
+}
+_UNIMPLEMENTED_CHECKPOINT = {
+    "model_cache_dir": None,
+    "model_repo_id": None,
+    "is_peft": False,
+    "model_state_dict_keys": None,
+    "is_async": False,
+    "max_recent_checkpoints": None,
+}
 _UNIMPLEMENTED_SECTIONS = ("wandb", "fp8", "compile", "peft", "dataset", "val_dataset", "model")
 _SECTIONS = ("recipe", "dist_env", "distributed", "recipe_args", "optimizer", "checkpoint", *_UNIMPLEMENTED_SECTIONS)
 
@@ -136,8 +159,10 @@ def _check_section(section: str, values: dict, valid: list[str], unimplemented: 
     for key, value in values.items():
         if key in unimplemented:
             if value != unimplemented[key] and value is not None:
-                raise ConfigError(f"'{section}.{key}' is an upstream NeMo AutoModel option this plugin does not "
-                                  f"implement (got {value!r}); remove it or set it to {unimplemented[key]!r}")
+                raise ConfigError(
+                    f"'{section}.{key}' is an upstream NeMo AutoModel option this plugin does not "
+                    f"implement (got {value!r}); remove it or set it to {unimplemented[key]!r}"
+                )
         elif key in valid:
             kept[key] = value
         else:
@@ -175,8 +200,11 @@ def _as_dict(cfg: Any) -> dict:
 
 def _parse_recipe_args(values: dict) -> RecipeArgs:
     kept = _check_section("recipe_args", values, _names(RecipeArgs), _UNIMPLEMENTED_RECIPE_ARGS)
-    _require("recipe_args", kept, ["target_model_name_or_path", "train_data_path", "output_dir", "seq_length",
-                                   "mask_token_id"])
+    _require(
+        "recipe_args",
+        kept,
+        ["target_model_name_or_path", "train_data_path", "output_dir", "seq_length", "mask_token_id"],
+    )
     for key in ("train_split", "val_split"):
         if kept.get(key) is None:
             kept.pop(key, None)
@@ -238,8 +266,10 @@ def parse_config(cfg: Any) -> DSparkRecipeConfig:
             raise _unknown(key, list(_SECTIONS), "<top level>")
     for key in _UNIMPLEMENTED_SECTIONS:
         if raw.get(key):
-            raise ConfigError(f"'{key}' is an upstream NeMo AutoModel section this plugin does not implement; "
-                              "remove it (metrics are written to <output_dir>/dspark_train_metrics.jsonl)")
+            raise ConfigError(
+                f"'{key}' is an upstream NeMo AutoModel section this plugin does not implement; "
+                "remove it (metrics are written to <output_dir>/dspark_train_metrics.jsonl)"
+            )
     for section in ("recipe_args", "optimizer"):
         if section not in raw:
             raise ConfigError(f"'{section}' section is required")

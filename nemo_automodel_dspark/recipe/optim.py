@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import math
+from typing import cast
 
 import torch
 from torch import nn
@@ -23,7 +24,9 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optim
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.target is not None:
         return _resolve(cfg.target)(params, lr=cfg.lr, **cfg.extra)
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, eps=cfg.eps)
+    return torch.optim.AdamW(
+        params, lr=cfg.lr, betas=cast(tuple[float, float], tuple(cfg.betas)), weight_decay=cfg.weight_decay, eps=cfg.eps
+    )
 
 
 def lr_factor(step: int, total_steps: int, warmup_ratio: float, min_lr_ratio: float) -> float:

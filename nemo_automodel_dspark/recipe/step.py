@@ -70,11 +70,17 @@ class DSparkStep:
         self.model, self.draft, self.target, self.args, self.info = model, draft, target, args, info
         self.defer_fsdp_sync = defer_fsdp_sync
         self.timer = PhaseTimer(info.device)
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
-                         if info.device.type == "cuda" and not hasattr(model, "set_requires_gradient_sync")
-                         else contextlib.nullcontext())
-        self.loss_options = dict(loss_decay_gamma=args.loss_decay_gamma, ce_loss_alpha=args.ce_loss_alpha,
-                                 l1_loss_alpha=args.l1_loss_alpha, confidence_head_alpha=args.confidence_head_alpha)
+        self.autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16)
+            if info.device.type == "cuda" and not hasattr(model, "set_requires_gradient_sync")
+            else contextlib.nullcontext()
+        )
+        self.loss_options = dict(
+            loss_decay_gamma=args.loss_decay_gamma,
+            ce_loss_alpha=args.ce_loss_alpha,
+            l1_loss_alpha=args.l1_loss_alpha,
+            confidence_head_alpha=args.confidence_head_alpha,
+        )
 
     def anchors(self, batch: MicroBatch, stream: int, epoch: int) -> tuple[Tensor, Tensor]:
         rows = []
@@ -89,13 +95,21 @@ class DSparkStep:
 
     def _forward_loss(self, batch: MicroBatch, anchors: Tensor, keep: Tensor):
         with self.timer("target_forward"):
-            captured = capture_target_features(self.target, batch.input_ids, batch.attention_mask,
-                                               self.draft.dspark.target_layer_ids)
+            captured = capture_target_features(
+                self.target, batch.input_ids, batch.attention_mask, self.draft.dspark.target_layer_ids
+            )
         with self.timer("draft_forward_backward"), self.autocast:
-            out = self.model(batch.input_ids, captured.features, batch.loss_mask, anchors, keep,
-                             target_hidden=captured.last_hidden)
-            return dspark_loss(out.draft_logits, out.target_logits, out.target_ids, out.eval_mask,
-                               out.confidence_logits, **self.loss_options)
+            out = self.model(
+                batch.input_ids, captured.features, batch.loss_mask, anchors, keep, target_hidden=captured.last_hidden
+            )
+            return dspark_loss(
+                out.draft_logits,
+                out.target_logits,
+                out.target_ids,
+                out.eval_mask,
+                out.confidence_logits,
+                **self.loss_options,
+            )
 
     def train_step(self, micro_batches: list[MicroBatch], epoch: int, optimizer, scheduler) -> tuple[dict, Tensor]:
         """One optimizer step over this rank's micro-batches; returns (detached sums, grad norm) as tensors."""
@@ -103,9 +117,12 @@ class DSparkStep:
         with self.timer("other"):
             batches = [self._to_device(mb) for mb in micro_batches]
             blocks = [self.anchors(mb, _TRAIN, epoch) for mb in batches]
-            local = sum(slot_weights(build_eval_mask(mb.loss_mask, a, k, self.draft.dspark.block_size),
-                                     self.args.loss_decay_gamma).sum() for mb, (a, k) in zip(batches, blocks,
-                                                                                            strict=True))
+            local = sum(
+                slot_weights(
+                    build_eval_mask(mb.loss_mask, a, k, self.draft.dspark.block_size), self.args.loss_decay_gamma
+                ).sum()
+                for mb, (a, k) in zip(batches, blocks, strict=True)
+            )
             global_den = D.all_reduce_sum(torch.as_tensor(local, dtype=torch.float32, device=self.info.device))
             scale = self.info.world_size / global_den.clamp(min=1e-12)
         totals: dict[str, Tensor] = {}

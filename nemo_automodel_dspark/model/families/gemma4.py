@@ -8,6 +8,8 @@ HF Gemma4's, so `layers.{i}.*` of a draft loads into a `Gemma4TextDecoderLayer` 
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -79,12 +81,18 @@ class Gemma4ContextAttention(ContextBlockAttention):
     def context_kv(self, rows: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         """Rows [B, T, H] → keys (k_norm, RoPE) and values (v_norm, no RoPE), each [B, kv, T, D]."""
         k_raw = self._heads(self.k_proj(rows), self.kv_heads)
-        v_raw = k_raw if self.k_eq_v else self._heads(self.v_proj(rows), self.kv_heads)
+        if self.k_eq_v:
+            v_raw = k_raw
+        else:
+            assert self.v_proj is not None  # dropped only when k_eq_v
+            v_raw = self._heads(self.v_proj(rows), self.kv_heads)
         return apply_rope(self.k_norm(k_raw), *rope), _unit_rms_norm(v_raw, self.eps)
 
 
 class Gemma4DraftLayer(nn.Module):
     """Sandwich-norm Gemma4 decoder layer whose attention also reads the projected target context (HF tensor names)."""
+
+    layer_scalar: Tensor  # buffer registered in __init__
 
     def __init__(self, config, layer_index: int) -> None:
         super().__init__()
@@ -106,8 +114,14 @@ class Gemma4DraftLayer(nn.Module):
 
 def _decoder_parts(model: nn.Module) -> DecoderParts:
     """Gemma4ForConditionalGeneration nests the text stack at `model.language_model`; Gemma4ForCausalLM does not."""
-    text = getattr(model.model, "language_model", model.model)
-    return DecoderParts(text, text.embed_tokens, text.layers, text.norm, model.lm_head)
+    text = cast(nn.Module, getattr(model.model, "language_model", model.model))
+    return DecoderParts(
+        text,
+        cast(nn.Module, text.embed_tokens),
+        cast(nn.ModuleList, text.layers),
+        cast(nn.Module, text.norm),
+        cast(nn.Module, model.lm_head),
+    )
 
 
 def _model_class(config):

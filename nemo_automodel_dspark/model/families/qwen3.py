@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 from torch import Tensor, nn
 
 from nemo_automodel_dspark.model.families import DecoderParts, TargetFamily, register_family
@@ -17,8 +19,13 @@ class Qwen3DraftLayer(nn.Module):
         eps = config.rms_norm_eps
         self.input_layernorm = RMSNorm(config.hidden_size, eps)
         self.self_attn = ContextBlockAttention(
-            config.hidden_size, config.num_attention_heads, config.num_key_value_heads, head_dim, eps,
-            scale=head_dim**-0.5, bias=bool(getattr(config, "attention_bias", False)),
+            config.hidden_size,
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            head_dim,
+            eps,
+            scale=head_dim**-0.5,
+            bias=bool(getattr(config, "attention_bias", False)),
         )
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
@@ -29,8 +36,14 @@ class Qwen3DraftLayer(nn.Module):
 
 
 def _decoder_parts(model: nn.Module) -> DecoderParts:
-    base = model.model
-    return DecoderParts(base, base.embed_tokens, base.layers, base.norm, model.lm_head)
+    base = cast(nn.Module, model.model)
+    return DecoderParts(
+        base,
+        cast(nn.Module, base.embed_tokens),
+        cast(nn.ModuleList, base.layers),
+        cast(nn.Module, base.norm),
+        cast(nn.Module, model.lm_head),
+    )
 
 
 QWEN3 = register_family(
