@@ -1,0 +1,36 @@
+"""The demo path end to end on a small budget: tiny target → regenerated data → 2-process FSDP2 training → report."""
+
+import json
+
+import pytest
+
+from nemo_automodel_dspark.demo import DemoOptions, run_demo
+
+pytestmark = pytest.mark.slow
+
+
+def test_demo_end_to_end_small_budget(tmp_path):
+    opts = DemoOptions(
+        workdir=tmp_path,
+        train_rows=24,
+        heldout_rows=4,
+        max_new_tokens=24,
+        epochs=1,
+        decode_prompts=2,
+        decode_tokens=12,
+        target_steps=20,
+        extra_overrides=(
+            "--recipe_args.seq_length=128",
+            "--recipe_args.num_anchors=8",
+            "--recipe_args.micro_batch_size=2",
+            "--recipe_args.log_every_steps=2",
+        ),
+    )
+    summary = run_demo(opts)
+    assert (tmp_path / "dspark_demo_curves.png").stat().st_size > 10_000
+    assert 1.0 <= summary["val"]["val/tau"] <= 8.0
+    for name in ("T=0", "T=1"):
+        assert summary["decoding"][name]["rounds"] > 0 and summary["decoding"][name]["speedup"] > 0
+    assert summary["decoding"]["T=0"]["matches_target_greedy"] is True
+    saved = json.loads((tmp_path / "demo_report.json").read_text())
+    assert saved["train"]["step"] == summary["train"]["step"] >= 2
