@@ -8,8 +8,14 @@ VOCAB, MASK_ID = 96, 95
 
 
 def make_draft(target, **overrides):
-    options = dict(mask_token_id=MASK_ID, draft_num_hidden_layers=2, block_size=4, num_anchors=5, markov_rank=8,
-                   target_layer_ids=[0, 2])
+    options = dict(
+        mask_token_id=MASK_ID,
+        draft_num_hidden_layers=2,
+        block_size=4,
+        num_anchors=5,
+        markov_rank=8,
+        target_layer_ids=[0, 2],
+    )
     options.update(overrides)
     torch.manual_seed(1)
     return DSparkDrafter.from_target(target, DSparkConfig(**options))
@@ -128,9 +134,19 @@ def test_save_load_round_trip(qwen3_target, tmp_path, head):
 
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
         names = set(f.keys())
-    expected = {"embed_tokens.weight", "fc.weight", "hidden_norm.weight", "norm.weight", "lm_head.weight",
-                "layers.0.self_attn.q_proj.weight", "layers.1.mlp.down_proj.weight", "markov_head.markov_w1.weight",
-                "markov_head.markov_w2.weight", "confidence_head.proj.weight", "confidence_head.proj.bias"}
+    expected = {
+        "embed_tokens.weight",
+        "fc.weight",
+        "hidden_norm.weight",
+        "norm.weight",
+        "lm_head.weight",
+        "layers.0.self_attn.q_proj.weight",
+        "layers.1.mlp.down_proj.weight",
+        "markov_head.markov_w1.weight",
+        "markov_head.markov_w2.weight",
+        "confidence_head.proj.weight",
+        "confidence_head.proj.bias",
+    }
     assert expected <= names
     assert ("markov_head.gate_proj.weight" in names) == (head == "gated")
     assert ("markov_head.joint_proj.weight" in names) == (head == "rnn")
@@ -162,7 +178,37 @@ def test_cached_context_backbone_equals_training_backbone(qwen3_target):
         feats = cap.features[row : row + 1, :a]
         first = draft.context_kv(feats[:, :5], torch.arange(5).view(1, -1))  # cache built in two appends
         second = draft.context_kv(feats[:, 5:], torch.arange(5, a).view(1, -1))
-        kv = [(torch.cat([k1, k2], 2), torch.cat([v1, v2], 2)) for (k1, v1), (k2, v2) in zip(first, second)]
+        kv = [
+            (torch.cat([k1, k2], 2), torch.cat([v1, v2], 2)) for (k1, v1), (k2, v2) in zip(first, second, strict=True)
+        ]
         tokens = draft.block_tokens(ids[row : row + 1], anchors[row : row + 1])[:, 0]
         hidden = draft.backbone_cached(tokens, torch.arange(a, a + 4).view(1, -1), kv)
         torch.testing.assert_close(hidden[0], out.hidden[row, 0], atol=1e-5, rtol=1e-5)
+
+
+def test_loss_of_a_tiny_drafter_falls_on_a_fixed_batch(qwen3_target):
+    from nemo_automodel_dspark import dspark_loss
+
+    draft = make_draft(qwen3_target, markov_head_type="gated")
+    ids, loss_mask, cap, anchors, keep = batch(qwen3_target, draft)
+    params = [p for p in draft.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=3e-3)
+    losses = []
+    for _ in range(30):
+        out = draft(ids, cap.features, loss_mask, anchors, keep, target_hidden=cap.last_hidden)
+        loss = dspark_loss(
+            out.draft_logits,
+            out.target_logits,
+            out.target_ids,
+            out.eval_mask,
+            out.confidence_logits,
+            loss_decay_gamma=4.0,
+            ce_loss_alpha=0.1,
+            l1_loss_alpha=0.9,
+            confidence_head_alpha=1.0,
+        )
+        optimizer.zero_grad()
+        loss.loss.backward()
+        optimizer.step()
+        losses.append(loss.loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses
