@@ -1,0 +1,208 @@
+"""`dspark <command>`: one entry per subcommand in `COMMANDS`, each an argument builder and a runner.
+
+Runners import their tool lazily, so `dspark --help` (and every other command) stays fast. To add a command,
+write `_add_<name>(parser)` and `_run_<name>(args) -> int` and register them in `COMMANDS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from typing import NamedTuple
+
+
+class Command(NamedTuple):
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+# ---- build-tiny-target -------------------------------------------------------------------------------------------
+
+
+def _add_build_tiny_target(parser: argparse.ArgumentParser) -> None:
+    from_default = "(default: %(default)s)"
+    parser.add_argument("--out", required=True, help="directory to write the HF model + tokenizer to")
+    parser.add_argument("--seed", type=int, default=0, help=f"training seed {from_default}")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: about 3 min on 2 cores)")
+    parser.add_argument("--force", action="store_true", help="rebuild even if OUT holds a build with these settings")
+
+
+def _run_build_tiny_target(args: argparse.Namespace) -> int:
+    from nemo_automodel_dspark.tools.tiny_target import DEFAULT_STEPS, build_tiny_target
+
+    steps = DEFAULT_STEPS if args.steps is None else args.steps
+    build = build_tiny_target(args.out, seed=args.seed, steps=steps, force=args.force)
+    m = build.manifest
+    print(
+        f"[dspark] tiny target in {build.path}: {m['num_parameters'] / 1e6:.2f}M parameters, "
+        f"train loss {m['initial_train_loss']:.3f} → {m['final_train_loss']:.3f}, held-out loss "
+        f"{m['held_out_loss']:.3f}, mask_token_id={m['mask_token_id']}"
+    )
+    return 0
+
+
+# ---- regenerate --------------------------------------------------------------------------------------------------
+
+
+def _add_regenerate(parser: argparse.ArgumentParser) -> None:
+    d = " (default: %(default)s)"
+    parser.add_argument("--target", help="HF target model directory or id (local generation)")
+    parser.add_argument("--data", required=True, help="input JSONL of chat rows (OpenAI messages or ShareGPT)")
+    parser.add_argument("--out", required=True, help="output JSONL (shards go to OUT.shards/)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy" + d)
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass" + d)
+    parser.add_argument("--max-new-tokens", type=int, default=256, help=d.strip())
+    parser.add_argument("--batch-size", type=int, default=8, help="rows per generate() call" + d)
+    parser.add_argument("--shard-size", type=int, default=64, help="input rows per shard file" + d)
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed" + d)
+    parser.add_argument("--num-rows", type=int, default=None, help="only the first N rows of --data")
+    parser.add_argument("--enable-thinking", action="store_true", help="let thinking templates think")
+    parser.add_argument("--resume", action="store_true", help="continue after the last complete shard")
+    parser.add_argument("--overwrite", action="store_true", help="discard the shards of a previous run")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N" + d)
+    server = parser.add_argument_group("OpenAI-compatible server (instead of local generation)")
+    server.add_argument("--server", help="base URL, e.g. http://localhost:8000")
+    server.add_argument("--model", help="model name the server serves")
+    server.add_argument("--concurrency", type=int, default=8, help="requests in flight" + d)
+    server.add_argument("--max-retries", type=int, default=4, help="retries per row" + d)
+    server.add_argument("--retry-backoff-s", type=float, default=1.0, help="first back-off, doubled each retry" + d)
+    server.add_argument("--request-timeout-s", type=float, default=600.0, help=d.strip())
+
+
+def _run_regenerate(args: argparse.Namespace) -> int:
+    from nemo_automodel_dspark.tools.regenerate import config_from_args, regenerate
+
+    summary = regenerate(config_from_args(args))
+    if summary.rows_out == 0:
+        print("[dspark] error: no usable row was regenerated", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ---- demo --------------------------------------------------------------------------------------------------------
+
+
+def _add_demo(parser: argparse.ArgumentParser) -> None:
+    d = " (default: %(default)s)"
+    parser.add_argument("--workdir", default="./dspark_demo", help="where the target, data and run go" + d)
+    parser.add_argument("--train-rows", type=int, default=None, help="training prompts to regenerate")
+    parser.add_argument("--heldout-rows", type=int, default=None, help="held-out prompts to regenerate")
+    parser.add_argument("--nproc", type=int, default=2, help="training processes (torchrun, FSDP2)" + d)
+    parser.add_argument("--epochs", type=int, default=None, help="override the YAML's num_epochs")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="recipe override for the training run, e.g. --set recipe_args.markov_rank=0",
+    )
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from nemo_automodel_dspark.demo import DemoOptions, run_demo
+
+    opts = DemoOptions(
+        workdir=Path(args.workdir),
+        nproc=args.nproc,
+        epochs=args.epochs,
+        extra_overrides=tuple(f"--{item}" for item in args.set),
+    )
+    if args.train_rows:
+        opts.train_rows = args.train_rows
+    if args.heldout_rows:
+        opts.heldout_rows = args.heldout_rows
+    run_demo(opts)
+    return 0
+
+
+# ---- evaluate / calibrate / schedule -----------------------------------------------------------------------------
+
+
+def _add_evaluate(parser: argparse.ArgumentParser) -> None:
+    from nemo_automodel_dspark.inference.arguments import add_evaluate_arguments
+
+    add_evaluate_arguments(parser)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from nemo_automodel_dspark.inference.evaluate import run
+
+    return run(args)
+
+
+def _add_calibrate(parser: argparse.ArgumentParser) -> None:
+    from nemo_automodel_dspark.inference.arguments import add_calibrate_arguments
+
+    add_calibrate_arguments(parser)
+
+
+def _run_calibrate(args: argparse.Namespace) -> int:
+    from nemo_automodel_dspark.inference.calibration import run
+
+    return run(args)
+
+
+def _add_schedule(parser: argparse.ArgumentParser) -> None:
+    from nemo_automodel_dspark.inference.arguments import add_schedule_arguments
+
+    add_schedule_arguments(parser)
+
+
+def _run_schedule(args: argparse.Namespace) -> int:
+    from nemo_automodel_dspark.inference.scheduler import run
+
+    return run(args)
+
+
+COMMANDS: dict[str, Command] = {
+    "build-tiny-target": Command(
+        "train a tiny Qwen3 target + tokenizer on the Python stdlib", _add_build_tiny_target, _run_build_tiny_target
+    ),
+    "regenerate": Command(
+        "rewrite final assistant turns with the target's own responses", _add_regenerate, _run_regenerate
+    ),
+    "demo": Command("tiny target → regenerated data → 2-process training → tau, speedup, curves", _add_demo, _run_demo),
+    "evaluate": Command(
+        "speculative decoding with a draft: tau, speedup over the target alone, confidence ECE/AUROC",
+        _add_evaluate,
+        _run_evaluate,
+    ),
+    "calibrate": Command(
+        "fit Sequential Temperature Scaling on evaluate rounds; writes confidence_temperatures",
+        _add_calibrate,
+        _run_calibrate,
+    ),
+    "schedule": Command(
+        "simulate the confidence scheduler (Algorithm 1) on evaluate rounds and an SPS table",
+        _add_schedule,
+        _run_schedule,
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dspark", description="DSpark drafter tools.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, command in COMMANDS.items():
+        sub = subparsers.add_parser(name, help=command.help, description=command.help)
+        command.add_arguments(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from nemo_automodel_dspark.tools.errors import ToolError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command].run(args)
+    except ToolError as err:
+        print(f"dspark {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
