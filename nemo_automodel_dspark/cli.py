@@ -91,6 +91,7 @@ def _add_demo(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heldout-rows", type=int, default=None, help="held-out prompts to regenerate")
     parser.add_argument("--nproc", type=int, default=2, help="training processes (torchrun, FSDP2)" + d)
     parser.add_argument("--epochs", type=int, default=None, help="override the YAML's num_epochs")
+    parser.add_argument("--run-name", default="run", help="training output folder under --workdir" + d)
     parser.add_argument(
         "--set",
         action="append",

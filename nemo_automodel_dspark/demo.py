@@ -23,8 +23,8 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "dspark" / "tiny_cp
 @dataclass
 class DemoOptions:
     workdir: Path
-    train_rows: int = 640
-    heldout_rows: int = 64
+    train_rows: int = 400
+    heldout_rows: int = 48
     max_new_tokens: int = 96
     nproc: int = 2
     epochs: int | None = None  # None: the YAML's
@@ -32,6 +32,7 @@ class DemoOptions:
     decode_tokens: int = 96
     extra_overrides: tuple[str, ...] = ()
     target_steps: int | None = None  # None: build-tiny-target's default
+    run_name: str = "run"  # training output folder under workdir (compare variants side by side)
 
 
 def _say(message: str) -> None:
@@ -68,7 +69,7 @@ def build_data(opts: DemoOptions, target: Path) -> tuple[Path, Path]:
 
 def train(opts: DemoOptions, target: Path, mask_token_id: int, train_data: Path, heldout: Path) -> Path:
     """Run the recipe under torchrun exactly as a user would; returns the run's output directory."""
-    run_dir = opts.workdir / "run"
+    run_dir = opts.workdir / opts.run_name
     overrides = [
         f"--recipe_args.target_model_name_or_path={target}",
         f"--recipe_args.train_data_path={train_data}",
@@ -209,7 +210,7 @@ def run_demo(opts: DemoOptions) -> dict:
     _say(f"decoding held-out prompts with {draft_dir}")
     decoding = decode(opts, build.path, draft_dir, heldout)
     train_records, val_records = read_metrics(run_dir)
-    png = plot(train_records, val_records, opts.workdir / "dspark_demo_curves.png")
+    png = plot(train_records, val_records, run_dir / "dspark_demo_curves.png")
     seconds = time.perf_counter() - start
     text = report(train_records, val_records, decoding, png, seconds)
     print(text, flush=True)
@@ -221,5 +222,5 @@ def run_demo(opts: DemoOptions) -> dict:
         "png": str(png),
         "draft": str(draft_dir),
     }
-    (opts.workdir / "demo_report.json").write_text(json.dumps(summary, indent=2, default=str))
+    (run_dir / "demo_report.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary

@@ -27,10 +27,10 @@ def test_demo_end_to_end_small_budget(tmp_path):
         ),
     )
     summary = run_demo(opts)
-    assert (tmp_path / "dspark_demo_curves.png").stat().st_size > 10_000
+    assert (tmp_path / "run" / "dspark_demo_curves.png").stat().st_size > 10_000
     assert 1.0 <= summary["val"]["val/tau"] <= 8.0
     for name in ("T=0", "T=1"):
         assert summary["decoding"][name]["rounds"] > 0 and summary["decoding"][name]["speedup"] > 0
     assert summary["decoding"]["T=0"]["matches_target_greedy"] is True
-    saved = json.loads((tmp_path / "demo_report.json").read_text())
+    saved = json.loads((tmp_path / "run" / "demo_report.json").read_text())
     assert saved["train"]["step"] == summary["train"]["step"] >= 2
