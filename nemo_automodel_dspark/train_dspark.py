@@ -206,6 +206,7 @@ class TrainDSparkRecipe(BaseRecipe):
         args, cfg_ckpt = self.config.recipe_args, self.config.checkpoint
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.info.is_main, desc="dspark")
         self.model.train()
+        self.window.start = time.perf_counter()  # tokens/s counts training time, not setup
         while self.step < self.total_steps:
             if self._rows is None:
                 self.sampler.set_epoch(self.epoch)
