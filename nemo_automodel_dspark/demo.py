@@ -25,11 +25,11 @@ class DemoOptions:
     workdir: Path
     train_rows: int = 400
     heldout_rows: int = 48
-    max_new_tokens: int = 96
+    max_new_tokens: int = 160
     nproc: int = 2
     epochs: int | None = None  # None: the YAML's
     decode_prompts: int = 16
-    decode_tokens: int = 96
+    decode_tokens: int = 128
     extra_overrides: tuple[str, ...] = ()
     target_steps: int | None = None  # None: build-tiny-target's default
     run_name: str = "run"  # training output folder under workdir (compare variants side by side)
