@@ -70,6 +70,7 @@ class DSparkStep:
         self.model, self.draft, self.target, self.args, self.info = model, draft, target, args, info
         self.defer_fsdp_sync = defer_fsdp_sync
         self.timer = PhaseTimer(info.device)
+        self.trainable = [p for p in model.parameters() if p.requires_grad]  # fixed once wrapped
         self.autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16)
             if info.device.type == "cuda" and not hasattr(model, "set_requires_gradient_sync")
@@ -133,9 +134,8 @@ class DSparkStep:
                     (loss.numerator * scale).backward()
             _add(totals, loss.sums)
         with self.timer("optimizer"):
-            params = [p for p in self.model.parameters() if p.requires_grad]
             max_norm = self.args.max_grad_norm if self.args.max_grad_norm else float("inf")
-            grad_norm = D.full_norm(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            grad_norm = D.full_norm(torch.nn.utils.clip_grad_norm_(self.trainable, max_norm))
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)

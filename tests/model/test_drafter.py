@@ -1,34 +1,11 @@
 import pytest
 import torch
+from _helpers.drafts import batch, make_draft
 
-from nemo_automodel_dspark import DSparkConfig, DSparkDrafter, capture_target_features, sample_anchors
+from nemo_automodel_dspark import DSparkConfig, DSparkDrafter
 from nemo_automodel_dspark.model.families import family_for
 
 VOCAB, MASK_ID = 96, 95
-
-
-def make_draft(target, **overrides):
-    options = dict(
-        mask_token_id=MASK_ID,
-        draft_num_hidden_layers=2,
-        block_size=4,
-        num_anchors=5,
-        markov_rank=8,
-        target_layer_ids=[0, 2],
-    )
-    options.update(overrides)
-    torch.manual_seed(1)
-    return DSparkDrafter.from_target(target, DSparkConfig(**options))
-
-
-def batch(target, draft, seed=0, seq=24):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, 90, (2, seq), generator=g)
-    loss_mask = torch.ones_like(ids)
-    loss_mask[:, :6] = 0
-    cap = capture_target_features(target, ids, torch.ones_like(ids), draft.dspark.target_layer_ids)
-    anchors, keep = sample_anchors(loss_mask, draft.dspark.num_anchors, g)
-    return ids, loss_mask, cap, anchors, keep
 
 
 @pytest.mark.parametrize("head", ["vanilla", "gated", "rnn"])

@@ -4,8 +4,9 @@ import json
 
 import pytest
 import torch
+from _helpers.drafts import batch, make_draft
 
-from nemo_automodel_dspark import DSparkConfig, DSparkDrafter, capture_target_features, sample_anchors
+from nemo_automodel_dspark import DSparkConfig, DSparkDrafter, capture_target_features
 from nemo_automodel_dspark.model.families import family_for
 from nemo_automodel_dspark.model.families.gemma4 import Gemma4DraftLayer, draft_text_config
 from nemo_automodel_dspark.model.layers import RotaryEmbedding, rope_inv_freq
@@ -73,30 +74,6 @@ def targets():
         "unified": tiny_gemma4("unified"),
         "k_ne_v": tiny_gemma4(attention_k_eq_v=False),
     }
-
-
-def make_draft(target, **overrides):
-    options = dict(
-        mask_token_id=MASK_ID,
-        draft_num_hidden_layers=2,
-        block_size=4,
-        num_anchors=5,
-        markov_rank=8,
-        target_layer_ids=[0, 2],
-    )
-    options.update(overrides)
-    torch.manual_seed(1)
-    return DSparkDrafter.from_target(target, DSparkConfig(**options))
-
-
-def batch(target, draft, seed=0, seq=24):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, 90, (2, seq), generator=g)
-    loss_mask = torch.ones_like(ids)
-    loss_mask[:, :6] = 0
-    cap = capture_target_features(target, ids, torch.ones_like(ids), draft.dspark.target_layer_ids)
-    anchors, keep = sample_anchors(loss_mask, draft.dspark.num_anchors, g)
-    return ids, loss_mask, cap, anchors, keep
 
 
 @pytest.mark.parametrize("kind", ["conditional", "causal", "unified"])
