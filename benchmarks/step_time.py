@@ -42,18 +42,39 @@ def parse() -> argparse.Namespace:
 
 
 def build(a: argparse.Namespace, device: torch.device):
-    config = Qwen3Config(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=3 * a.hidden,
-                         num_hidden_layers=a.layers, num_attention_heads=a.hidden // 64, num_key_value_heads=2,
-                         head_dim=64, max_position_embeddings=max(4096, a.seq))
+    config = Qwen3Config(
+        vocab_size=a.vocab,
+        hidden_size=a.hidden,
+        intermediate_size=3 * a.hidden,
+        num_hidden_layers=a.layers,
+        num_attention_heads=a.hidden // 64,
+        num_key_value_heads=2,
+        head_dim=64,
+        max_position_embeddings=max(4096, a.seq),
+    )
     config.architectures = ["Qwen3ForCausalLM"]
     torch.manual_seed(0)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     target = Qwen3ForCausalLM(config).to(device, dtype).eval().requires_grad_(False)
-    draft = DSparkDrafter.from_target(target, DSparkConfig(
-        mask_token_id=a.vocab - 1, draft_num_hidden_layers=a.draft_layers, block_size=a.block, num_anchors=a.anchors,
-        attention_backend="flex_attention" if device.type == "cuda" else "sdpa")).to(device)
-    args = SimpleNamespace(loss_decay_gamma=4.0, ce_loss_alpha=0.1, l1_loss_alpha=0.9, confidence_head_alpha=1.0,
-                           shuffle_seed=0, num_anchors=a.anchors, max_grad_norm=1.0)
+    draft = DSparkDrafter.from_target(
+        target,
+        DSparkConfig(
+            mask_token_id=a.vocab - 1,
+            draft_num_hidden_layers=a.draft_layers,
+            block_size=a.block,
+            num_anchors=a.anchors,
+            attention_backend="flex_attention" if device.type == "cuda" else "sdpa",
+        ),
+    ).to(device)
+    args = SimpleNamespace(
+        loss_decay_gamma=4.0,
+        ce_loss_alpha=0.1,
+        l1_loss_alpha=0.9,
+        confidence_head_alpha=1.0,
+        shuffle_seed=0,
+        num_anchors=a.anchors,
+        max_grad_norm=1.0,
+    )
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=device)
     step = DSparkStep(draft, draft, target, args, info, defer_fsdp_sync=False)
     optimizer = build_optimizer(draft, OptimizerConfig(lr=1e-4))
@@ -97,8 +118,10 @@ def main() -> None:
     total = time.perf_counter() - start
     phases = dict(step.timer.totals)
     phases["other"] = total - sum(phases.values()) + phases.pop("other", 0.0)
-    print(f"device={device} steps={a.steps} step_time={total / a.steps * 1000:.1f} ms "
-          f"(micro_batch={a.micro_batch} x accum={a.accum}, seq={a.seq}, anchors={a.anchors}, vocab={a.vocab})")
+    print(
+        f"device={device} steps={a.steps} step_time={total / a.steps * 1000:.1f} ms "
+        f"(micro_batch={a.micro_batch} x accum={a.accum}, seq={a.seq}, anchors={a.anchors}, vocab={a.vocab})"
+    )
     for name in ("target_forward", "draft_forward_backward", "optimizer", "other"):
         print(f"  {name:<24} {phases.get(name, 0.0) / total:6.1%}")
     share = phases["other"] / total

@@ -12,12 +12,21 @@ MASK_ID = VOCAB - 1
 def tiny_qwen3(moe: bool = False, layers: int = 4, seed: int = 0):
     from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128)
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=128,
+    )
     torch.manual_seed(seed)
     if moe:
-        config = Qwen3MoeConfig(**common, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2,
-                                decoder_sparse_step=1)
+        config = Qwen3MoeConfig(
+            **common, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1
+        )
         config.architectures = ["Qwen3MoeForCausalLM"]
         return Qwen3MoeForCausalLM(config).eval()
     config = Qwen3Config(**common)

@@ -14,8 +14,16 @@ def test_default_spread():
     assert default_target_layer_ids(4, 5) == [1, 2, 3]  # clamped and deduplicated
 
 
-@pytest.mark.parametrize("ids, match", [([], "empty"), ([1, 1], "strictly increasing"), ([3, 1], "strictly"),
-                                        ([-2, 1], "id -2"), ([1, 4], "id 4 .* -1..3")])
+@pytest.mark.parametrize(
+    "ids, match",
+    [
+        ([], "empty"),
+        ([1, 1], "strictly increasing"),
+        ([3, 1], "strictly"),
+        ([-2, 1], "id -2"),
+        ([1, 4], "id 4 .* -1..3"),
+    ],
+)
 def test_bad_ids_name_the_id(ids, match):
     with pytest.raises(ValueError, match=match):
         validate_target_layer_ids(ids, 4)
