@@ -42,6 +42,29 @@ def sample(probs: Tensor, generator: torch.Generator) -> Tensor:
     return torch.searchsorted(cdf, u, right=True).squeeze(-1)
 
 
+def pick(logits: Tensor, temperature: float, generator: torch.Generator) -> tuple[Tensor, Tensor | None]:
+    """Logits [..., V] → (token [...], its sampling distribution [..., V]); T = 0 is the argmax and no distribution.
+
+    Greedy needs no probabilities at all: skipping the softmax / one-hot / CDF per token is most of what a greedy
+    draft step costs at a small vocabulary, and the argmax is exactly what `sample(probabilities(·, 0))` returns.
+    """
+    if temperature <= 0:
+        return logits.argmax(-1), None
+    probs = probabilities(logits, temperature)
+    return sample(probs, generator), probs
+
+
+def greedy_verify(target_logits: Tensor, draft_tokens: Tensor) -> tuple[int, Tensor]:
+    """`verify_block` at temperature 0: target logits [ℓ+1, V], draft tokens [ℓ] → (accepted n, next token []).
+
+    With one-hot distributions min(1, p_t/p_d) is 1 exactly when the draft token is the target's argmax, and the
+    residual (or bonus) distribution is the one-hot of the target's argmax at the first mismatch.
+    """
+    best = target_logits.argmax(-1)
+    n = int((best[: draft_tokens.numel()] == draft_tokens).long().cumprod(0).sum())
+    return n, best[n]
+
+
 def verify_block(
     p_target: Tensor, p_draft: Tensor, draft_tokens: Tensor, generator: torch.Generator
 ) -> tuple[int, Tensor]:
@@ -166,7 +189,7 @@ class SpeculativeDecoder:
         cache.activate_past_recording()  # sliding-window layers must keep what a rejection may roll back
         ids = torch.tensor([prompt_ids], device=self.device)
         logits, features = self._target_forward(ids, cache, logits_to_keep=1)
-        first = int(sample(probabilities(logits[-1], self.temperature), generator))
+        first = int(pick(logits[-1], self.temperature, generator)[0])
         state = DecodeState(tokens=[*prompt_ids, first], prompt_len=len(prompt_ids), target_cache=cache, draft_kv=[])
         self._append_context(state, features, 0)
         return state
@@ -174,8 +197,8 @@ class SpeculativeDecoder:
     # ------------------------------------------------------------------ draft side
     def draft_block(
         self, state: DecodeState, length: int, generator: torch.Generator
-    ) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Propose `length` tokens → (tokens [ℓ], p_d [ℓ, V], confidence logits [ℓ] or None)."""
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """Propose `length` tokens → (tokens [ℓ], p_d [ℓ, V] or None at T = 0, confidence logits [ℓ] or None)."""
         draft, block = self.draft, self.draft.dspark.block_size
         anchor = len(state.tokens) - 1
         tokens = torch.full((1, block), draft.dspark.mask_token_id, device=self.device)
@@ -183,22 +206,23 @@ class SpeculativeDecoder:
         positions = torch.arange(anchor, anchor + block, device=self.device).unsqueeze(0)
         hidden = draft.backbone_cached(tokens, positions, state.draft_kv)[0, :length]  # [ℓ, H]
         base = draft.head_logits(hidden).float()  # U [ℓ, V]
+        if draft.markov_head is None:  # no sequential stage: every slot is drawn from U alone
+            ys, probs = pick(base, self.temperature, generator)
+            conf = None if draft.confidence_head is None else draft.confidence_head(hidden, None).float()
+            return ys, probs, conf
         prev, rnn_state = tokens[0, :1], None
-        ys, probs, embeds = [], [], []
-        for k in range(length):  # the sequential stage: each slot conditions on the token sampled before it
-            logits = base[k : k + 1]
-            if draft.markov_head is not None:
-                bias, e, rnn_state = draft.markov_head.step(hidden[k : k + 1], prev, rnn_state)
-                logits = logits + bias.float()
-                embeds.append(e)
-            p = probabilities(logits, self.temperature)
-            prev = sample(p, generator)
-            ys.append(prev)
-            probs.append(p)
+        picked, dists, embeds = [], [], []
+        for k in range(length):  # the sequential stage: each slot conditions on the token drawn before it
+            bias, e, rnn_state = draft.markov_head.step(hidden[k : k + 1], prev, rnn_state)
+            prev, p = pick(base[k : k + 1] + bias.float(), self.temperature, generator)
+            picked.append(prev)
+            dists.append(p)
+            embeds.append(e)
         conf = None
         if draft.confidence_head is not None:
-            conf = draft.confidence_head(hidden, torch.cat(embeds) if embeds else None).float()
-        return torch.cat(ys), torch.cat(probs), conf
+            conf = draft.confidence_head(hidden, torch.cat(embeds)).float()
+        probs = None if self.temperature <= 0 else torch.cat(cast("list[Tensor]", dists))
+        return torch.cat(picked), probs, conf
 
     # ------------------------------------------------------------------ one round
     @torch.inference_mode()
@@ -209,7 +233,10 @@ class SpeculativeDecoder:
         ys, p_draft, conf = self.draft_block(state, length, generator)
         ids = torch.cat([torch.tensor(state.tokens[-1:], device=self.device), ys]).unsqueeze(0)
         logits, features = self._target_forward(ids, state.target_cache, logits_to_keep=0)
-        n, nxt = verify_block(probabilities(logits, self.temperature), p_draft, ys, generator)
+        if p_draft is None:
+            n, nxt = greedy_verify(logits, ys)
+        else:
+            n, nxt = verify_block(probabilities(logits, self.temperature), p_draft, ys, generator)
         state.target_cache.crop(n - length)  # drop rejected drafts: keep x0 and y_<n; the next anchor is `nxt`
         self._append_context(state, features[:, : n + 1], anchor)
         new = [*ys[:n].tolist(), int(nxt)]
@@ -251,7 +278,7 @@ def target_decode(
     out: list[int] = []
     while True:
         logits = target(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
-        token = sample(probabilities(logits, temperature), generator)
+        token = pick(logits, temperature, generator)[0]
         out.append(int(token))
         if out[-1] in eos or len(out) >= max_new_tokens:
             return out

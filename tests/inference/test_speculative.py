@@ -10,6 +10,8 @@ from _helpers.inference_models import oracle_draft, random_draft, tiny_target
 from nemo_automodel_dspark.inference import speculative
 from nemo_automodel_dspark.inference.speculative import (
     SpeculativeDecoder,
+    greedy_verify,
+    pick,
     probabilities,
     sample,
     target_decode,
@@ -64,6 +66,24 @@ def test_greedy_rule_accepts_exactly_the_target_argmax():
     tokens = torch.tensor([1, 2])  # first matches the target argmax (1), second does not (argmax 0)
     n, nxt = verify_block(p_t, probabilities(torch.eye(3)[tokens] * 9, 0.0), tokens, gen())
     assert (n, int(nxt)) == (1, 0)
+
+
+def test_greedy_fast_path_is_the_one_hot_limit_of_the_rule():
+    """`greedy_verify` / `pick` at T = 0 decide exactly what `verify_block` / `sample` decide on one-hot inputs."""
+    g = gen(5)
+    accepted = set()
+    for _ in range(200):
+        logits = torch.randn(5, 6, generator=g)
+        tokens = logits[:4].argmax(-1)
+        wrong = torch.rand(4, generator=g) < 0.3  # corrupt some slots so every accepted length occurs
+        tokens = torch.where(wrong, (tokens + 1) % 6, tokens)
+        n, nxt = greedy_verify(logits, tokens)
+        p_draft = torch.nn.functional.one_hot(tokens, 6).float()
+        assert (n, int(nxt)) == tuple(map(int, verify_block(probabilities(logits, 0.0), p_draft, tokens, g)))
+        token, probs = pick(logits, 0.0, g)
+        assert probs is None and torch.equal(token, sample(probabilities(logits, 0.0), g))
+        accepted.add(n)
+    assert accepted == {0, 1, 2, 3, 4}
 
 
 def test_first_output_token_follows_the_target_exactly():
