@@ -16,6 +16,12 @@ The training text is always the whole conversation rendered once, tokenised once
   end-of-turn token (Qwen's "\n" after `<|im_end|>`) is not supervised: the model stops at the end token, and
   this keeps both methods in agreement. An assistant message at index 0 has no prompt and is context only.
 
+**The target's own ids.** A row that `dspark regenerate` wrote with a local target also carries `prompt_ids` (what
+the target read) and `response_ids` (what it wrote, up to and including its end token). Such a row is used as those
+ids, not re-tokenised: a model's output is often not the tokenizer's canonical segmentation of its own text (tiny
+models do this all the time, large ones now and then), and the draft must learn the token stream it will meet when
+decoding. The response is supervised; the prompt, earlier assistant turns included, is context.
+
 `mask_reasoning_content=True` also removes `<think>…</think>` blocks (with the whitespace after them; an unclosed
 block runs to the end of the turn) and the literal text of `reasoning_content` fields from the supervision.
 """
@@ -36,6 +42,7 @@ _THINK_BLOCK = re.compile(re.escape(THINK_OPEN) + r".*?(?:" + re.escape(THINK_CL
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 Span = tuple[int, int]  # [start, end) character offsets into the rendered text
+TOKEN_ID_KEYS = ("prompt_ids", "response_ids")  # written by `dspark regenerate`, read by `tokenize_token_ids`
 
 
 @dataclass(frozen=True)
@@ -86,6 +93,60 @@ def tokenize_conversation(
         reasoning = _token_hits(offsets, _reasoning_spans(text, turns, messages), len(text))
         mask = [m * (not hit) for m, hit in zip(mask, reasoning, strict=True)]
     return _truncate(input_ids, mask, seq_length)
+
+
+def tokenize_token_ids(
+    row: dict[str, Any],
+    messages: list[dict[str, Any]],
+    tokenizer: Any,
+    seq_length: int,
+    *,
+    mask_reasoning_content: bool = False,
+) -> TokenizedRow:
+    """A row with the target's own `prompt_ids` + `response_ids` → those ids, loss_mask 1 on the response.
+
+    The response must decode to the row's final assistant message, which catches ids made with another tokenizer
+    and rows edited after regeneration (RowError, so the dataset reports the first such line).
+    """
+    vocab = len(tokenizer)
+    prompt, response = (_id_list(row, key, vocab) for key in TOKEN_ID_KEYS)
+    if not prompt or not response:
+        raise RowError("empty prompt_ids or response_ids")
+    if messages[-1]["role"] != "assistant":
+        raise RowError("response_ids without a final assistant message")
+    content = messages[-1]["content"]
+    if all(
+        split_reasoning(tokenizer.decode(ids, skip_special_tokens=True))[1] != content
+        for ids in (response, response[:-1])
+    ):  # the end token may not be a special token
+        raise RowError("response_ids do not decode to the final assistant message (another tokenizer?)")
+    mask = [0] * len(prompt) + [1] * len(response)
+    if mask_reasoning_content:
+        reasoning_end = _reasoning_end(tokenizer, response)
+        mask[len(prompt) : len(prompt) + reasoning_end] = [0] * reasoning_end
+    return _truncate(prompt + response, mask, seq_length)
+
+
+def _id_list(row: dict[str, Any], key: str, vocab: int) -> list[int]:
+    ids = row.get(key)
+    if not isinstance(ids, list) or not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
+        raise RowError(f"bad {key}: expected a list of token ids in [0, {vocab})")
+    return ids
+
+
+def _reasoning_end(tokenizer: Any, response: list[int]) -> int:
+    """Tokens of `response` up to its last `</think>` and the whitespace after it (0 when it has none)."""
+    close = tokenizer.convert_tokens_to_ids(THINK_CLOSE)
+    if not isinstance(close, int) or tokenizer.decode([close]) != THINK_CLOSE:
+        if THINK_CLOSE in tokenizer.decode(response):
+            raise RowError(f"cannot mask reasoning in response_ids: {THINK_CLOSE} is not one token")
+        return 0
+    if close not in response:
+        return 0
+    end = len(response) - response[::-1].index(close)
+    while end < len(response) and not tokenizer.decode([response[end]]).strip():
+        end += 1
+    return end
 
 
 def _truncate(input_ids: list[int], mask: list[int], seq_length: int) -> TokenizedRow:
@@ -201,3 +262,12 @@ def _reasoning_spans(text: str, turns: list[Span], messages: list[dict[str, Any]
         if hit >= 0:
             spans.append((hit, hit + len(field)))
     return spans
+
+
+def split_reasoning(text: str) -> tuple[str | None, str]:
+    """Split a raw generation into (reasoning, content) at `</think>`, as Qwen3-style templates render them back."""
+    if "</think>" not in text:
+        return None, text
+    reasoning, content = text.split("</think>", 1)
+    reasoning = reasoning.split("<think>", 1)[-1].strip("\n")
+    return reasoning, content.lstrip("\n")

@@ -26,7 +26,12 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from nemo_automodel_dspark.data.chat import TokenizedRow, resolve_chat_template, tokenize_conversation
+from nemo_automodel_dspark.data.chat import (
+    TokenizedRow,
+    resolve_chat_template,
+    tokenize_conversation,
+    tokenize_token_ids,
+)
 from nemo_automodel_dspark.data.sources import RowError, normalize_messages, open_rows
 
 _PROGRESS_MIN_ROWS = 1000
@@ -52,6 +57,7 @@ class DSparkChatDataset(torch.utils.data.Dataset):
         self.skipped: dict[str, int] = {}
         self.first_skipped: dict[str, int] = {}  # reason -> first line/row number with it
         self.num_truncated = 0
+        self.num_token_ids = 0  # rows used as the target's own ids (`prompt_ids` + `response_ids`)
         self._unit = "line" if path_or_id.endswith(".jsonl") else "row"
         self._mask_token_id = mask_token_id
         template = resolve_chat_template(tokenizer, chat_template)
@@ -78,8 +84,15 @@ class DSparkChatDataset(torch.utils.data.Dataset):
     def _tokenize(self, row: Any, tokenizer: Any, template: str, mask_reasoning_content: bool) -> TokenizedRow:
         if isinstance(row, RowError):
             raise row
+        messages = normalize_messages(row)
+        if "response_ids" in row:
+            tokenized = tokenize_token_ids(
+                row, messages, tokenizer, self.seq_length, mask_reasoning_content=mask_reasoning_content
+            )
+            self.num_token_ids += 1
+            return tokenized
         return tokenize_conversation(
-            normalize_messages(row),
+            messages,
             tokenizer,
             self.seq_length,
             chat_template=template,
@@ -110,6 +123,8 @@ class DSparkChatDataset(torch.utils.data.Dataset):
         text = f"{self.name}: {len(self)} rows used, {sum(self.skipped.values())} skipped"
         if self.skipped:
             text += f" ({self._skip_summary()})"
+        if self.num_token_ids:
+            text += f", {self.num_token_ids} as the target's own token ids"
         if self.num_truncated:
             text += f", {self.num_truncated} truncated to seq_length={self.seq_length}"
         return text

@@ -6,6 +6,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from nemo_automodel_dspark.data.chat import TOKEN_ID_KEYS, split_reasoning
+
+__all__ = ["PromptRow", "RowError", "output_row", "parse_row", "split_reasoning"]
+
 ROLES = ("system", "user", "assistant", "tool")
 _SHAREGPT_ROLES = {
     "system": "system",
@@ -77,20 +81,22 @@ def _normalise_message(message: object) -> dict:
     return {**message, "content": content}
 
 
-def split_reasoning(text: str) -> tuple[str | None, str]:
-    """Split a raw generation into (reasoning, content) at `</think>`, as Qwen3-style templates render them back."""
-    if "</think>" not in text:
-        return None, text
-    reasoning, content = text.split("</think>", 1)
-    reasoning = reasoning.split("<think>", 1)[-1].strip("\n")
-    return reasoning, content.lstrip("\n")
+def output_row(
+    prompt_row: PromptRow,
+    content: str,
+    reasoning: str | None,
+    token_ids: tuple[list[int], list[int]] | None = None,
+) -> dict:
+    """The input row with its conversation cut after the final assistant turn, whose content is the new one.
 
-
-def output_row(prompt_row: PromptRow, content: str, reasoning: str | None) -> dict:
-    """The input row with its conversation cut after the final assistant turn, whose content is the new one."""
+    `token_ids` = (prompt ids the target read, response ids it wrote) become `prompt_ids` / `response_ids`, which
+    the training dataset then uses as they are (DATA_TOKEN_IDS); ids of an earlier run are never carried over.
+    """
     reply: dict = {"role": "assistant", "content": content}
     if reasoning:
         reply["reasoning_content"] = reasoning
-    row = {k: v for k, v in prompt_row.row.items() if k != "conversations"}
+    row = {k: v for k, v in prompt_row.row.items() if k not in ("conversations", *TOKEN_ID_KEYS)}
     row["messages"] = [*prompt_row.prompt, reply]
+    if token_ids is not None:
+        row["prompt_ids"], row["response_ids"] = token_ids
     return row

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, cast
 
-from nemo_automodel_dspark.tools.chat_rows import split_reasoning
+from nemo_automodel_dspark.data.chat import split_reasoning
 
 
 @dataclass
@@ -20,6 +20,7 @@ class Generation:
     reasoning: str | None = None
     truncated: bool = False  # stopped at max_new_tokens before an end-of-sequence token
     error: str | None = None  # set when the row must be skipped
+    token_ids: tuple[list[int], list[int]] | None = None  # (prompt ids read, response ids written incl. the end)
 
 
 @dataclass(frozen=True)
@@ -100,13 +101,14 @@ class LocalGenerator:
         with torch.no_grad():
             out = self.model.generate(**padded, generation_config=self.generation_config)  # [B, P + T]
         new_tokens = out[:, padded["input_ids"].shape[1] :].tolist()
-        return [self._decode(tokens) for tokens in new_tokens]
+        return [self._decode(prompt, tokens) for prompt, tokens in zip(batch, new_tokens, strict=True)]
 
-    def _decode(self, tokens: list[int]) -> Generation:
+    def _decode(self, prompt: list[int], tokens: list[int]) -> Generation:
         end = next((j for j, t in enumerate(tokens) if t in self.eos_ids), None)
         text = str(self.tokenizer.decode(tokens[:end], skip_special_tokens=True))
         reasoning, content = split_reasoning(text)
-        return Generation(content=content, reasoning=reasoning, truncated=end is None)
+        response = tokens if end is None else tokens[: end + 1]  # the end token is generated too: keep it
+        return Generation(content, reasoning, truncated=end is None, token_ids=(list(prompt), response))
 
 
 class ServerGenerator:

@@ -208,7 +208,7 @@ def _run_shard(rows: list[tuple[int, bytes]], generator, config: RegenerateConfi
             skipped.append({"line": prompt.line, "reason": reason})
             continue
         truncated += generation.truncated
-        records.append(output_row(prompt, generation.content, generation.reasoning))
+        records.append(output_row(prompt, generation.content, generation.reasoning, generation.token_ids))
     skipped.sort(key=lambda s: s["line"])
     info = {"first_line": rows[0][0], "last_line": rows[-1][0], "rows_in": len(rows), "rows_out": len(records)}
     return records, {**info, "truncated": truncated, "skipped": skipped}

@@ -159,3 +159,71 @@ def test_resume_refuses_another_seed_or_world_size():
         ResumableSampler(20, seed=1, world_size=2).load_state_dict(state)
     with pytest.raises(ValueError, match="world_size=2, now 4"):
         ResumableSampler(20, seed=0, world_size=4).load_state_dict(state)
+
+
+# ------------------------------------------------------------------------------ rows with the target's own ids
+def _ids_row(tokenizer, conversation, response_ids: list[int]) -> dict:
+    """A row as `dspark regenerate` writes it: messages + the prompt ids it fed + the ids the target wrote."""
+    messages = conversation("hello", "")
+    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    messages[-1]["content"] = tokenizer.decode(response_ids, skip_special_tokens=True)
+    return {
+        "messages": messages,
+        "prompt_ids": tokenizer(prompt, add_special_tokens=False)["input_ids"],
+        "response_ids": response_ids,
+    }
+
+
+def test_token_id_rows_are_used_as_written_not_retokenised(tmp_path, tokenizer, conversation, write_jsonl):
+    """A response the target spelled one byte-token at a time stays that way: it is what the draft will meet."""
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    spelled = [tokenizer.convert_tokens_to_ids(c) for c in "hello"] + [eos]  # not BPE's segmentation of "hello"
+    row = _ids_row(tokenizer, conversation, spelled)
+    assert tokenizer("hello", add_special_tokens=False)["input_ids"] != spelled[:-1]
+    dataset = DSparkChatDataset(str(write_jsonl(tmp_path / "d.jsonl", [row])), tokenizer, SEQ)
+    item = dataset[0]
+    assert item["input_ids"].tolist() == row["prompt_ids"] + spelled
+    assert item["loss_mask"].tolist() == [0] * len(row["prompt_ids"]) + [1] * len(spelled)
+    assert dataset.num_token_ids == 1 and "1 as the target's own token ids" in dataset.report()
+
+
+def test_token_id_rows_agree_with_the_text_path_when_the_segmentation_is_canonical(
+    tmp_path, tokenizer, conversation, write_jsonl
+):
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    canonical = tokenizer("hello world.", add_special_tokens=False)["input_ids"] + [eos]
+    row = _ids_row(tokenizer, conversation, canonical)
+    text_row = {"messages": row["messages"]}
+    exact, text = (
+        DSparkChatDataset(str(write_jsonl(tmp_path / f"{name}.jsonl", [r])), tokenizer, SEQ)[0]
+        for name, r in (("ids", row), ("text", text_row))
+    )
+    n = exact["input_ids"].numel()  # the text path also renders the "\n" after the end token (unsupervised)
+    assert torch.equal(exact["input_ids"], text["input_ids"][:n])
+    assert torch.equal(exact["loss_mask"], text["loss_mask"][:n]) and not text["loss_mask"][n:].any()
+
+
+def test_token_ids_that_do_not_match_the_row_are_skipped_with_the_line(tmp_path, tokenizer, conversation, write_jsonl):
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    ok = _ids_row(tokenizer, conversation, tokenizer("hello", add_special_tokens=False)["input_ids"] + [eos])
+    edited = {**ok, "messages": conversation("hello", "an edited answer")}  # ids no longer say what the row says
+    out_of_range = {**ok, "response_ids": [len(tokenizer) + 5]}
+    rows = [ok, edited, ok, out_of_range]
+    dataset = DSparkChatDataset(str(write_jsonl(tmp_path / "d.jsonl", rows)), tokenizer, SEQ)
+    assert len(dataset) == 2
+    reasons = {reason.split(" (")[0].split(":")[0]: line for reason, line in dataset.first_skipped.items()}
+    assert reasons == {"response_ids do not decode to the final assistant message": 2, "bad response_ids": 4}
+
+
+def test_mask_reasoning_content_unsupervises_the_think_block_of_token_ids(
+    tmp_path, tokenizer, conversation, write_jsonl
+):
+    ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    reasoning = ids("<think>\nplan first\n</think>\n\n")
+    row = _ids_row(tokenizer, conversation, reasoning + ids("hello world.") + [eos])
+    path = str(write_jsonl(tmp_path / "d.jsonl", [row]))
+    mask = DSparkChatDataset(path, tokenizer, SEQ, mask_reasoning_content=True)[0]["loss_mask"].tolist()
+    prompt = len(row["prompt_ids"])
+    assert mask == [0] * (prompt + len(reasoning)) + [1] * (len(row["response_ids"]) - len(reasoning))
+    assert sum(DSparkChatDataset(path, tokenizer, SEQ)[0]["loss_mask"].tolist()) == len(row["response_ids"])

@@ -32,8 +32,9 @@ def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def _greedy_reference(target: Path, prompt: list[dict], max_new_tokens: int) -> str:
-    """One unpadded greedy `generate` for one prompt, cut at the first EOS: what the target says."""
+def _greedy_reference(target: Path, prompt: list[dict], max_new_tokens: int) -> tuple[str, list[int], list[int]]:
+    """One unpadded greedy `generate` for one prompt, cut at the first EOS: what the target says, as text and as
+    (prompt ids, response ids up to and including the EOS)."""
     tokenizer = AutoTokenizer.from_pretrained(target)
     model = AutoModelForCausalLM.from_pretrained(target).eval()
     text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True, enable_thinking=False)
@@ -41,7 +42,8 @@ def _greedy_reference(target: Path, prompt: list[dict], max_new_tokens: int) -> 
     out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new_tokens)
     new = out[0, ids.shape[1] :].tolist()
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    return tokenizer.decode(new[: new.index(eos)] if eos in new else new, skip_special_tokens=True)
+    response = new[: new.index(eos) + 1] if eos in new else new
+    return tokenizer.decode(response, skip_special_tokens=True), ids[0].tolist(), response
 
 
 def test_greedy_rows_equal_the_targets_own_generation(tiny_target, tmp_path, capsys):
@@ -95,7 +97,9 @@ def test_greedy_rows_equal_the_targets_own_generation(tiny_target, tmp_path, cap
     for row, prompt in zip(out, prompts, strict=True):
         assert row["messages"][:-1] == prompt  # earlier turns untouched
         assert row["messages"][-1]["role"] == "assistant"
-        assert row["messages"][-1]["content"] == _greedy_reference(tiny_target, prompt, max_new_tokens=12)
+        text, prompt_ids, response_ids = _greedy_reference(tiny_target, prompt, max_new_tokens=12)
+        assert row["messages"][-1]["content"] == text
+        assert (row["prompt_ids"], row["response_ids"]) == (prompt_ids, response_ids)  # exactly what it read/wrote
     assert out[3]["id"] == "mt" and "conversations" not in out[2]
     assert out[3]["messages"][-1]["content"] != "the dataset's answer, to be replaced"
 
@@ -189,6 +193,7 @@ def flaky_server():
 def test_server_retries_then_answers_and_skips_a_dead_row(flaky_server, tmp_path):
     prompts = ["first", "second THINK", "ALWAYS_FAIL", "fourth", "EMPTY"]
     rows = [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": "old"}]} for p in prompts]
+    rows[0].update(prompt_ids=[1, 2], response_ids=[3])  # ids of an earlier local run say nothing about the reply
     data = _write_jsonl(tmp_path / "in.jsonl", [json.dumps(r) for r in rows])
     config = RegenerateConfig(
         data=str(data),
@@ -207,6 +212,7 @@ def test_server_retries_then_answers_and_skips_a_dead_row(flaky_server, tmp_path
     out = _read_jsonl(tmp_path / "out.jsonl")
     assert [r["messages"][-1]["content"] for r in out] == ["reply to first", "reply to second THINK", "reply to fourth"]
     assert out[1]["messages"][-1]["reasoning_content"] == "hmm" and "reasoning_content" not in out[0]["messages"][-1]
+    assert not any("prompt_ids" in r or "response_ids" in r for r in out)  # a server returns text, not ids
     assert [s["line"] for s in summary.skipped] == [3, 5] and "HTTP 500" in summary.skipped[0]["reason"]
     assert summary.skipped[1]["reason"] == "empty generation"
     assert _FlakyChatServer.calls == {"first": 2, "second THINK": 2, "ALWAYS_FAIL": 3, "fourth": 2, "EMPTY": 2}
