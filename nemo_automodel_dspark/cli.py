@@ -111,6 +111,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         nproc=args.nproc,
         epochs=args.epochs,
         extra_overrides=tuple(f"--{item}" for item in args.set),
+        run_name=args.run_name,
     )
     if args.train_rows:
         opts.train_rows = args.train_rows

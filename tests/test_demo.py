@@ -4,11 +4,29 @@ import json
 
 import pytest
 
+from nemo_automodel_dspark import demo
+from nemo_automodel_dspark.cli import main
 from nemo_automodel_dspark.demo import DemoOptions, run_demo
 
-pytestmark = pytest.mark.slow
+
+def test_demo_flags_reach_the_options(monkeypatch, tmp_path):
+    seen = []
+    monkeypatch.setattr(demo, "run_demo", seen.append)
+    argv = ["demo", "--workdir", str(tmp_path), "--run-name", "nomarkov", "--epochs", "2", "--train-rows", "7"]
+    assert main([*argv, "--set", "recipe_args.markov_rank=0", "--heldout-rows", "3", "--nproc", "1"]) == 0
+    (opts,) = seen
+    assert (opts.workdir, opts.run_name, opts.epochs, opts.train_rows, opts.heldout_rows, opts.nproc) == (
+        tmp_path,
+        "nomarkov",
+        2,
+        7,
+        3,
+        1,
+    )
+    assert opts.extra_overrides == ("--recipe_args.markov_rank=0",)
 
 
+@pytest.mark.slow
 def test_demo_end_to_end_small_budget(tmp_path):
     opts = DemoOptions(
         workdir=tmp_path,
@@ -32,5 +50,7 @@ def test_demo_end_to_end_small_budget(tmp_path):
     for name in ("T=0", "T=1"):
         assert summary["decoding"][name]["rounds"] > 0 and summary["decoding"][name]["speedup"] > 0
     assert summary["decoding"]["T=0"]["matches_target_greedy"] is True
+    first = json.loads((tmp_path / "train_regen.jsonl").read_text().splitlines()[0])
+    assert first["response_ids"] and first["prompt_ids"]  # trained on the target's own token stream
     saved = json.loads((tmp_path / "run" / "demo_report.json").read_text())
     assert saved["train"]["step"] == summary["train"]["step"] >= 2

@@ -71,7 +71,10 @@ class TinyTargetSpec:
     seq_length: int = 512
     batch_size: int = 1
     lr: float = 3e-3
-    epochs: int = 8  # passes over steps·B/epochs distinct windows: a small, repeated corpus → a confident target
+    # Passes over steps·B/epochs distinct windows. One pass (every window new) generalises best: held-out loss 5.16
+    # vs 7.42 for 8 passes over 1/8 of the windows, whose memorised fragments made its output on new prompts
+    # erratic; the drafter's real greedy τ on the demo went 1.90 → 4.55 with that change alone (same budget).
+    epochs: int = 1
     tokenizer_chars: int = 2_000_000
 
     @property

@@ -36,7 +36,7 @@ def training_windows(tokenizer, *, seed: int, num_windows: int, seq_length: int)
 
 def _window_order(spec) -> torch.Tensor:
     """Indices of the windows each step trains on: `spec.epochs` passes over steps·B/epochs distinct windows, each
-    pass in its own seeded order. Repeating a small corpus is what makes the tiny target confident (peaked)."""
+    pass in its own seeded order (the default is one pass: every window is new)."""
     total = spec.steps * spec.batch_size
     distinct = math.ceil(total / spec.epochs)
     generator = torch.Generator().manual_seed(spec.seed)
