@@ -40,29 +40,33 @@ def _say(message: str) -> None:
 
 
 def build_data(opts: DemoOptions, target: Path) -> tuple[Path, Path]:
-    """Prompts from disjoint stdlib files, answered by the target itself (greedy, thinking off)."""
-    from nemo_automodel_dspark.tools.regenerate import RegenerateConfig, regenerate
+    """Prompts from disjoint stdlib files, answered by the target itself (greedy, thinking off); a finished
+    regeneration by the same target files is reused, anything else (a rebuilt target, other settings) redone."""
+    from nemo_automodel_dspark.tools.regenerate import RegenerateConfig, is_up_to_date, regenerate
     from nemo_automodel_dspark.tools.tiny_target import stdlib_chat_rows
 
     outputs = []
     for split, n in (("train", opts.train_rows), ("held_out", opts.heldout_rows)):
         prompts = opts.workdir / f"{split}_prompts.jsonl"
-        prompts.write_text("".join(json.dumps(r) + "\n" for r in stdlib_chat_rows(split, n, seed=0)))
+        text = "".join(json.dumps(r) + "\n" for r in stdlib_chat_rows(split, n, seed=0))
+        if not prompts.is_file() or prompts.read_text() != text:
+            prompts.write_text(text)
         out = opts.workdir / f"{split}_regen.jsonl"
-        if not out.exists():
+        config = RegenerateConfig(
+            data=str(prompts),
+            out=str(out),
+            target=str(target),
+            batch_size=32,
+            max_new_tokens=opts.max_new_tokens,
+            shard_size=128,
+            device="cpu",
+            overwrite=True,
+        )
+        if is_up_to_date(config):
+            _say(f"reusing {out} (same target, prompts and settings)")
+        else:
             _say(f"regenerating {n} {split} answers with the target")
-            regenerate(
-                RegenerateConfig(
-                    data=str(prompts),
-                    out=str(out),
-                    target=str(target),
-                    batch_size=32,
-                    max_new_tokens=opts.max_new_tokens,
-                    shard_size=128,
-                    device="cpu",
-                    overwrite=True,
-                )
-            )
+            regenerate(config)
         outputs.append(out)
     return outputs[0], outputs[1]
 

@@ -81,7 +81,26 @@ class RegenerateConfig:
             if values[name] is not None and Path(values[name]).exists():
                 values[name] = str(Path(values[name]).resolve())
         values["data_bytes"] = Path(self.data).stat().st_size  # an edited input must not be resumed into
+        if self.target is not None and Path(self.target).is_dir():  # nor a target retrained at the same path
+            values["target_files"] = _weights_fingerprint(Path(self.target))
         return values
+
+
+def _weights_fingerprint(directory: Path) -> dict[str, list[int]]:
+    """Size and modification time of the target's config and weight files: changes when it is rebuilt."""
+    names = ["config.json", *sorted(p.name for p in directory.glob("*.safetensors")), "pytorch_model.bin"]
+    stats = {name: (directory / name).stat() for name in names if (directory / name).is_file()}
+    return {name: [st.st_size, st.st_mtime_ns] for name, st in stats.items()}
+
+
+def is_up_to_date(config: RegenerateConfig) -> bool:
+    """True when `config.out` is the finished output of a run with this configuration (same target files)."""
+    path = shards_dir(config.out) / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(manifest.get("complete")) and manifest.get("config") == config.identity() and Path(config.out).is_file()
 
 
 @dataclass

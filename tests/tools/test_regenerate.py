@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from nemo_automodel_dspark.cli import main
 from nemo_automodel_dspark.tools.chat_rows import RowError, parse_row, split_reasoning
-from nemo_automodel_dspark.tools.regenerate import RegenerateConfig, regenerate, shards_dir
+from nemo_automodel_dspark.tools.regenerate import RegenerateConfig, is_up_to_date, regenerate, shards_dir
 from nemo_automodel_dspark.tools.stdlib_corpus import stdlib_chat_rows
 
 
@@ -146,6 +146,24 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny_target, tmp_path,
     assert main([*_regenerate_argv(tiny_target, data, out, "--resume")]) == 0
     assert out.read_bytes() == (tmp_path / "ref.jsonl").read_bytes()
     assert len(_read_jsonl(out)) == 16
+
+
+def test_an_output_is_up_to_date_only_for_the_same_target_files_and_settings(tiny_target, tmp_path, capsys):
+    import shutil
+
+    target = tmp_path / "target"
+    shutil.copytree(tiny_target, target)
+    data = _write_jsonl(tmp_path / "in.jsonl", [json.dumps(r) for r in stdlib_chat_rows("held_out", 2, seed=1)])
+    config = RegenerateConfig(data=str(data), out=str(tmp_path / "o.jsonl"), target=str(target), max_new_tokens=4)
+    assert not is_up_to_date(config)
+    regenerate(config)
+    assert is_up_to_date(config)
+    assert not is_up_to_date(RegenerateConfig(**{**config.__dict__, "max_new_tokens": 5}))
+    weights = target / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1))  # "rebuilt" in place
+    assert not is_up_to_date(config)
+    argv = ["regenerate", "--target", str(target), "--data", str(data), "--out", config.out, "--max-new-tokens", "4"]
+    assert main([*argv, "--resume"]) == 2 and "target_files" in capsys.readouterr().err
 
 
 class _FlakyChatServer(BaseHTTPRequestHandler):
