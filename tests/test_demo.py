@@ -1,6 +1,7 @@
 """The demo path end to end on a small budget: tiny target → regenerated data → 2-process FSDP2 training → report."""
 
 import json
+import re
 
 import pytest
 
@@ -27,7 +28,7 @@ def test_demo_flags_reach_the_options(monkeypatch, tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_end_to_end_small_budget(tmp_path):
+def test_demo_end_to_end_small_budget(tmp_path, capfd):
     opts = DemoOptions(
         workdir=tmp_path,
         train_rows=24,
@@ -51,6 +52,9 @@ def test_demo_end_to_end_small_budget(tmp_path):
         assert summary["decoding"][name]["rounds"] > 0 and summary["decoding"][name]["speedup"] > 0
     assert summary["decoding"]["T=0"]["matches_target_greedy"] is True
     first = json.loads((tmp_path / "train_regen.jsonl").read_text().splitlines()[0])
-    assert first["response_ids"] and first["prompt_ids"]  # trained on the target's own token stream
+    assert first["response_ids"] and first["prompt_ids"]  # trained on the target's own token stream ...
+    log = "".join(capfd.readouterr())
+    used = re.search(r"train_regen\.jsonl: (\d+) rows used.*?, (\d+) as the target's own token ids", log)
+    assert used and used.group(1) == used.group(2) != "0"  # ... and the recipe trained on exactly that
     saved = json.loads((tmp_path / "run" / "demo_report.json").read_text())
     assert saved["train"]["step"] == summary["train"]["step"] >= 2

@@ -95,6 +95,14 @@ def tokenize_conversation(
     return _truncate(input_ids, mask, seq_length)
 
 
+def has_token_ids(row: dict[str, Any]) -> bool:
+    """True for a row carrying the target's own ids; one of the two keys without the other is a RowError."""
+    present = [row.get(key) is not None for key in TOKEN_ID_KEYS]  # null columns: a table mixing both kinds
+    if any(present) and not all(present):
+        raise RowError("prompt_ids and response_ids go together: the row has only one of them")
+    return all(present)
+
+
 def tokenize_token_ids(
     row: dict[str, Any],
     messages: list[dict[str, Any]],
@@ -102,11 +110,14 @@ def tokenize_token_ids(
     seq_length: int,
     *,
     mask_reasoning_content: bool = False,
+    mask_token_id: int | None = None,
 ) -> TokenizedRow:
     """A row with the target's own `prompt_ids` + `response_ids` → those ids, loss_mask 1 on the response.
 
     The response must decode to the row's final assistant message, which catches ids made with another tokenizer
-    and rows edited after regeneration (RowError, so the dataset reports the first such line).
+    and rows edited after regeneration; an end/pad token may only be its last token; a response in which the
+    target wrote `mask_token_id` cannot be trained on. Each is a RowError (the dataset reports the first line).
+    The chat template plays no part: the prompt is what the target read.
     """
     vocab = len(tokenizer)
     prompt, response = (_id_list(row, key, vocab) for key in TOKEN_ID_KEYS)
@@ -114,11 +125,16 @@ def tokenize_token_ids(
         raise RowError("empty prompt_ids or response_ids")
     if messages[-1]["role"] != "assistant":
         raise RowError("response_ids without a final assistant message")
+    ends = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
+    if ends.intersection(response[:-1]):
+        raise RowError("response_ids hold an end or pad token before their last token")
+    if mask_token_id is not None and mask_token_id in response:
+        raise RowError("the target wrote mask_token_id in response_ids")
+    candidates = [response]
+    if response[-1] in ends or response[-1] in tokenizer.all_special_ids:  # an end token decoding may not skip
+        candidates.append(response[:-1])
     content = messages[-1]["content"]
-    if all(
-        split_reasoning(tokenizer.decode(ids, skip_special_tokens=True))[1] != content
-        for ids in (response, response[:-1])
-    ):  # the end token may not be a special token
+    if all(split_reasoning(tokenizer.decode(ids, skip_special_tokens=True))[1] != content for ids in candidates):
         raise RowError("response_ids do not decode to the final assistant message (another tokenizer?)")
     mask = [0] * len(prompt) + [1] * len(response)
     if mask_reasoning_content:
@@ -135,18 +151,24 @@ def _id_list(row: dict[str, Any], key: str, vocab: int) -> list[int]:
 
 
 def _reasoning_end(tokenizer: Any, response: list[int]) -> int:
-    """Tokens of `response` up to its last `</think>` and the whitespace after it (0 when it has none)."""
-    close = tokenizer.convert_tokens_to_ids(THINK_CLOSE)
-    if not isinstance(close, int) or tokenizer.decode([close]) != THINK_CLOSE:
-        if THINK_CLOSE in tokenizer.decode(response):
-            raise RowError(f"cannot mask reasoning in response_ids: {THINK_CLOSE} is not one token")
+    """Tokens of `response` up to its first `</think>` and the whitespace after it (where `split_reasoning` splits);
+    all of it when a `<think>` is never closed (cut by max_new_tokens), as the text path does; 0 without one."""
+    think_open, close = (_single_token_id(tokenizer, tag) for tag in (THINK_OPEN, THINK_CLOSE))
+    if think_open is None or close is None:
+        if THINK_OPEN in tokenizer.decode(response):
+            raise RowError(f"cannot mask reasoning in response_ids: {THINK_OPEN}, {THINK_CLOSE} are not single tokens")
         return 0
     if close not in response:
-        return 0
-    end = len(response) - response[::-1].index(close)
+        return len(response) if think_open in response else 0
+    end = response.index(close) + 1
     while end < len(response) and not tokenizer.decode([response[end]]).strip():
         end += 1
     return end
+
+
+def _single_token_id(tokenizer: Any, text: str) -> int | None:
+    token = tokenizer.convert_tokens_to_ids(text)
+    return token if isinstance(token, int) and tokenizer.decode([token]) == text else None
 
 
 def _truncate(input_ids: list[int], mask: list[int], seq_length: int) -> TokenizedRow:

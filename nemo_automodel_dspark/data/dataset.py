@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from nemo_automodel_dspark.data.chat import (
     TokenizedRow,
+    has_token_ids,
     resolve_chat_template,
     tokenize_conversation,
     tokenize_token_ids,
@@ -85,9 +86,14 @@ class DSparkChatDataset(torch.utils.data.Dataset):
         if isinstance(row, RowError):
             raise row
         messages = normalize_messages(row)
-        if "response_ids" in row:
+        if has_token_ids(row):
             tokenized = tokenize_token_ids(
-                row, messages, tokenizer, self.seq_length, mask_reasoning_content=mask_reasoning_content
+                row,
+                messages,
+                tokenizer,
+                self.seq_length,
+                mask_reasoning_content=mask_reasoning_content,
+                mask_token_id=self._mask_token_id,
             )
             self.num_token_ids += 1
             return tokenized

@@ -22,7 +22,7 @@ from nemo_automodel_dspark.tools.chat_rows import PromptRow, RowError, output_ro
 from nemo_automodel_dspark.tools.errors import ToolError
 from nemo_automodel_dspark.tools.generators import Generation, SamplingConfig
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: rows carry prompt_ids/response_ids; the identity fingerprints the target's files
 # The fields that decide the output: a resumed run must agree on all of them.
 RESUME_FIELDS = (
     "target",
@@ -86,9 +86,21 @@ class RegenerateConfig:
         return values
 
 
+_TARGET_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "pytorch_model.bin",
+)
+
+
 def _weights_fingerprint(directory: Path) -> dict[str, list[int]]:
-    """Size and modification time of the target's config and weight files: changes when it is rebuilt."""
-    names = ["config.json", *sorted(p.name for p in directory.glob("*.safetensors")), "pytorch_model.bin"]
+    """Size and modification time of the files that decide the output (weights, config, tokenizer, template,
+    generation config): changes when the target is rebuilt or edited in place."""
+    names = [*_TARGET_FILES, *sorted(p.name for p in directory.glob("*.safetensors"))]
     stats = {name: (directory / name).stat() for name in names if (directory / name).is_file()}
     return {name: [st.st_size, st.st_mtime_ns] for name, st in stats.items()}
 
@@ -98,9 +110,10 @@ def is_up_to_date(config: RegenerateConfig) -> bool:
     path = shards_dir(config.out) / "manifest.json"
     try:
         manifest = json.loads(path.read_text())
+        identity = config.identity()
     except (OSError, ValueError):
         return False
-    return bool(manifest.get("complete")) and manifest.get("config") == config.identity() and Path(config.out).is_file()
+    return bool(manifest.get("complete")) and manifest.get("config") == identity and Path(config.out).is_file()
 
 
 @dataclass
@@ -168,6 +181,11 @@ def _start_manifest(config: RegenerateConfig) -> dict:
     path = directory / "manifest.json"
     old = json.loads(path.read_text()) if path.is_file() else None
     if config.resume and old is not None:
+        if old.get("version") != MANIFEST_VERSION:
+            raise ToolError(
+                f"cannot --resume {path}: written by an older dspark (manifest version {old.get('version')}, now "
+                f"{MANIFEST_VERSION}; its rows lack prompt_ids/response_ids); rerun with --overwrite"
+            )
         _check_same_config(old["config"], config.identity(), path)
         old["shards"] = _existing_prefix(directory, old["shards"])
         old["complete"] = False

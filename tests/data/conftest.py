@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<|mask|>"]
@@ -64,22 +64,35 @@ def _corpus() -> list[str]:
     return [" ".join(rng.choice(_WORDS) for _ in range(12)) + rng.choice([".", "?", "!\n", ",\n"]) for _ in range(400)]
 
 
-@pytest.fixture(scope="session")
-def tokenizer() -> PreTrainedTokenizerFast:
-    """Byte-level BPE (any text encodes), special tokens as single ids, PLAIN_TEMPLATE as its chat template."""
+def _build_tokenizer(*, special_think_tags: bool) -> PreTrainedTokenizerFast:
+    specials = SPECIAL_TOKENS if special_think_tags else [t for t in SPECIAL_TOKENS if "think" not in t]
     model = Tokenizer(models.BPE())
     model.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     model.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=400,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     model.train_from_iterator(_corpus(), trainer)
+    if not special_think_tags:  # Qwen3's way: single tokens that decoding keeps
+        model.add_tokens([AddedToken(t, special=False, normalized=False) for t in ("<think>", "</think>")])
     tok = PreTrainedTokenizerFast(tokenizer_object=model, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     tok.chat_template = PLAIN_TEMPLATE
     return tok
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> PreTrainedTokenizerFast:
+    """Byte-level BPE (any text encodes), special tokens as single ids, PLAIN_TEMPLATE as its chat template."""
+    return _build_tokenizer(special_think_tags=True)
+
+
+@pytest.fixture(scope="session")
+def qwen3_tokenizer() -> PreTrainedTokenizerFast:
+    """The same, but `<think>`/`</think>` are non-special single tokens (decoding keeps them), as in Qwen3."""
+    return _build_tokenizer(special_think_tags=False)
 
 
 @pytest.fixture(scope="session")

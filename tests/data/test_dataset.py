@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.data import BatchSampler, DataLoader
 
-from nemo_automodel_dspark.data.chat import tokenize_conversation
+from nemo_automodel_dspark.data.chat import split_reasoning, tokenize_conversation
 from nemo_automodel_dspark.data.dataset import DSparkChatDataset, ResumableSampler, batches, collate
 
 SEQ = 64
@@ -227,3 +227,49 @@ def test_mask_reasoning_content_unsupervises_the_think_block_of_token_ids(
     prompt = len(row["prompt_ids"])
     assert mask == [0] * (prompt + len(reasoning)) + [1] * (len(row["response_ids"]) - len(reasoning))
     assert sum(DSparkChatDataset(path, tokenizer, SEQ)[0]["loss_mask"].tolist()) == len(row["response_ids"])
+
+
+def test_token_id_rows_that_cannot_be_trained_on_are_skipped_not_fatal(tmp_path, tokenizer, conversation, write_jsonl):
+    ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    eos, pad, mask_id = (tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>", "<|mask|>"))
+    ok = _ids_row(tokenizer, conversation, ids("hello world.") + [eos])
+    padded = _ids_row(tokenizer, conversation, ids("hello world.") + [eos, pad, pad])  # pads after the end
+    masked = _ids_row(tokenizer, conversation, ids("hello") + [mask_id] + ids(" world.") + [eos])
+    cut = _ids_row(tokenizer, conversation, ids("hello world."))  # stopped by max_new_tokens: no end token ...
+    cut["messages"][-1]["content"] = tokenizer.decode(cut["response_ids"][:-1])  # ... so all of it must match
+    half = {k: v for k, v in ok.items() if k != "prompt_ids"}
+    nulls = {**ok, "prompt_ids": None, "response_ids": None}  # a table mixing server rows: the text path
+    rows = [ok, padded, masked, cut, half, nulls]
+    path = str(write_jsonl(tmp_path / "d.jsonl", rows))
+    dataset = DSparkChatDataset(path, tokenizer, SEQ, mask_token_id=mask_id)  # no ValueError: the row is skipped
+    assert len(dataset) == 2 and dataset.num_token_ids == 1
+    assert {reason.split(" (")[0]: line for reason, line in dataset.first_skipped.items()} == {
+        "response_ids hold an end or pad token before their last token": 2,
+        "the target wrote mask_token_id in response_ids": 3,
+        "response_ids do not decode to the final assistant message": 4,
+        "prompt_ids and response_ids go together: the row has only one of them": 5,
+    }
+    text_path = str(write_jsonl(tmp_path / "t.jsonl", [{"messages": ok["messages"]}]))
+    assert torch.equal(dataset[1]["input_ids"], DSparkChatDataset(text_path, tokenizer, SEQ)[0]["input_ids"])
+
+
+@pytest.mark.parametrize("closed", [True, False])
+def test_reasoning_in_token_ids_is_unsupervised_like_the_text_path(
+    tmp_path, qwen3_tokenizer, conversation, write_jsonl, closed
+):
+    """Think tags that decoding keeps (Qwen3): a closed block and the whitespace after it are unsupervised, an
+    unclosed one (cut by max_new_tokens) to the end."""
+    tok = qwen3_tokenizer
+    ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    reasoning = ids("<think>\nplan first\n</think>\n\n" if closed else "<think>\nplan first and then")
+    answer = ids("hello world.") + [eos] if closed else []
+    row = _ids_row(tok, conversation, reasoning + answer)
+    row["messages"][-1]["content"] = split_reasoning(tok.decode(row["response_ids"], skip_special_tokens=True))[1]
+    path = str(write_jsonl(tmp_path / "d.jsonl", [row, _ids_row(tok, conversation, ids("ok.") + [eos])]))
+    dataset = DSparkChatDataset(path, tok, SEQ, mask_reasoning_content=True)
+    if closed:
+        mask = dataset[0]["loss_mask"].tolist()
+        assert mask == [0] * (len(row["prompt_ids"]) + len(reasoning)) + [1] * len(answer)
+    else:  # nothing left to supervise: skipped, as the text path skips it
+        assert len(dataset) == 1 and dataset.first_skipped == {"no supervised token": 1}

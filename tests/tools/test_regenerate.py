@@ -159,11 +159,17 @@ def test_an_output_is_up_to_date_only_for_the_same_target_files_and_settings(tin
     regenerate(config)
     assert is_up_to_date(config)
     assert not is_up_to_date(RegenerateConfig(**{**config.__dict__, "max_new_tokens": 5}))
-    weights = target / "model.safetensors"
-    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1))  # "rebuilt" in place
-    assert not is_up_to_date(config)
     argv = ["regenerate", "--target", str(target), "--data", str(data), "--out", config.out, "--max-new-tokens", "4"]
-    assert main([*argv, "--resume"]) == 2 and "target_files" in capsys.readouterr().err
+    for name in ("model.safetensors", "tokenizer.json"):  # retrained, or its tokenizer fixed, in place
+        changed = target / name
+        os.utime(changed, ns=(changed.stat().st_atime_ns, changed.stat().st_mtime_ns + 1))
+        assert not is_up_to_date(config)
+        assert main([*argv, "--resume"]) == 2 and "target_files" in capsys.readouterr().err
+        assert main([*argv, "--overwrite"]) == 0 and is_up_to_date(config)
+    manifest_path = shards_dir(config.out) / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest_path.write_text(json.dumps({**manifest, "version": 1}))  # a run of an older dspark: rows without ids
+    assert main([*argv, "--resume"]) == 2 and "older dspark" in capsys.readouterr().err
 
 
 class _FlakyChatServer(BaseHTTPRequestHandler):
