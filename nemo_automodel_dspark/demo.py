@@ -188,7 +188,10 @@ def report(
     ]
     if val:
         acc = ", ".join(f"{val[f'val/accept_rate@{k}']:.2f}" for k in range(k_max))
-        lines.append(f"  held-out teacher-forced tau {val['val/tau']:.3f}; accept_rate@0..{k_max - 1}: {acc}")
+        lines.append(
+            f"  held-out teacher-forced tau {val['val/tau']:.3f} (expected acceptance of sampling on the target's "
+            f"greedy answers); accept_rate@0..{k_max - 1}: {acc}"
+        )
     for name, rep in decoding.items():
         lines.append(
             f"  speculative decoding {name}: tau {rep['tau']:.3f} over {rep['rounds']} rounds, "
