@@ -130,9 +130,35 @@ def confidence_report(
     return report
 
 
+ROUND_KEYS = ("verify_len", "num_accepted", "confidence_logits")
+
+
 def read_rounds(path: str | Path) -> list[dict]:
+    """Rows of `dspark evaluate --save-rounds`; a line that is not one is a ValueError naming it."""
+    rows = []
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as err:
+                raise ValueError(f"{path}:{number}: bad JSON ({err})") from err
+            missing = [key for key in ROUND_KEYS if not isinstance(row, dict) or key not in row]
+            if missing:
+                raise ValueError(f"{path}:{number}: not an evaluate round (missing {', '.join(missing)})")
+            rows.append(row)
+    return rows
+
+
+def read_rounds_table(path: str | Path, flag: str) -> RoundsTable:
+    """`read_rounds` + `RoundsTable.from_rows` for the CLI: a user mistake is a one-line ToolError."""
+    from nemo_automodel_dspark.tools.errors import ToolError, require_file
+
+    try:
+        return RoundsTable.from_rows(read_rounds(require_file(path, flag)))
+    except ValueError as err:
+        raise ToolError(str(err)) from err
 
 
 def write_confidence_temperatures(draft_dir: str | Path, temperatures: list[float]) -> Path:
@@ -151,7 +177,10 @@ add_arguments = add_calibrate_arguments
 
 
 def run(args: argparse.Namespace) -> int:
-    table = RoundsTable.from_rows(read_rounds(args.rounds))
+    from nemo_automodel_dspark.tools.errors import require_draft_dir
+
+    require_draft_dir(args.draft)
+    table = read_rounds_table(args.rounds, "--rounds")
     temperatures = fit_sts(table, bins=args.bins)
     before = confidence_report(table, None, args.bins)
     after = confidence_report(table, temperatures, args.bins)

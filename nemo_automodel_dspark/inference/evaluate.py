@@ -262,16 +262,22 @@ def run(args: argparse.Namespace) -> int:
     from nemo_automodel_dspark.model.drafter import DSparkDrafter
     from nemo_automodel_dspark.model.serving import atomic_write_bytes
     from nemo_automodel_dspark.target.loading import load_target, load_tokenizer
+    from nemo_automodel_dspark.tools.errors import ToolError, require_draft_dir, require_file
 
+    require_draft_dir(args.draft)
+    require_file(args.data, "--data")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(args.dtype)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     tokenizer = load_tokenizer(args.target)
+    try:  # before the models load: a bad row fails fast
+        prompts = load_prompts(args.data, tokenizer, args.num_prompts)
+    except ValueError as err:  # names the file and line
+        raise ToolError(str(err)) from err
     target = load_target(args.target, dtype=dtype, device=device)
     draft = DSparkDrafter.from_pretrained(args.draft, device=device).to(dtype)
-    prompts = load_prompts(args.data, tokenizer, args.num_prompts)
     result = run_evaluation(
         target,
         draft,
@@ -299,11 +305,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m nemo_automodel_dspark.evaluate", description=__doc__.split("\n")[0]
-    )
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    """`python -m nemo_automodel_dspark.evaluate ARGS` is `dspark evaluate ARGS` (same flags, same one-line errors)."""
+    from nemo_automodel_dspark.cli import main as cli_main
+
+    return cli_main(["evaluate", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

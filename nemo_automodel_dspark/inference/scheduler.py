@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from nemo_automodel_dspark.inference.arguments import add_schedule_arguments
-from nemo_automodel_dspark.inference.calibration import RoundsTable, read_rounds
+from nemo_automodel_dspark.inference.calibration import RoundsTable, read_rounds_table
 
 
 class SPSCurve:
@@ -149,10 +149,16 @@ add_arguments = add_schedule_arguments
 
 
 def run(args: argparse.Namespace) -> int:
-    sps = SPSCurve.from_json(args.sps)
-    table = RoundsTable.from_rows(read_rounds(args.confidences))
+    from nemo_automodel_dspark.tools.errors import ToolError, require_draft_dir, require_file
+
+    try:
+        sps = SPSCurve.from_json(require_file(args.sps, "--sps"))
+    except (ValueError, AttributeError) as err:
+        raise ToolError(f"--sps {args.sps}: expected a JSON object {{batch size: steps per second}} ({err})") from err
+    table = read_rounds_table(args.confidences, "--confidences")
     temperatures = None
     if args.draft:
+        require_draft_dir(args.draft)
         temperatures = json.loads((Path(args.draft) / "config.json").read_text()).get("confidence_temperatures")
     if args.concurrency:
         levels = [int(x) for x in args.concurrency.split(",")]

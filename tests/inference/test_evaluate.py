@@ -140,3 +140,29 @@ def test_in_process_evaluate_leaves_training_state_alone():
     assert report["num_prompts"] == 2 and report["generated_tokens"] <= 12 and report["speedup"] > 0
     again = evaluate(target, draft, None, [[1, 2, 3], [4, 5]], temperature=1.0, max_new_tokens=6, seed=3)
     assert again["tau"] == report["tau"] and again["rounds"] == report["rounds"]  # seeded: reproducible
+
+
+def test_user_mistakes_are_one_line_errors_naming_the_flag(assets, tmp_path, capsys):
+    from nemo_automodel_dspark.cli import main
+
+    root, target_dir, data = assets
+    base = ["--target", str(target_dir), "--output", str(tmp_path / "r.json"), "--device", "cpu"]
+    bad_json = tmp_path / "bad.jsonl"
+    bad_json.write_text(json.dumps({"messages": [{"role": "user", "content": "w1"}]}) + "\n{oops\n")
+    not_rounds = tmp_path / "rounds.jsonl"
+    not_rounds.write_text(json.dumps({"round": 0}) + "\n")
+    sps = tmp_path / "sps.json"
+    sps.write_text("[1, 2]")
+    draft = str(root / "draft")
+    cases = [
+        (["evaluate", *base, "--draft", str(tmp_path), "--data", str(data)], "not a saved DSpark draft"),
+        (["evaluate", *base, "--draft", draft, "--data", str(tmp_path / "nope.jsonl")], "--data"),
+        (["evaluate", *base, "--draft", draft, "--data", str(bad_json)], "bad.jsonl:2"),
+        (["calibrate", "--draft", draft, "--rounds", str(tmp_path / "nope.jsonl")], "--rounds"),
+        (["calibrate", "--draft", draft, "--rounds", str(not_rounds)], "rounds.jsonl:1: not an evaluate round"),
+        (["schedule", "--confidences", str(not_rounds), "--sps", str(sps)], "--sps"),
+    ]
+    for argv, expected in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert expected in err and err.count("\n") == 1 and "Traceback" not in err, err
