@@ -117,7 +117,7 @@ def decode(opts: DemoOptions, target_dir: Path, draft_dir: Path, heldout: Path) 
     import torch
 
     from nemo_automodel_dspark import DSparkDrafter
-    from nemo_automodel_dspark.inference.evaluate import evaluate
+    from nemo_automodel_dspark.inference.evaluate import run_evaluation
     from nemo_automodel_dspark.inference.prompts import load_prompts
     from nemo_automodel_dspark.target.loading import load_target, load_tokenizer
 
@@ -127,9 +127,9 @@ def decode(opts: DemoOptions, target_dir: Path, draft_dir: Path, heldout: Path) 
     draft = DSparkDrafter.from_pretrained(draft_dir).eval()
     prompts = load_prompts(heldout, tokenizer, opts.decode_prompts)
     return {
-        f"T={t:g}": evaluate(
+        f"T={t:g}": run_evaluation(
             target, draft, tokenizer, prompts, temperature=t, max_new_tokens=opts.decode_tokens, seed=0
-        )
+        ).report
         for t in (0.0, 1.0)
     }
 

@@ -305,7 +305,7 @@ class TrainDSparkRecipe(BaseRecipe):
 
     def _eval_decode(self, epoch: int) -> None:
         """Real speculative decoding on rank 0 with a consolidated copy of the draft; training state is untouched."""
-        from nemo_automodel_dspark.inference.evaluate import evaluate
+        from nemo_automodel_dspark.inference.evaluate import run_evaluation
         from nemo_automodel_dspark.inference.prompts import load_prompts
 
         decode = self.config.recipe_args.eval_decode
@@ -316,7 +316,7 @@ class TrainDSparkRecipe(BaseRecipe):
             draft.load_state_dict(state)
             if self._decode_prompts is None:
                 self._decode_prompts = load_prompts(decode.data_path, self.tokenizer, decode.num_prompts)
-            report = evaluate(
+            report = run_evaluation(
                 self.frozen.model,
                 draft.eval(),
                 self.tokenizer,
@@ -324,7 +324,7 @@ class TrainDSparkRecipe(BaseRecipe):
                 temperature=decode.temperature,
                 max_new_tokens=decode.max_new_tokens,
                 seed=self.config.recipe_args.shuffle_seed,
-            )
+            ).report
             record = {
                 "step": self.step,
                 "epoch": epoch,

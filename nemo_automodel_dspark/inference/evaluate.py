@@ -66,7 +66,9 @@ def run_evaluation(
 ) -> EvalRun:
     """Decode every prompt speculatively (and, with `measure_speed`, with the target alone) → report + records.
 
-    Uses only its own seeded generators and restores the draft's train/eval mode, so a training run that calls it
+    The in-process entry (the recipe's `eval_decode`, the demo; `.report` is what report.json holds). `prompts` are
+    chat rows (dicts with `messages` and an optional `category`), `Prompt`s or token-id lists. Uses only its own
+    seeded generators and restores the draft's train/eval mode, so a training run that calls it
     keeps its trajectory.
     """
     items = [to_prompt(tokenizer, p) for p in prompts]
@@ -98,33 +100,6 @@ def run_evaluation(
     if measure_speed and temperature <= 0:
         report["matches_target_greedy"] = all(r["spec_ids"] == r["target_ids"] for r in runs)
     return EvalRun(report, generations, rounds)
-
-
-def evaluate(
-    target: nn.Module,
-    draft: DSparkDrafter,
-    tokenizer: Any,
-    prompts: list,
-    *,
-    temperature: float = 0.0,
-    max_new_tokens: int = 128,
-    verify_len: int | None = None,
-    seed: int = 0,
-    measure_speed: bool = True,
-) -> dict:
-    """The report of `run_evaluation` (for the training recipe and the demo); `prompts` are chat rows (dicts with
-    `messages` and optional `category`), `Prompt`s or token-id lists."""
-    return run_evaluation(
-        target,
-        draft,
-        tokenizer,
-        prompts,
-        temperature=temperature,
-        max_new_tokens=max_new_tokens,
-        verify_len=verify_len,
-        seed=seed,
-        measure_speed=measure_speed,
-    ).report
 
 
 def _decode_pair(

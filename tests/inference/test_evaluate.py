@@ -126,19 +126,19 @@ def test_prompts_render_with_the_generation_prompt(assets):
 
 
 def test_in_process_evaluate_leaves_training_state_alone():
-    """The recipe calls `evaluate` mid-training: the global RNG and the draft's train mode must be untouched."""
+    """The recipe calls `run_evaluation` mid-training: the global RNG and the draft's train mode must be untouched."""
     from _helpers.inference_models import random_draft, tiny_target
 
-    from nemo_automodel_dspark.inference.evaluate import evaluate
+    from nemo_automodel_dspark.inference.evaluate import run_evaluation
 
     target = tiny_target(32)
     draft = random_draft(target).train()
     torch.manual_seed(123)
     rng = torch.get_rng_state()
-    report = evaluate(target, draft, None, [[1, 2, 3], [4, 5]], temperature=1.0, max_new_tokens=6, seed=3)
+    report = run_evaluation(target, draft, None, [[1, 2, 3], [4, 5]], temperature=1.0, max_new_tokens=6, seed=3).report
     assert torch.equal(torch.get_rng_state(), rng) and draft.training
     assert report["num_prompts"] == 2 and report["generated_tokens"] <= 12 and report["speedup"] > 0
-    again = evaluate(target, draft, None, [[1, 2, 3], [4, 5]], temperature=1.0, max_new_tokens=6, seed=3)
+    again = run_evaluation(target, draft, None, [[1, 2, 3], [4, 5]], temperature=1.0, max_new_tokens=6, seed=3).report
     assert again["tau"] == report["tau"] and again["rounds"] == report["rounds"]  # seeded: reproducible
 
 

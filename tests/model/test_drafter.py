@@ -1,6 +1,13 @@
 import pytest
 import torch
-from _helpers.drafts import batch, make_draft
+from _helpers.drafts import (
+    batch,
+    check_cached_backbone_matches_training,
+    check_forward_backward_finite_and_frozen,
+    check_same_outputs,
+    make_draft,
+    saved_tensor_names,
+)
 
 from nemo_automodel_dspark import DSparkConfig, DSparkDrafter
 from nemo_automodel_dspark.model.families import family_for
@@ -11,17 +18,7 @@ VOCAB, MASK_ID = 96, 95
 @pytest.mark.parametrize("head", ["vanilla", "gated", "rnn"])
 @pytest.mark.parametrize("fixture", ["qwen3_target", "qwen3_moe_target"])
 def test_forward_backward_finite_and_frozen(fixture, head, request):
-    target = request.getfixturevalue(fixture)
-    draft = make_draft(target, markov_head_type=head)
-    ids, loss_mask, cap, anchors, keep = batch(target, draft)
-    out = draft(ids, cap.features, loss_mask, anchors, keep)
-    assert out.draft_logits.shape == (2, 5, 4, VOCAB) and out.confidence_logits.shape == (2, 5, 4)
-    (out.draft_logits.logsumexp(-1).mean() + out.confidence_logits.mean()).backward()
-    assert torch.isfinite(out.draft_logits).all()
-    assert draft.embed_tokens.weight.grad is None and draft.lm_head.weight.grad is None
-    assert torch.equal(draft.lm_head.weight, target.lm_head.weight)
-    trainable = [p for p in draft.parameters() if p.requires_grad]
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in trainable)
+    check_forward_backward_finite_and_frozen(request.getfixturevalue(fixture), head, VOCAB)
 
 
 def test_slot_semantics(qwen3_target):
@@ -107,10 +104,7 @@ def test_save_load_round_trip(qwen3_target, tmp_path, head):
     from transformers import AutoConfig
 
     assert AutoConfig.from_pretrained(tmp_path).num_hidden_layers == 2  # plain HF can read the dialect config
-    from safetensors import safe_open
-
-    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
-        names = set(f.keys())
+    names = saved_tensor_names(tmp_path)
     expected = {
         "embed_tokens.weight",
         "fc.weight",
@@ -127,11 +121,7 @@ def test_save_load_round_trip(qwen3_target, tmp_path, head):
     assert expected <= names
     assert ("markov_head.gate_proj.weight" in names) == (head == "gated")
     assert ("markov_head.joint_proj.weight" in names) == (head == "rnn")
-    loaded = DSparkDrafter.from_pretrained(tmp_path).eval()
-    ids, loss_mask, cap, anchors, keep = batch(qwen3_target, draft)
-    a = draft(ids, cap.features, loss_mask, anchors, keep)
-    b = loaded(ids, cap.features, loss_mask, anchors, keep)
-    assert torch.equal(a.draft_logits, b.draft_logits) and torch.equal(a.confidence_logits, b.confidence_logits)
+    check_same_outputs(qwen3_target, draft, DSparkDrafter.from_pretrained(tmp_path).eval())
 
 
 def test_confidence_loss_trains_only_the_confidence_head(qwen3_target):
@@ -145,22 +135,7 @@ def test_confidence_loss_trains_only_the_confidence_head(qwen3_target):
 
 
 def test_cached_context_backbone_equals_training_backbone(qwen3_target):
-    """The inference path (cached context K/V, one block) gives the training forward's hidden for that block."""
-    draft = make_draft(qwen3_target).eval()
-    ids, loss_mask, cap, _, _ = batch(qwen3_target, draft)
-    anchors, keep = torch.tensor([[9], [14]]), torch.ones(2, 1, dtype=torch.bool)
-    out = draft(ids, cap.features, loss_mask, anchors, keep)
-    for row in range(2):
-        a = anchors[row, 0].item()
-        feats = cap.features[row : row + 1, :a]
-        first = draft.context_kv(feats[:, :5], torch.arange(5).view(1, -1))  # cache built in two appends
-        second = draft.context_kv(feats[:, 5:], torch.arange(5, a).view(1, -1))
-        kv = [
-            (torch.cat([k1, k2], 2), torch.cat([v1, v2], 2)) for (k1, v1), (k2, v2) in zip(first, second, strict=True)
-        ]
-        tokens = draft.block_tokens(ids[row : row + 1], anchors[row : row + 1])[:, 0]
-        hidden = draft.backbone_cached(tokens, torch.arange(a, a + 4).view(1, -1), kv)
-        torch.testing.assert_close(hidden[0], out.hidden[row, 0], atol=1e-5, rtol=1e-5)
+    check_cached_backbone_matches_training(qwen3_target)
 
 
 def test_loss_of_a_tiny_drafter_falls_on_a_fixed_batch(qwen3_target):

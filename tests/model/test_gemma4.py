@@ -4,7 +4,14 @@ import json
 
 import pytest
 import torch
-from _helpers.drafts import batch, make_draft
+from _helpers.drafts import (
+    batch,
+    check_cached_backbone_matches_training,
+    check_forward_backward_finite_and_frozen,
+    check_same_outputs,
+    make_draft,
+    saved_tensor_names,
+)
 
 from nemo_automodel_dspark import DSparkConfig, DSparkDrafter, capture_target_features
 from nemo_automodel_dspark.model.families import family_for
@@ -118,17 +125,7 @@ def test_draft_layer_is_the_targets_full_attention_layer(targets, kind):
 @pytest.mark.parametrize("head", ["vanilla", "gated", "rnn"])
 @pytest.mark.parametrize("kind", ["conditional", "causal", "k_ne_v"])
 def test_forward_backward_finite_and_frozen(targets, kind, head):
-    target = targets[kind]
-    draft = make_draft(target, markov_head_type=head)
-    ids, loss_mask, cap, anchors, keep = batch(target, draft)
-    out = draft(ids, cap.features, loss_mask, anchors, keep)
-    assert out.draft_logits.shape == (2, 5, 4, VOCAB) and out.confidence_logits.shape == (2, 5, 4)
-    (out.draft_logits.logsumexp(-1).mean() + out.confidence_logits.mean()).backward()
-    assert torch.isfinite(out.draft_logits).all()
-    assert draft.embed_tokens.weight.grad is None and draft.lm_head.weight.grad is None
-    assert torch.equal(draft.lm_head.weight, target.lm_head.weight)
-    trainable = [p for p in draft.parameters() if p.requires_grad]
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in trainable)
+    check_forward_backward_finite_and_frozen(targets[kind], head, VOCAB)
 
 
 @pytest.mark.parametrize("kind", ["conditional", "causal"])
@@ -173,10 +170,7 @@ def test_save_load_round_trip(targets, kind, tmp_path):
     assert config["global_head_dim"] == config["head_dim"] == 16
     assert config["num_global_key_value_heads"] == config["num_key_value_heads"] == kv_heads
     assert config["final_logit_softcapping"] == SOFTCAP and config["num_target_layers"] == 4
-    from safetensors import safe_open
-
-    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
-        names = set(f.keys())
+    names = saved_tensor_names(tmp_path)
     expected = {
         "layers.0.self_attn.k_proj.weight",
         "layers.0.self_attn.q_norm.weight",
@@ -192,10 +186,7 @@ def test_save_load_round_trip(targets, kind, tmp_path):
     loaded = DSparkDrafter.from_pretrained(tmp_path).eval()
     assert loaded.logit_softcap == SOFTCAP and loaded.embed_scale == draft.embed_scale == 32**0.5
     assert torch.equal(loaded.rotary.inv_freq, draft.rotary.inv_freq)
-    ids, loss_mask, cap, anchors, keep = batch(target, draft)
-    a = draft(ids, cap.features, loss_mask, anchors, keep)
-    b = loaded(ids, cap.features, loss_mask, anchors, keep)
-    assert torch.equal(a.draft_logits, b.draft_logits) and torch.equal(a.confidence_logits, b.confidence_logits)
+    check_same_outputs(target, draft, loaded)
 
 
 @pytest.mark.parametrize(
@@ -229,20 +220,4 @@ def test_model_class_follows_the_architecture(targets):
 
 
 def test_cached_context_backbone_equals_training_backbone(targets):
-    """The inference path (cached context K/V, one block) gives the training forward's hidden for that block."""
-    target = targets["conditional"]
-    draft = make_draft(target).eval()
-    ids, loss_mask, cap, _, _ = batch(target, draft)
-    anchors, keep = torch.tensor([[9], [14]]), torch.ones(2, 1, dtype=torch.bool)
-    out = draft(ids, cap.features, loss_mask, anchors, keep)
-    for row in range(2):
-        a = anchors[row, 0].item()
-        feats = cap.features[row : row + 1, :a]
-        first = draft.context_kv(feats[:, :5], torch.arange(5).view(1, -1))  # cache built in two appends
-        second = draft.context_kv(feats[:, 5:], torch.arange(5, a).view(1, -1))
-        kv = [
-            (torch.cat([k1, k2], 2), torch.cat([v1, v2], 2)) for (k1, v1), (k2, v2) in zip(first, second, strict=True)
-        ]
-        tokens = draft.block_tokens(ids[row : row + 1], anchors[row : row + 1])[:, 0]
-        hidden = draft.backbone_cached(tokens, torch.arange(a, a + 4).view(1, -1), kv)
-        torch.testing.assert_close(hidden[0], out.hidden[row, 0], atol=1e-5, rtol=1e-5)
+    check_cached_backbone_matches_training(targets["conditional"])
