@@ -82,7 +82,7 @@ class RegenerateConfig:
                 values[name] = str(Path(values[name]).resolve())
         values["data_bytes"] = Path(self.data).stat().st_size  # an edited input must not be resumed into
         if self.target is not None and Path(self.target).is_dir():  # nor a target retrained at the same path
-            values["target_files"] = _weights_fingerprint(Path(self.target))
+            values["target_files"] = _target_fingerprint(Path(self.target))
         return values
 
 
@@ -97,7 +97,7 @@ _TARGET_FILES = (
 )
 
 
-def _weights_fingerprint(directory: Path) -> dict[str, list[int]]:
+def _target_fingerprint(directory: Path) -> dict[str, list[int]]:
     """Size and modification time of the files that decide the output (weights, config, tokenizer, template,
     generation config): changes when the target is rebuilt or edited in place."""
     names = [*_TARGET_FILES, *sorted(p.name for p in directory.glob("*.safetensors"))]
