@@ -237,9 +237,11 @@ def run(args: argparse.Namespace) -> int:
     from nemo_automodel_dspark.model.drafter import DSparkDrafter
     from nemo_automodel_dspark.model.serving import atomic_write_bytes
     from nemo_automodel_dspark.target.loading import load_target, load_tokenizer
+    from nemo_automodel_dspark.tools.draft_checks import require_finite_draft
     from nemo_automodel_dspark.tools.errors import ToolError, require_draft_dir, require_file
 
     require_draft_dir(args.draft)
+    require_finite_draft(args.draft)
     require_file(args.data, "--data")
     if args.threads:
         torch.set_num_threads(args.threads)
