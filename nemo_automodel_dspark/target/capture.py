@@ -79,12 +79,21 @@ def hidden_state_hooks(target: nn.Module, layer_ids: list[int]) -> Iterator[dict
 
 @torch.no_grad()
 def capture_target_features(
-    target: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, layer_ids: list[int]
+    target: nn.Module,
+    input_ids: Tensor,  # [B, S]
+    attention_mask: Tensor | None,  # [B, S]
+    layer_ids: list[int],
+    position_ids: Tensor | None = None,  # [B, S] packed rows: positions restart at 0 per document
 ) -> CapturedFeatures:
-    """One forward of the frozen target's decoder (no LM head); hooks are removed even if the forward raises."""
+    """One forward of the frozen target's decoder (no LM head); hooks are removed even if the forward raises.
+
+    With `position_ids` the padding mask is not passed: transformers then reads the packed format from the
+    positions and masks every layer (sliding-window ones included) to the token's own document.
+    """
     parts = family_for(target.config).decoder_parts(target)
     last = len(parts.layers) - 1
+    mask = attention_mask if position_ids is None else None
     with hidden_state_hooks(target, [*layer_ids, last]) as captured:
-        parts.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        parts.base_model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
     features = torch.cat([captured[i] for i in layer_ids], dim=-1)
     return CapturedFeatures(features=features, last_hidden=captured[last])
