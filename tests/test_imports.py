@@ -1,8 +1,8 @@
 """The package's import graph, read from the source (ast): no cycles, and layers that point one way.
 
-Layers, lowest first: core (model, target, masks, loss, data, distributed, io, errors) ← recipe / inference (and
-the recipe entry point `train_dspark`) ← the CLI tools (cli, demo, tools, the `python -m` shims). A module may
-import its own layer or a lower one. Every import counts: top-level, inside a function (a lazy import is still a
+Layers, lowest first: core (model, target, masks, loss, data, distributed, io, errors, draft_checks) ← recipe /
+inference (and the recipe entry point `train_dspark`) ← the CLI tools (cli, demo, tools, the `python -m` shims).
+A module may import its own layer or a lower one. Every import counts: top-level, inside a function (a lazy import is still a
 dependency) and under TYPE_CHECKING; the lazy `_EXPORTS` tables of package `__init__`s count as imports too.
 """
 
@@ -27,6 +27,7 @@ LAYERS = {
     "distributed": CORE,
     "io": CORE,
     "errors": CORE,
+    "draft_checks": CORE,
     "recipe": MIDDLE,
     "inference": MIDDLE,
     "train_dspark": MIDDLE,

@@ -178,9 +178,11 @@ add_arguments = add_calibrate_arguments
 
 
 def run(args: argparse.Namespace) -> int:
+    from nemo_automodel_dspark.draft_checks import require_finite_draft
     from nemo_automodel_dspark.errors import require_draft_dir
 
     require_draft_dir(args.draft)
+    require_finite_draft(args.draft)
     table = read_rounds_table(args.rounds, "--rounds")
     temperatures = fit_sts(table, bins=args.bins)
     before = confidence_report(table, None, args.bins)

@@ -233,12 +233,14 @@ add_arguments = add_evaluate_arguments  # `dspark evaluate` flags (torch-free mo
 
 
 def run(args: argparse.Namespace) -> int:
+    from nemo_automodel_dspark.draft_checks import require_finite_draft
     from nemo_automodel_dspark.errors import ToolError, require_draft_dir, require_file
     from nemo_automodel_dspark.io import atomic_write_bytes
     from nemo_automodel_dspark.model.drafter import DSparkDrafter
     from nemo_automodel_dspark.target.loading import load_target, load_tokenizer
 
     require_draft_dir(args.draft)
+    require_finite_draft(args.draft)
     require_file(args.data, "--data")
     if args.threads:
         torch.set_num_threads(args.threads)
