@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from nemo_automodel_dspark import distributed as D
 from nemo_automodel_dspark.data import DSparkChatDataset, ResumableSampler, collate
+from nemo_automodel_dspark.errors import ToolError
 from nemo_automodel_dspark.loss import flatten_sums, metrics_from_sums, unflatten_sums
 from nemo_automodel_dspark.model.config import DSparkConfig
 from nemo_automodel_dspark.model.drafter import DSparkDrafter
@@ -35,7 +36,6 @@ from nemo_automodel_dspark.recipe.metrics import MetricsWriter, console_line, pe
 from nemo_automodel_dspark.recipe.optim import build_optimizer, build_scheduler
 from nemo_automodel_dspark.recipe.step import DSparkStep, MicroBatch
 from nemo_automodel_dspark.target.loading import load_target, load_tokenizer
-from nemo_automodel_dspark.tools.errors import ToolError
 
 
 @dataclass

@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from nemo_automodel_dspark.errors import ToolError
+from nemo_automodel_dspark.io import commit_dir, fsync_dir
 from nemo_automodel_dspark.model.serving import WEIGHTS_NAME, save_draft
-from nemo_automodel_dspark.tools.errors import ToolError
 
 TRAINER_STATE, OPTIMIZER_STATE, MANIFEST = "trainer_state.json", "optimizer.pt", "manifest.json"
 COMPAT_FIELDS = ("block_size", "mask_token_id", "target_layer_ids", "target_model_name_or_path")
@@ -98,19 +99,14 @@ def _sha256(path: Path) -> str:
 
 
 def _write_synced(path: Path, write: Callable) -> None:
-    """Open `path` in Python (so a full disk is an OSError naming ENOSPC), let `write(f)` fill it, fsync it."""
+    """Open `path` in Python (so a full disk is an OSError naming ENOSPC), let `write(f)` fill it, fsync it.
+
+    Not `io.atomic_path`: the whole checkpoint folder is the unit that is renamed into place.
+    """
     with open(path, "wb") as f:
         write(f)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_manifest(folder: Path) -> None:
@@ -163,14 +159,13 @@ def save_checkpoint(
         _write_synced(tmp / OPTIMIZER_STATE, lambda f: torch.save(optimizer_state, f))
         _write_synced(tmp / TRAINER_STATE, lambda f: f.write(json.dumps(trainer_state, indent=2).encode()))
         write_manifest(tmp)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if final.exists():
         shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(final.parent)
+    commit_dir(tmp, final)
     return final
 
 

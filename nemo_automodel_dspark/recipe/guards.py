@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from nemo_automodel_dspark.tools.errors import ToolError
+from nemo_automodel_dspark.errors import ToolError
 
 
 class RunStopped(ToolError):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from nemo_automodel_dspark.model.serving import atomic_write_bytes
+from nemo_automodel_dspark.io import append_line_durably, atomic_write_bytes
 
 METRICS_FILE = "dspark_train_metrics.jsonl"
 
@@ -69,10 +69,7 @@ class MetricsWriter:
 
 
 def _append(path: Path, text: str) -> None:
-    with open(path, "a") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    append_line_durably(path, text)
 
 
 def _parse(line: bytes) -> dict | None:

@@ -13,10 +13,10 @@ import torch
 from _helpers.recipe_assets import base_config
 from safetensors.torch import load_file
 
+from nemo_automodel_dspark.errors import ToolError
 from nemo_automodel_dspark.recipe import checkpoint as ckpt
 from nemo_automodel_dspark.recipe import metrics as metrics_module
 from nemo_automodel_dspark.recipe.guards import RunStopped
-from nemo_automodel_dspark.tools.errors import ToolError
 from nemo_automodel_dspark.train_dspark import TrainDSparkRecipe
 
 DISK_FULL = OSError(errno.ENOSPC, "No space left on device")

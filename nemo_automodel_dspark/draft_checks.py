@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from nemo_automodel_dspark.tools.errors import ToolError
+from nemo_automodel_dspark.errors import ToolError
 
 WEIGHTS_FILE = "model.safetensors"
 
