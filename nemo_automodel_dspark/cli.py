@@ -196,12 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from nemo_automodel_dspark.model.serving import DraftFormatError
     from nemo_automodel_dspark.tools.errors import ToolError
 
-    args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command].run(args)
-    except ToolError as err:
+    except (ToolError, DraftFormatError) as err:
         print(f"dspark {args.command}: error: {err}", file=sys.stderr)
         return 2
 
