@@ -196,13 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from nemo_automodel_dspark.model.serving import DraftFormatError
-    from nemo_automodel_dspark.tools.errors import ToolError
+    from nemo_automodel_dspark.errors import ToolError
 
+    args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command].run(args)
-    except (ToolError, DraftFormatError) as err:
+    except ToolError as err:
         print(f"dspark {args.command}: error: {err}", file=sys.stderr)
         return 2
 

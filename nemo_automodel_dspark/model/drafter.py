@@ -18,8 +18,8 @@ from nemo_automodel_dspark.masks import (
 from nemo_automodel_dspark.model.config import DSparkConfig
 from nemo_automodel_dspark.model.families import TargetFamily, family_for
 from nemo_automodel_dspark.model.heads import ConfidenceHead, MarkovHead
+from nemo_automodel_dspark.model.layer_ids import default_target_layer_ids, validate_target_layer_ids
 from nemo_automodel_dspark.model.layers import ContextBlockAttention, RotaryEmbedding, rope_inv_freq
-from nemo_automodel_dspark.target.capture import default_target_layer_ids, validate_target_layer_ids
 
 
 @dataclass

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from nemo_automodel_dspark.errors import ToolError
+from nemo_automodel_dspark.io import atomic_path, atomic_write_bytes
 from nemo_automodel_dspark.model.config import DSparkConfig
 
 CONFIG_NAME, WEIGHTS_NAME, INDEX_NAME = "config.json", "model.safetensors", "model.safetensors.index.json"
@@ -32,23 +33,8 @@ _NEMO_OMITTED_DEFAULTS = {"markov_head_type": "vanilla", "confidence_head_with_m
 _REQUIRED_KEYS = (*_DSPARK_KEYS, "enable_confidence_head", "num_hidden_layers", "num_target_layers", "model_type")
 
 
-class DraftFormatError(ValueError):
-    """A saved draft folder this reader cannot use; the message names the file and the key."""
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same folder, fsync, then rename over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+class DraftFormatError(ToolError):
+    """A saved draft folder this reader cannot use; the message names the file and the key (one line in the CLI)."""
 
 
 def serving_config(draft) -> dict:
@@ -77,11 +63,8 @@ def save_draft(draft, directory: str | os.PathLike, state_dict: dict[str, torch.
     """Write config.json and model.safetensors (tensor names = module names); weights first, config last."""
     out = Path(directory)
     tensors = {k: v.detach().cpu().contiguous() for k, v in (state_dict or draft.state_dict()).items()}
-    with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
-        tmp_file = Path(tmp) / WEIGHTS_NAME
-        save_file(tensors, str(tmp_file), metadata={"format": "pt"})
-        out.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp_file, out / WEIGHTS_NAME)
+    with atomic_path(out / WEIGHTS_NAME) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
     atomic_write_bytes(out / CONFIG_NAME, json.dumps(serving_config(draft), indent=2).encode())
     return out
 
@@ -114,25 +97,28 @@ def read_serving_config(directory: str | os.PathLike) -> tuple[object, DSparkCon
     return AutoConfig.for_model(model_type, **fields), dspark
 
 
-def read_weights(directory: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """All tensors of a saved draft: `model.safetensors`, or the shards `model.safetensors.index.json` lists."""
+def weight_files(directory: str | os.PathLike) -> list[Path]:
+    """The safetensors files of a saved draft: `model.safetensors`, or the shards its index lists (all present)."""
     folder = Path(directory)
     if (folder / WEIGHTS_NAME).is_file():
-        return load_file(str(folder / WEIGHTS_NAME), device=str(device))
+        return [folder / WEIGHTS_NAME]
     index = folder / INDEX_NAME
     if not index.is_file():
         raise DraftFormatError(f"{folder}: no weights (neither {WEIGHTS_NAME} nor {INDEX_NAME})")
     weight_map = json.loads(index.read_text()).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise DraftFormatError(f"{index}: no 'weight_map' naming the shard of each tensor")
-    tensors: dict[str, torch.Tensor] = {}
     for shard in sorted(set(weight_map.values())):
         if not (folder / shard).is_file():
             raise DraftFormatError(f"{index}: shard {shard} is listed in 'weight_map' but missing")
-        tensors.update(load_file(str(folder / shard), device=str(device)))
-    absent = sorted(set(weight_map) - set(tensors))
-    if absent:
-        raise DraftFormatError(f"{index}: tensor {absent[0]} is mapped to a shard that does not hold it")
+    return [folder / shard for shard in sorted(set(weight_map.values()))]
+
+
+def read_weights(directory: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """All tensors of a saved draft, from a single file or every shard."""
+    tensors: dict[str, torch.Tensor] = {}
+    for path in weight_files(directory):
+        tensors.update(load_file(str(path), device=str(device)))
     return tensors
 
 

@@ -48,6 +48,7 @@ class RecipeArgs:
     log_every_steps: int = 10
     val_every_steps: int | None = None
     max_grad_norm: float | None = 1.0
+    max_skipped_steps: int = 0  # non-finite steps skipped (and counted) before the run stops; 0 = stop at the first
     mask_reasoning_content: bool = False
     chat_template: str | None = None
     ckpt_every_steps: int | None = None
@@ -219,6 +220,8 @@ def _parse_recipe_args(values: dict) -> RecipeArgs:
     for key in ("max_steps", "val_every_steps", "ckpt_every_steps"):
         if getattr(args, key) is not None and getattr(args, key) < 1:
             raise ConfigError(f"'recipe_args.{key}' must be >= 1 or null, got {getattr(args, key)}")
+    if args.max_skipped_steps < 0:
+        raise ConfigError(f"'recipe_args.max_skipped_steps' must be >= 0, got {args.max_skipped_steps}")
     if args.confidence_head_alpha < 0:
         raise ConfigError("'recipe_args.confidence_head_alpha' must be >= 0")
     return args
