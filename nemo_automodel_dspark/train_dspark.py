@@ -18,11 +18,12 @@ from nemo_automodel.recipes.base_recipe import BaseRecipe
 from tqdm import tqdm
 
 from nemo_automodel_dspark import distributed as D
-from nemo_automodel_dspark.data import DSparkChatDataset, ResumableSampler, collate
+from nemo_automodel_dspark.data import DSparkChatDataset, ResumableSampler
 from nemo_automodel_dspark.errors import ToolError
 from nemo_automodel_dspark.loss import flatten_sums, metrics_from_sums, unflatten_sums
 from nemo_automodel_dspark.model.config import DSparkConfig
 from nemo_automodel_dspark.model.drafter import DSparkDrafter
+from nemo_automodel_dspark.recipe import batching
 from nemo_automodel_dspark.recipe import checkpoint as ckpt
 from nemo_automodel_dspark.recipe.config import DSparkRecipeConfig, parse_config
 from nemo_automodel_dspark.recipe.guards import RunStopped, divergence_message, non_finite_tensors
@@ -78,20 +79,24 @@ class TrainDSparkRecipe(BaseRecipe):
         self.tokenizer = load_tokenizer(args.target_model_name_or_path, args.trust_remote_code)
         self.train_set = self._dataset(args.train_data_path, args.train_split)
         self.val_set = self._dataset(args.val_data_path, args.val_split) if args.val_data_path else None
-        self.sampler = ResumableSampler(
-            len(self.train_set), seed=args.shuffle_seed, rank=self.info.rank, world_size=self.info.world_size
-        )
-        self.per_step = args.micro_batch_size * args.grad_accumulation_steps
-        self.steps_per_epoch = len(self.sampler) // self.per_step
-        if self.steps_per_epoch == 0:
+        self.sampler = batching.train_sampler(self.train_set, args, self.info)
+        self.per_step = batching.items_per_step(args)
+        if self._steps_in_epoch(0) == 0:
+            unit = (
+                "micro-batches (ranks x grad_accumulation_steps)"
+                if batching.plan_options(args)
+                else ("rows (ranks x micro_batch_size x grad_accumulation_steps)")
+            )
             raise ValueError(
                 f"{args.train_data_path}: {len(self.train_set)} usable rows cannot fill one optimizer "
-                f"step of {self.per_step * self.info.world_size} rows (ranks x micro_batch_size x "
-                "grad_accumulation_steps)"
+                f"step of {self.per_step * self.info.world_size} {unit}"
             )
-        total = self.steps_per_epoch * args.num_epochs
+        total = sum(self._steps_in_epoch(epoch) for epoch in range(args.num_epochs))
         self.total_steps = min(total, args.max_steps) if args.max_steps else total
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+    def _steps_in_epoch(self, epoch: int) -> int:
+        return batching.steps_in_epoch(self.sampler, epoch, self.per_step)
 
     def _dataset(self, path: str, split: str) -> DSparkChatDataset:
         args = self.config.recipe_args
@@ -161,7 +166,9 @@ class TrainDSparkRecipe(BaseRecipe):
         self.ckpt_root = Path(self.config.checkpoint.checkpoint_dir or Path(args.output_dir) / "checkpoints")
         self.step, self.epoch, self.skipped_steps = 0, 0, 0
         self._decode_prompts: list | None = None  # eval_decode prompts, loaded on first use
-        self._rows: Iterator[int] | None = None  # this epoch's row iterator (continues across steps; resumes mid-epoch)
+        self._rows: Iterator | None = (
+            None  # this epoch's sampler iterator (rows or micro-batch plans; resumes mid-epoch)
+        )
         self.window = Window(start=time.perf_counter())
 
     def _restore(self) -> None:
@@ -197,15 +204,14 @@ class TrainDSparkRecipe(BaseRecipe):
         }
 
     # ------------------------------------------------------------------ loop
-    def _micro_batches(self, dataset: DSparkChatDataset, indices: list[int]) -> list[MicroBatch]:
-        """Collate `indices` into micro-batches (CPU tensors; moved to the device inside the step)."""
-        mbs, seq = self.config.recipe_args.micro_batch_size, self.config.recipe_args.seq_length
-        out = []
-        for start in range(0, len(indices), mbs):
-            rows = indices[start : start + mbs]
-            batch = collate([dataset[i] for i in rows], seq_length=seq, pad_token_id=self.pad_id)
-            out.append(MicroBatch(batch["input_ids"], batch["attention_mask"], batch["loss_mask"], rows))
-        return out
+    def _micro_batches(self, dataset: DSparkChatDataset, items: list) -> list[MicroBatch]:
+        """Collate sampler items (rows, or whole micro-batch plans) into CPU micro-batches (moved inside the step)."""
+        args = self.config.recipe_args
+        if dataset is self.train_set and batching.plan_options(args):
+            return [batching.plan_micro_batch(dataset, plan, args, self.pad_id) for plan in items]
+        return batching.padded_micro_batches(
+            dataset, items, micro_batch_size=args.micro_batch_size, seq_length=args.seq_length, pad_token_id=self.pad_id
+        )
 
     def run_train_validation_loop(self) -> None:
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.info.is_main, desc="dspark")
@@ -237,7 +243,7 @@ class TrainDSparkRecipe(BaseRecipe):
         """Log, validate, close the epoch, decode and checkpoint as the step count asks."""
         args, cfg_ckpt = self.config.recipe_args, self.config.checkpoint
         step_epoch = self.epoch
-        epoch_done = self.sampler.consumed // self.per_step >= self.steps_per_epoch
+        epoch_done = self.sampler.consumed // self.per_step >= self._steps_in_epoch(self.epoch)
         last = self.step >= self.total_steps
         if self.step % args.log_every_steps == 0 or epoch_done or last:
             self._log_window(step_epoch)
