@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -63,15 +62,17 @@ def run_evaluation(
     verify_len: int | None = None,
     seed: int = 0,
     measure_speed: bool = True,
+    chat_template: str | None = None,
 ) -> EvalRun:
     """Decode every prompt speculatively (and, with `measure_speed`, with the target alone) → report + records.
 
     The in-process entry (the recipe's `eval_decode`, the demo; `.report` is what report.json holds). `prompts` are
-    chat rows (dicts with `messages` and an optional `category`), `Prompt`s or token-id lists. Uses only its own
+    chat rows (dicts with `messages` and an optional `category`, rendered with `chat_template` as training renders
+    them), `Prompt`s or token-id lists. Uses only its own
     seeded generators and restores the draft's train/eval mode, so a training run that calls it
     keeps its trajectory.
     """
-    items = [to_prompt(tokenizer, p) for p in prompts]
+    items = [to_prompt(tokenizer, p, chat_template) for p in prompts]
     if not items:
         raise ValueError("evaluate needs at least one prompt")
     was_training = draft.training
@@ -234,12 +235,14 @@ add_arguments = add_evaluate_arguments  # `dspark evaluate` flags (torch-free mo
 
 
 def run(args: argparse.Namespace) -> int:
+    from nemo_automodel_dspark.draft_checks import require_finite_draft
+    from nemo_automodel_dspark.errors import ToolError, require_draft_dir, require_file
+    from nemo_automodel_dspark.io import atomic_write_bytes
     from nemo_automodel_dspark.model.drafter import DSparkDrafter
-    from nemo_automodel_dspark.model.serving import atomic_write_bytes
     from nemo_automodel_dspark.target.loading import load_target, load_tokenizer
-    from nemo_automodel_dspark.tools.errors import ToolError, require_draft_dir, require_file
 
     require_draft_dir(args.draft)
+    require_finite_draft(args.draft)
     require_file(args.data, "--data")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -248,7 +251,7 @@ def run(args: argparse.Namespace) -> int:
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     tokenizer = load_tokenizer(args.target)
     try:  # before the models load: a bad row fails fast
-        prompts = load_prompts(args.data, tokenizer, args.num_prompts)
+        prompts = load_prompts(args.data, tokenizer, args.num_prompts, chat_template=args.chat_template)
     except ValueError as err:  # names the file and line
         raise ToolError(str(err)) from err
     target = load_target(args.target, dtype=dtype, device=device)
@@ -277,14 +280,3 @@ def run(args: argparse.Namespace) -> int:
             atomic_write_bytes(Path(path), "".join(json.dumps(r) + "\n" for r in rows).encode())
     print(format_summary(result.report))
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m nemo_automodel_dspark.evaluate ARGS` is `dspark evaluate ARGS` (same flags, same one-line errors)."""
-    from nemo_automodel_dspark.cli import main as cli_main
-
-    return cli_main(["evaluate", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

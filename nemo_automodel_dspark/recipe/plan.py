@@ -327,8 +327,8 @@ def run_plan_command(args) -> int:
 
     from nemo_automodel.components.config._arg_parser import parse_args_and_load_config
 
+    from nemo_automodel_dspark.errors import ToolError, require_file
     from nemo_automodel_dspark.recipe.config import ConfigError, parse_config
-    from nemo_automodel_dspark.tools.errors import ToolError, require_file
 
     require_file(args.config, "-c")
     if args.gpus < 1:

@@ -1,7 +1,7 @@
 """Load a frozen target (and its tokenizer) with transformers; the family registry decides which class.
 
-Replicated: every rank loads the whole target. Sharded (`shard_dense_target`): every rank builds it on the meta
-device and FSDP2-shards it, rank 0 alone reads the weights, and each rank receives only its shard.
+Replicated: every rank loads the whole target. Sharded (`shard_dense_target`): every rank builds the skeleton on the
+meta device, the recipe FSDP2-shards it, rank 0 alone reads the weights and each rank receives only its shard.
 """
 
 from __future__ import annotations
@@ -44,23 +44,3 @@ def target_skeleton(config, dtype: torch.dtype) -> nn.Module:
     finally:
         torch.set_default_dtype(default)
     return _frozen(model)
-
-
-def load_sharded_target(
-    path: str, *, dtype: torch.dtype, device: torch.device, is_source: bool, trust_remote_code: bool = False
-):
-    """The target FSDP2-sharded over the process group; only the rank with `is_source` reads the weights."""
-    from transformers import AutoConfig
-
-    from nemo_automodel_dspark import distributed as D
-
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    model = target_skeleton(config, dtype)
-    parts = family_for(config).decoder_parts(model)
-    D.shard_frozen_target(model, parts.layers, parts.base_model)
-    source = None
-    if is_source:
-        source = load_target(path, dtype=dtype, device=torch.device("cpu"), trust_remote_code=trust_remote_code)
-    D.load_from_rank0(model, source, device)
-    del source  # rank 0's full copy is gone once every shard has been sent
-    return model

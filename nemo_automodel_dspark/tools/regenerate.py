@@ -18,8 +18,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from nemo_automodel_dspark.errors import ToolError
+from nemo_automodel_dspark.io import atomic_path, atomic_write_json, atomic_write_jsonl
 from nemo_automodel_dspark.tools.chat_rows import PromptRow, RowError, output_row, parse_row
-from nemo_automodel_dspark.tools.errors import ToolError
 from nemo_automodel_dspark.tools.generators import Generation, SamplingConfig
 
 MANIFEST_VERSION = 2  # 2: rows carry prompt_ids/response_ids; the identity fingerprints the target's files
@@ -37,6 +38,7 @@ RESUME_FIELDS = (
     "batch_size",
     "server",
     "model",
+    "chat_template",
 )
 
 
@@ -54,6 +56,7 @@ class RegenerateConfig:
     shard_size: int = 64
     seed: int = 0
     enable_thinking: bool = False
+    chat_template: str | None = None  # as recipe_args.chat_template: inline Jinja, a name or a .jinja file
     num_rows: int | None = None
     server: str | None = None
     model: str | None = None
@@ -71,6 +74,8 @@ class RegenerateConfig:
             raise ToolError("regenerate needs --target (local generation) or --server URL --model NAME")
         if self.server is not None and not self.model:
             raise ToolError("--server needs --model NAME (the model name the server serves)")
+        if self.server is not None and self.chat_template is not None:
+            raise ToolError("--chat-template applies to local generation (--target); a server renders with its own")
         if self.shard_size < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
             raise ToolError("shard_size, batch_size and max_new_tokens must be >= 1")
 
@@ -145,14 +150,14 @@ def regenerate(config: RegenerateConfig) -> RegenerateSummary:
         if generator is None:
             generator = _make_generator(config)
         records, info = _run_shard(rows, generator, config, seed=config.seed * 1_000_003 + index * config.shard_size)
-        _write_jsonl_atomic(directory / _shard_name(index), records)
+        atomic_write_jsonl(directory / _shard_name(index), records)
         manifest["shards"].append({"index": index, "file": _shard_name(index), **info})
-        _write_json_atomic(directory / "manifest.json", manifest)
+        atomic_write_json(directory / "manifest.json", manifest)
         bar.update(len(rows))
     bar.close()
     _concatenate(directory, manifest, Path(config.out))
     manifest["complete"] = True
-    _write_json_atomic(directory / "manifest.json", manifest)
+    atomic_write_json(directory / "manifest.json", manifest)
     summary = _summarise(manifest, Path(config.out))
     print_summary(summary)
     return summary
@@ -172,7 +177,13 @@ def _make_generator(config: RegenerateConfig):
             backoff_s=config.retry_backoff_s,
             timeout_s=config.request_timeout_s,
         )
-    return LocalGenerator(config.target or "", sampling, batch_size=config.batch_size, device=config.device)
+    return LocalGenerator(
+        config.target or "",
+        sampling,
+        batch_size=config.batch_size,
+        device=config.device,
+        chat_template=config.chat_template,
+    )
 
 
 def _start_manifest(config: RegenerateConfig) -> dict:
@@ -202,7 +213,7 @@ def _start_manifest(config: RegenerateConfig) -> dict:
     for stale in directory.glob("shard_*.jsonl*"):
         stale.unlink()
     manifest = {"version": MANIFEST_VERSION, "config": config.identity(), "shards": [], "complete": False}
-    _write_json_atomic(path, manifest)
+    atomic_write_json(path, manifest)
     return manifest
 
 
@@ -271,28 +282,10 @@ def _shard_name(index: int) -> str:
     return f"shard_{index:05d}.jsonl"
 
 
-def _write_jsonl_atomic(path: Path, records: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _write_json_atomic(path: Path, value: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _concatenate(directory: Path, manifest: dict, out: Path) -> None:
-    tmp = out.with_name(out.name + ".tmp")
-    with tmp.open("wb") as dst:
+    with atomic_path(out) as tmp, tmp.open("wb") as dst:
         for shard in manifest["shards"]:
             dst.write((directory / shard["file"]).read_bytes())
-    os.replace(tmp, out)
 
 
 def _summarise(manifest: dict, out: Path) -> RegenerateSummary:
