@@ -376,7 +376,12 @@ class TrainDSparkRecipe(BaseRecipe):
             draft = DSparkDrafter(self.draft.target_config, self.draft.dspark).to(self.info.device)
             draft.load_state_dict(state)
             if self._decode_prompts is None:
-                self._decode_prompts = load_prompts(decode.data_path, self.tokenizer, decode.num_prompts)
+                self._decode_prompts = load_prompts(
+                    decode.data_path,
+                    self.tokenizer,
+                    decode.num_prompts,
+                    chat_template=self.config.recipe_args.chat_template,
+                )
             report = run_evaluation(
                 self.frozen.model,
                 draft.eval(),
