@@ -23,7 +23,7 @@ from nemo_automodel_dspark.errors import ToolError
 from nemo_automodel_dspark.loss import flatten_sums, metrics_from_sums, unflatten_sums
 from nemo_automodel_dspark.model.config import DSparkConfig
 from nemo_automodel_dspark.model.drafter import DSparkDrafter
-from nemo_automodel_dspark.recipe import batching, run_folder
+from nemo_automodel_dspark.recipe import batching, resume, run_folder
 from nemo_automodel_dspark.recipe import checkpoint as ckpt
 from nemo_automodel_dspark.recipe.config import DSparkRecipeConfig, parse_config
 from nemo_automodel_dspark.recipe.guards import (
@@ -215,10 +215,19 @@ class TrainDSparkRecipe(BaseRecipe):
             self._truncate_metrics(0)
             return
         state = ckpt.load_trainer_state(path)
-        ckpt.check_compatible(path, state["compat"], self._compat())
+        resume.check_compatible(path, state["compat"], self._compat())
         model_state, optim_state = ckpt.load_weights(path)  # every rank reads: checkpoint_dir is shared storage
-        D.load_full_state(self.model, self.optimizer, model_state, optim_state)
+        try:
+            D.load_full_state(self.model, self.optimizer, model_state, optim_state)
+        except (RuntimeError, KeyError, ValueError) as err:  # a checkpoint from before shape fields were recorded
+            raise resume.IncompatibleCheckpoint(
+                f"checkpoint {path} does not fit the configured draft ({str(err).splitlines()[0]}); resume with the "
+                "draft options it was trained with"
+            ) from err
         self.lr_scheduler.load_state_dict(state["scheduler"])
+        resume.apply_optimizer_changes(
+            state.get("optimizer"), self.config.optimizer, self.optimizer, self.lr_scheduler, self._log
+        )
         self.sampler.load_state_dict(state["sampler"])
         self.step, self.epoch = state["step"], state["epoch"]
         self.skipped_steps = state.get("skipped_steps", 0)
@@ -241,6 +250,17 @@ class TrainDSparkRecipe(BaseRecipe):
             "mask_token_id": args.mask_token_id,
             "target_layer_ids": list(self.draft.dspark.target_layer_ids or []),
             "target_model_name_or_path": args.target_model_name_or_path,
+            **{
+                key: getattr(self.draft.dspark, key)
+                for key in (
+                    "draft_num_hidden_layers",
+                    "markov_rank",
+                    "markov_head_type",
+                    "enable_confidence_head",
+                    "confidence_head_with_markov",
+                    "freeze_embeddings",
+                )
+            },
         }
 
     # ------------------------------------------------------------------ loop
@@ -468,6 +488,7 @@ class TrainDSparkRecipe(BaseRecipe):
             "sampler": self.sampler.state_dict(),
             "scheduler": self.lr_scheduler.state_dict(),
             "compat": self._compat(),
+            "optimizer": resume.optimizer_record(self.config.optimizer),
             "window": window,
             "skipped_steps": self.skipped_steps,
         }
