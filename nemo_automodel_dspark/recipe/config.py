@@ -10,6 +10,8 @@ import difflib
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from nemo_automodel_dspark.recipe.serving_checks import check_serving
+
 
 class ConfigError(ValueError):
     """A bad configuration value or key; the message names the dotted key."""
@@ -34,6 +36,7 @@ class RecipeArgs:
     block_size: int = 7
     num_anchors: int = 512
     target_layer_ids: list[int] | None = None
+    serve_with: list[str] | None = None  # engines the draft must load in (export/engines.py); unset = warn
     freeze_embeddings: bool = True
     attention_backend: str = "flex_attention"
     markov_rank: int = 256
@@ -48,6 +51,7 @@ class RecipeArgs:
     log_every_steps: int = 10
     val_every_steps: int | None = None
     max_grad_norm: float | None = 1.0
+    overwrite_output_dir: bool = False  # a new run into a folder holding a run moves the old one aside (never deletes)
     max_skipped_steps: int = 0  # non-finite steps skipped (and counted) before the run stops; 0 = stop at the first
     mask_reasoning_content: bool = False
     chat_template: str | None = None
@@ -91,6 +95,7 @@ class CheckpointConfig:
     save_consolidated: str = "final"  # final | every (true means every, as upstream)
     ckpt_every_steps: int | None = None
     restore_from: str | None = None  # path | LATEST | null
+    keep_last_n: int | None = None  # keep the newest N checkpoints (pruned once a newer one is complete); null = all
 
 
 @dataclass
@@ -228,6 +233,9 @@ def _parse_recipe_args(values: dict) -> RecipeArgs:
         raise ConfigError("'recipe_args.confidence_head_alpha' must be >= 0")
     _check_sharding(args)
     _check_batching(args)
+    if isinstance(args.serve_with, str):  # `serve_with: vllm` means [vllm]
+        args.serve_with = [args.serve_with]
+    check_serving(args, error=ConfigError)  # the option-only engine rules; the target's depth is checked at setup
     return args
 
 
@@ -287,7 +295,10 @@ def _parse_checkpoint(values: dict) -> CheckpointConfig:
     kept["save_consolidated"] = consolidated
     if kept.get("model_save_format", "safetensors") != "safetensors":
         raise ConfigError("'checkpoint.model_save_format': only safetensors is implemented")
-    return _typed("checkpoint", CheckpointConfig, kept)
+    out = _typed("checkpoint", CheckpointConfig, kept)
+    if out.keep_last_n is not None and out.keep_last_n < 1:
+        raise ConfigError(f"'checkpoint.keep_last_n' must be >= 1 or null, got {out.keep_last_n}")
+    return out
 
 
 def _parse_dist(dist_env: dict, distributed: dict) -> DistConfig:
