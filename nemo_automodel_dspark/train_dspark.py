@@ -35,6 +35,7 @@ from nemo_automodel_dspark.recipe.guards import (
 )
 from nemo_automodel_dspark.recipe.metrics import MetricsWriter, console_line, peak_memory_gib
 from nemo_automodel_dspark.recipe.optim import build_optimizer, build_scheduler
+from nemo_automodel_dspark.recipe.serving_checks import check_serving, warning_text
 from nemo_automodel_dspark.recipe.step import DSparkStep, MicroBatch
 from nemo_automodel_dspark.target.loading import load_target, load_tokenizer
 
@@ -69,6 +70,7 @@ class TrainDSparkRecipe(BaseRecipe):
         args = self.config.recipe_args
         self.info = D.init_distributed(self.config.dist.backend, self.config.dist.timeout_minutes)
         torch.manual_seed(args.shuffle_seed)
+        self._check_serving()
         self._claim_folders()
         self._build_data()
         self._build_target()
@@ -92,6 +94,18 @@ class TrainDSparkRecipe(BaseRecipe):
     def _log(self, message: str) -> None:
         if self.info.is_main:
             tqdm.write(message)
+
+    def _check_serving(self) -> None:
+        """Engine rules that need the target's depth and family (config.json only), before data or weights load."""
+        from transformers import AutoConfig
+
+        args = self.config.recipe_args
+        target_config = AutoConfig.from_pretrained(
+            args.target_model_name_or_path, trust_remote_code=args.trust_remote_code
+        )
+        message = warning_text(check_serving(args, target_config, error=ToolError))  # one line, no traceback
+        if message:
+            self._log(message)
 
     def _build_data(self) -> None:
         args = self.config.recipe_args

@@ -10,6 +10,8 @@ import difflib
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from nemo_automodel_dspark.recipe.serving_checks import check_serving
+
 
 class ConfigError(ValueError):
     """A bad configuration value or key; the message names the dotted key."""
@@ -34,6 +36,7 @@ class RecipeArgs:
     block_size: int = 7
     num_anchors: int = 512
     target_layer_ids: list[int] | None = None
+    serve_with: list[str] | None = None  # engines the draft must load in (export/engines.py); unset = warn
     freeze_embeddings: bool = True
     attention_backend: str = "flex_attention"
     markov_rank: int = 256
@@ -228,6 +231,9 @@ def _parse_recipe_args(values: dict) -> RecipeArgs:
     if args.confidence_head_alpha < 0:
         raise ConfigError("'recipe_args.confidence_head_alpha' must be >= 0")
     _check_batching(args)
+    if isinstance(args.serve_with, str):  # `serve_with: vllm` means [vllm]
+        args.serve_with = [args.serve_with]
+    check_serving(args, error=ConfigError)  # the option-only engine rules; the target's depth is checked at setup
     return args
 
 
