@@ -68,7 +68,9 @@ class _Chunk:
     keep: Tensor  # [r] bool
 
 
-def _chunk_logits(c: _Chunk, w: Tensor, w2: Tensor | None, cap: float | None, slope: bool) -> tuple[Tensor, ...]:
+def _chunk_logits(
+    c: _Chunk, w: Tensor, w2: Tensor | None, cap: float | None, slope: bool
+) -> tuple[Tensor, Tensor, Tensor | None]:
     """Fresh `[r, V]` draft logits Z and teacher logits in the compute dtype (callers may overwrite both), and with
     `slope` the softcap's derivative `1 − tanh²(u/c)` at the draft rows (None without a cap).
 
