@@ -12,24 +12,41 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 from nemo_automodel.recipes.base_recipe import BaseRecipe
 from tqdm import tqdm
 
 from nemo_automodel_dspark import distributed as D
-from nemo_automodel_dspark.data import DSparkChatDataset, ResumableSampler, collate
+from nemo_automodel_dspark.data import DSparkChatDataset, ResumableSampler
 from nemo_automodel_dspark.errors import ToolError
 from nemo_automodel_dspark.loss import flatten_sums, metrics_from_sums, unflatten_sums
-from nemo_automodel_dspark.model.config import DSparkConfig
 from nemo_automodel_dspark.model.drafter import DSparkDrafter
+from nemo_automodel_dspark.model.families import family_for
+from nemo_automodel_dspark.model.warm_start import load_warm_start
+from nemo_automodel_dspark.recipe import batching, resume, run_folder
 from nemo_automodel_dspark.recipe import checkpoint as ckpt
 from nemo_automodel_dspark.recipe.config import DSparkRecipeConfig, parse_config
-from nemo_automodel_dspark.recipe.guards import RunStopped, divergence_message, non_finite_tensors
+from nemo_automodel_dspark.recipe.guards import (
+    RunStopped,
+    disk_full_message,
+    divergence_message,
+    is_disk_full,
+    non_finite_tensors,
+)
 from nemo_automodel_dspark.recipe.metrics import MetricsWriter, console_line, peak_memory_gib
 from nemo_automodel_dspark.recipe.optim import build_optimizer, build_scheduler
+from nemo_automodel_dspark.recipe.plan import (
+    MemoryPlan,
+    device_memory_gib,
+    draft_options,
+    load_target_config,
+    plan_for_config,
+)
+from nemo_automodel_dspark.recipe.serving_checks import check_serving, warning_text
 from nemo_automodel_dspark.recipe.step import DSparkStep, MicroBatch
-from nemo_automodel_dspark.target.loading import load_target, load_tokenizer
+from nemo_automodel_dspark.target.loading import load_target, load_tokenizer, target_skeleton
 
 
 @dataclass
@@ -62,6 +79,8 @@ class TrainDSparkRecipe(BaseRecipe):
         args = self.config.recipe_args
         self.info = D.init_distributed(self.config.dist.backend, self.config.dist.timeout_minutes)
         torch.manual_seed(args.shuffle_seed)
+        self._check_serving()
+        self._claim_folders()
         self._build_data()
         self._build_target()
         self._build_draft()
@@ -69,29 +88,57 @@ class TrainDSparkRecipe(BaseRecipe):
         self._build_metrics()
         self._restore()
 
+    def _claim_folders(self) -> None:
+        """A new run never writes into folders holding another run (refused, or moved aside when asked)."""
+        args = self.config.recipe_args
+        self.ckpt_root = Path(self.config.checkpoint.checkpoint_dir or Path(args.output_dir) / "checkpoints")
+        if self.config.checkpoint.restore_from is None:
+            moves = run_folder.claim(
+                Path(args.output_dir), self.ckpt_root, overwrite=args.overwrite_output_dir, is_main=self.info.is_main
+            )
+            for old, new in moves:
+                self._log(f"recipe_args.overwrite_output_dir: moved the previous run {old} aside to {new}")
+            D.barrier()
+
     def _log(self, message: str) -> None:
         if self.info.is_main:
             tqdm.write(message)
+
+    def _check_serving(self) -> None:
+        """Engine rules that need the target's depth and family (config.json only), before data or weights load."""
+        from transformers import AutoConfig
+
+        args = self.config.recipe_args
+        target_config = AutoConfig.from_pretrained(
+            args.target_model_name_or_path, trust_remote_code=args.trust_remote_code
+        )
+        message = warning_text(check_serving(args, target_config, error=ToolError))  # one line, no traceback
+        if message:
+            self._log(message)
 
     def _build_data(self) -> None:
         args = self.config.recipe_args
         self.tokenizer = load_tokenizer(args.target_model_name_or_path, args.trust_remote_code)
         self.train_set = self._dataset(args.train_data_path, args.train_split)
         self.val_set = self._dataset(args.val_data_path, args.val_split) if args.val_data_path else None
-        self.sampler = ResumableSampler(
-            len(self.train_set), seed=args.shuffle_seed, rank=self.info.rank, world_size=self.info.world_size
-        )
-        self.per_step = args.micro_batch_size * args.grad_accumulation_steps
-        self.steps_per_epoch = len(self.sampler) // self.per_step
-        if self.steps_per_epoch == 0:
+        self.sampler = batching.train_sampler(self.train_set, args, self.info)
+        self.per_step = batching.items_per_step(args)
+        if self._steps_in_epoch(0) == 0:
+            unit = (
+                "micro-batches (ranks x grad_accumulation_steps)"
+                if batching.plan_options(args)
+                else ("rows (ranks x micro_batch_size x grad_accumulation_steps)")
+            )
             raise ValueError(
                 f"{args.train_data_path}: {len(self.train_set)} usable rows cannot fill one optimizer "
-                f"step of {self.per_step * self.info.world_size} rows (ranks x micro_batch_size x "
-                "grad_accumulation_steps)"
+                f"step of {self.per_step * self.info.world_size} {unit}"
             )
-        total = self.steps_per_epoch * args.num_epochs
+        total = sum(self._steps_in_epoch(epoch) for epoch in range(args.num_epochs))
         self.total_steps = min(total, args.max_steps) if args.max_steps else total
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+    def _steps_in_epoch(self, epoch: int) -> int:
+        return batching.steps_in_epoch(self.sampler, epoch, self.per_step)
 
     def _dataset(self, path: str, split: str) -> DSparkChatDataset:
         args = self.config.recipe_args
@@ -109,15 +156,58 @@ class TrainDSparkRecipe(BaseRecipe):
         return dataset
 
     def _build_target(self) -> None:
+        """The frozen target, replicated or FSDP2-sharded as the memory plan decides (printed once at start-up)."""
         args = self.config.recipe_args
         dtype = torch.bfloat16 if self.info.device.type == "cuda" else torch.float32
-        self.frozen = FrozenTarget(
-            load_target(
+        self.plan = self._memory_plan()
+        self._log(self.plan.table())
+        self._log(self._sharding_line())
+        if self.plan.target_sharded and args.eval_decode is not None:
+            raise ValueError(
+                "recipe_args.eval_decode decodes on rank 0 alone and needs a replicated target, but the target is "
+                "sharded; set recipe_args.shard_dense_target: false (or remove eval_decode)"
+            )
+        source = args.target_model_name_or_path
+        if self.plan.target_sharded:
+            model = self._load_sharded_target(dtype)
+        else:
+            model = load_target(source, dtype=dtype, device=self.info.device, trust_remote_code=args.trust_remote_code)
+        self.frozen = FrozenTarget(model)
+
+    def _load_sharded_target(self, dtype: torch.dtype) -> torch.nn.Module:
+        """Meta-device skeleton → FSDP2 shards → rank 0 reads the weights and sends each rank its shard."""
+        args = self.config.recipe_args
+        config = load_target_config(args.target_model_name_or_path, args.trust_remote_code)
+        model = target_skeleton(config, dtype)
+        parts = family_for(config).decoder_parts(model)
+        D.shard_frozen_target(model, parts.layers, parts.base_model)
+        source = None
+        if self.info.is_main:
+            source = load_target(
                 args.target_model_name_or_path,
                 dtype=dtype,
-                device=self.info.device,
+                device=torch.device("cpu"),
                 trust_remote_code=args.trust_remote_code,
             )
+        D.load_from_rank0(model, source, self.info.device)
+        return model  # rank 0's full copy is dropped here, once every shard has been sent
+
+    def _memory_plan(self) -> MemoryPlan:
+        args = self.config.recipe_args
+        device = "cuda" if self.info.device.type == "cuda" else "cpu"
+        budget = args.memory_budget_gib or device_memory_gib(self.info.device, self.info.local_world_size)
+        target_config = load_target_config(args.target_model_name_or_path, args.trust_remote_code)
+        return plan_for_config(self.config, target_config, self.info.world_size, budget, device)
+
+    def _sharding_line(self) -> str:
+        plan, setting = self.plan, str(self.config.recipe_args.shard_dense_target).lower()
+        chosen = f"sharded over {self.info.world_size} ranks" if plan.target_sharded else "replicated"
+        if self.info.world_size == 1:
+            return f"shard_dense_target: {setting} -> {chosen} (one process)"
+        verdict = "fits" if plan.replicated_gib <= plan.budget_gib else "does not fit"
+        return (
+            f"shard_dense_target: {setting} -> {chosen} (replicated plan {plan.replicated_gib:.4g} GiB {verdict} "
+            f"in {plan.budget_gib:.4g} GiB per device)"
         )
 
     def _build_draft(self) -> None:
@@ -126,29 +216,26 @@ class TrainDSparkRecipe(BaseRecipe):
         if backend == "flex_attention" and self.info.device.type != "cuda":
             self._log("attention_backend: flex_attention needs CUDA; using SDPA with a dense block mask on CPU")
             backend = "sdpa"
-        dspark = DSparkConfig(
-            mask_token_id=args.mask_token_id,
-            draft_num_hidden_layers=args.draft_num_hidden_layers,
-            block_size=args.block_size,
-            num_anchors=args.num_anchors,
-            target_layer_ids=args.target_layer_ids,
-            markov_rank=args.markov_rank,
-            markov_head_type=args.markov_head_type,
-            enable_confidence_head=args.confidence_head_alpha > 0,
-            confidence_head_with_markov=args.confidence_head_with_markov,
-            freeze_embeddings=args.freeze_embeddings,
-            attention_backend=backend,
-        )
+        dspark = draft_options(args, backend)
+        parts = family_for(self.frozen.model.config).decoder_parts(self.frozen.model)
+        embed = D.full_tensor(cast(torch.Tensor, parts.embed_tokens.weight))  # gathered when the target is sharded
+        lm_head = D.full_tensor(cast(torch.Tensor, parts.lm_head.weight))
         torch.manual_seed(args.shuffle_seed)  # identical initial draft on every rank and every world size
-        self.draft = DSparkDrafter.from_target(self.frozen.model, dspark).to(self.info.device)
-        self.model = D.wrap_draft(self.draft, self.config.dist.strategy, self.info)
+        draft = DSparkDrafter.from_embeddings(self.frozen.model.config, dspark, embed, lm_head)
+        del embed, lm_head
+        if args.draft_weights_path:
+            load_warm_start(draft, args.draft_weights_path)
+            self._log(f"draft_weights_path: started from {args.draft_weights_path}")
+        self.draft = draft.to(self.info.device)
+        dist = self.config.dist
+        self.model = D.wrap_draft(self.draft, dist.strategy, self.info, dist.activation_checkpointing)
         self.runner = DSparkStep(
             self.model,
             self.draft,
             self.frozen.model,
             args,
             self.info,
-            defer_fsdp_sync=self.config.dist.defer_fsdp_grad_sync,
+            defer_fsdp_sync=dist.defer_fsdp_grad_sync,
         )
 
     def _build_optimizer(self) -> None:
@@ -158,25 +245,38 @@ class TrainDSparkRecipe(BaseRecipe):
     def _build_metrics(self) -> None:
         args = self.config.recipe_args
         self.metrics = MetricsWriter(args.output_dir, enabled=self.info.is_main)
-        self.ckpt_root = Path(self.config.checkpoint.checkpoint_dir or Path(args.output_dir) / "checkpoints")
         self.step, self.epoch, self.skipped_steps = 0, 0, 0
         self._decode_prompts: list | None = None  # eval_decode prompts, loaded on first use
-        self._rows: Iterator[int] | None = None  # this epoch's row iterator (continues across steps; resumes mid-epoch)
+        self._rows: Iterator | None = (
+            None  # this epoch's sampler iterator (rows or micro-batch plans; resumes mid-epoch)
+        )
         self.window = Window(start=time.perf_counter())
+        if self.info.is_main:
+            for leftover in ckpt.remove_temp_folders(self.ckpt_root):
+                self._log(f"removed {leftover}, the temp folder of a checkpoint write that never finished")
 
     def _restore(self) -> None:
         """Resume from `checkpoint.restore_from` (path or LATEST): weights, optimizer, schedule, data position."""
-        path = ckpt.resolve_restore(self.config.checkpoint.restore_from, self.ckpt_root)
+        path = ckpt.resolve_restore(self.config.checkpoint.restore_from, self.ckpt_root, warn=self._log)
         if path is None:
             if self.config.checkpoint.restore_from:
                 self._log(f"restore_from: no checkpoint under {self.ckpt_root} yet; starting from scratch")
-            self.metrics.truncate_after(0)
+            self._truncate_metrics(0)
             return
         state = ckpt.load_trainer_state(path)
-        ckpt.check_compatible(path, state["compat"], self._compat())
+        resume.check_compatible(path, state["compat"], self._compat())
         model_state, optim_state = ckpt.load_weights(path)  # every rank reads: checkpoint_dir is shared storage
-        D.load_full_state(self.model, self.optimizer, model_state, optim_state)
+        try:
+            D.load_full_state(self.model, self.optimizer, model_state, optim_state)
+        except (RuntimeError, KeyError, ValueError) as err:  # a checkpoint from before shape fields were recorded
+            raise resume.IncompatibleCheckpoint(
+                f"checkpoint {path} does not fit the configured draft ({str(err).splitlines()[0]}); resume with the "
+                "draft options it was trained with"
+            ) from err
         self.lr_scheduler.load_state_dict(state["scheduler"])
+        resume.apply_optimizer_changes(
+            state.get("optimizer"), self.config.optimizer, self.optimizer, self.lr_scheduler, self._log
+        )
         self.sampler.load_state_dict(state["sampler"])
         self.step, self.epoch = state["step"], state["epoch"]
         self.skipped_steps = state.get("skipped_steps", 0)
@@ -184,8 +284,13 @@ class TrainDSparkRecipe(BaseRecipe):
             like = {k: torch.empty(shape) for k, shape in state["window"]["shapes"].items()}
             self.window.sums = unflatten_sums(torch.tensor(state["window"]["sums"]), like)
             self.window.grad_norm, self.window.steps = state["window"]["grad_norm"], state["window"]["steps"]
-        self.metrics.truncate_after(self.step)
+        self._truncate_metrics(self.step)
         self._log(f"resumed from {path} at step {self.step} (epoch {self.epoch})")
+
+    def _truncate_metrics(self, step: int) -> None:
+        warning = self.metrics.truncate_after(step)
+        if warning:
+            self._log(warning)
 
     def _compat(self) -> dict:
         args = self.config.recipe_args
@@ -194,18 +299,28 @@ class TrainDSparkRecipe(BaseRecipe):
             "mask_token_id": args.mask_token_id,
             "target_layer_ids": list(self.draft.dspark.target_layer_ids or []),
             "target_model_name_or_path": args.target_model_name_or_path,
+            **{
+                key: getattr(self.draft.dspark, key)
+                for key in (
+                    "draft_num_hidden_layers",
+                    "markov_rank",
+                    "markov_head_type",
+                    "enable_confidence_head",
+                    "confidence_head_with_markov",
+                    "freeze_embeddings",
+                )
+            },
         }
 
     # ------------------------------------------------------------------ loop
-    def _micro_batches(self, dataset: DSparkChatDataset, indices: list[int]) -> list[MicroBatch]:
-        """Collate `indices` into micro-batches (CPU tensors; moved to the device inside the step)."""
-        mbs, seq = self.config.recipe_args.micro_batch_size, self.config.recipe_args.seq_length
-        out = []
-        for start in range(0, len(indices), mbs):
-            rows = indices[start : start + mbs]
-            batch = collate([dataset[i] for i in rows], seq_length=seq, pad_token_id=self.pad_id)
-            out.append(MicroBatch(batch["input_ids"], batch["attention_mask"], batch["loss_mask"], rows))
-        return out
+    def _micro_batches(self, dataset: DSparkChatDataset, items: list) -> list[MicroBatch]:
+        """Collate sampler items (rows, or whole micro-batch plans) into CPU micro-batches (moved inside the step)."""
+        args = self.config.recipe_args
+        if dataset is self.train_set and batching.plan_options(args):
+            return [batching.plan_micro_batch(dataset, plan, args, self.pad_id) for plan in items]
+        return batching.padded_micro_batches(
+            dataset, items, micro_batch_size=args.micro_batch_size, seq_length=args.seq_length, pad_token_id=self.pad_id
+        )
 
     def run_train_validation_loop(self) -> None:
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.info.is_main, desc="dspark")
@@ -237,7 +352,7 @@ class TrainDSparkRecipe(BaseRecipe):
         """Log, validate, close the epoch, decode and checkpoint as the step count asks."""
         args, cfg_ckpt = self.config.recipe_args, self.config.checkpoint
         step_epoch = self.epoch
-        epoch_done = self.sampler.consumed // self.per_step >= self.steps_per_epoch
+        epoch_done = self.sampler.consumed // self.per_step >= self._steps_in_epoch(self.epoch)
         last = self.step >= self.total_steps
         if self.step % args.log_every_steps == 0 or epoch_done or last:
             self._log_window(step_epoch)
@@ -309,7 +424,7 @@ class TrainDSparkRecipe(BaseRecipe):
             "mem": mem,
             **({"skipped_steps": self.skipped_steps} if self.skipped_steps else {}),
         }
-        self.metrics.write(record)
+        self._write_metrics(record)
         self._log(console_line(record))
         self.window = Window(start=time.perf_counter())
 
@@ -329,7 +444,7 @@ class TrainDSparkRecipe(BaseRecipe):
             confidence_head_alpha=args.confidence_head_alpha,
         )
         record = {"step": self.step, "epoch": epoch, **{f"val/{k}": v for k, v in metrics.items()}}
-        self.metrics.write(record)
+        self._write_metrics(record)
         self._log(console_line(record))
 
     def _eval_decode(self, epoch: int) -> None:
@@ -344,7 +459,12 @@ class TrainDSparkRecipe(BaseRecipe):
             draft = DSparkDrafter(self.draft.target_config, self.draft.dspark).to(self.info.device)
             draft.load_state_dict(state)
             if self._decode_prompts is None:
-                self._decode_prompts = load_prompts(decode.data_path, self.tokenizer, decode.num_prompts)
+                self._decode_prompts = load_prompts(
+                    decode.data_path,
+                    self.tokenizer,
+                    decode.num_prompts,
+                    chat_template=self.config.recipe_args.chat_template,
+                )
             report = run_evaluation(
                 self.frozen.model,
                 draft.eval(),
@@ -361,9 +481,26 @@ class TrainDSparkRecipe(BaseRecipe):
                 "decode/speedup": report.get("speedup"),
                 "decode/rounds": report["rounds"],
             }
-            self.metrics.write(record)
             self._log(f"step {self.step} | decode/tau {report['tau']} | decode/speedup {report.get('speedup')}")
-        D.barrier()
+        self._write_metrics(record if self.info.is_main else None)  # every rank joins: it is also the barrier
+
+    def _write_metrics(self, record: dict | None) -> None:
+        """Rank 0 appends `record`; every rank calls this, so a full disk stops every rank with the same line."""
+        failure = None
+        if self.info.is_main and record is not None:
+            try:
+                self.metrics.write(record)
+            except OSError as err:
+                if not is_disk_full(err):
+                    raise
+                failure = disk_full_message(self.metrics.path, self._last_good())
+        self._stop_if(failure)
+
+    def _stop_if(self, failure: str | None) -> None:
+        """Share rank 0's verdict with every rank (a sync point) and stop all of them when there is one."""
+        failure = D.broadcast_object(failure)
+        if failure:
+            raise RunStopped(failure)
 
     def _save(self, epoch: int) -> None:
         """Consolidate on rank 0 and write `epoch_{E}_step_{S}/` atomically; every rank joins the gathers."""
@@ -374,25 +511,37 @@ class TrainDSparkRecipe(BaseRecipe):
                 f"step {self.step}: the draft has non-finite weights ({', '.join(bad[:3]) or 'on rank 0'}); "
                 f"no checkpoint was written; the last good checkpoint is {self._last_good() or 'none'}"
             )
-        window = None
-        if self.window.sums is not None:
-            sums, _, _, _ = self._reduced_window()  # the open window, reduced, so a resumed log is identical
-            window = {
-                "sums": flatten_sums(sums).tolist(),
-                "shapes": {k: list(v.shape) for k, v in sums.items()},
-                "grad_norm": float(self.window.grad_norm) * self.info.world_size,
-                "steps": self.window.steps,
-            }
+        window = self._window_state()
+        failure = None
         if self.info.is_main:
-            state = {
-                "step": self.step,
-                "epoch": self.epoch,
-                "sampler": self.sampler.state_dict(),
-                "scheduler": self.lr_scheduler.state_dict(),
-                "compat": self._compat(),
-                "window": window,
-                "skipped_steps": self.skipped_steps,
-            }
+            failure = self._write_checkpoint(epoch, model_state, optim_state, window)
+        self._stop_if(failure)
+
+    def _window_state(self) -> dict | None:
+        """The open metrics window, reduced over ranks, so a resumed run logs the same records."""
+        if self.window.sums is None:
+            return None
+        sums, _, _, _ = self._reduced_window()
+        return {
+            "sums": flatten_sums(sums).tolist(),
+            "shapes": {k: list(v.shape) for k, v in sums.items()},
+            "grad_norm": float(self.window.grad_norm) * self.info.world_size,
+            "steps": self.window.steps,
+        }
+
+    def _write_checkpoint(self, epoch: int, model_state: dict, optim_state: dict, window: dict | None) -> str | None:
+        """Rank 0: write the checkpoint; a full disk is returned as the one line to stop with (nothing half-written)."""
+        state = {
+            "step": self.step,
+            "epoch": self.epoch,
+            "sampler": self.sampler.state_dict(),
+            "scheduler": self.lr_scheduler.state_dict(),
+            "compat": self._compat(),
+            "optimizer": resume.optimizer_record(self.config.optimizer),
+            "window": window,
+            "skipped_steps": self.skipped_steps,
+        }
+        try:
             path = ckpt.save_checkpoint(
                 self.ckpt_root,
                 epoch,
@@ -402,8 +551,14 @@ class TrainDSparkRecipe(BaseRecipe):
                 optimizer_state=optim_state,
                 trainer_state=state,
             )
-            self._log(f"saved checkpoint {path}")
-        D.barrier()
+        except Exception as err:
+            if not is_disk_full(err):
+                raise
+            return disk_full_message(ckpt.step_dir(self.ckpt_root, epoch, self.step), self._last_good())
+        self._log(f"saved checkpoint {path}")
+        for old in run_folder.prune(self.ckpt_root, self.config.checkpoint.keep_last_n):
+            self._log(f"checkpoint.keep_last_n: removed {old}")
+        return None
 
 
 def main(argv: list[str] | None = None) -> None:

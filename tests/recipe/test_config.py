@@ -34,7 +34,7 @@ def test_upstream_values_and_defaults():
         yaml.safe_load((Path(__file__).parents[2] / "examples/dspark/qwen3_0.6b_dspark.yaml").read_text())
     )
     assert cfg.checkpoint.save_consolidated == "every"  # upstream `true` means every
-    assert cfg.recipe_args.target_layer_ids == [1, 7, 14, 21, 27] and cfg.optimizer.betas == [0.9, 0.95]
+    assert cfg.recipe_args.target_layer_ids == [1, 7, 14, 20, 26] and cfg.optimizer.betas == [0.9, 0.95]
     defaults = parse_config(_minimal())
     assert defaults.recipe_args.loss_decay_gamma == 4.0 and defaults.recipe_args.markov_rank == 256
     assert defaults.dist.strategy == "fsdp2" and defaults.optimizer.warmup_ratio == 0.04
@@ -55,9 +55,9 @@ def test_unknown_key_suggests_nearest():
 
 
 def test_unimplemented_upstream_key_is_refused_unless_noop():
-    with pytest.raises(ConfigError, match="'recipe_args.packed_sequence_size' is an upstream .* does not implement"):
-        parse_config(_minimal(packed_sequence_size=4096))
-    parse_config(_minimal(packed_sequence_size=0, multimodal=False))  # no-op values load
+    with pytest.raises(ConfigError, match="'recipe_args.multimodal' is an upstream .* does not implement"):
+        parse_config(_minimal(multimodal=True))
+    parse_config(_minimal(cached_target_path=None, multimodal=False))  # no-op values load
     raw = _minimal()
     raw["wandb"] = {"project": "x"}
     with pytest.raises(ConfigError, match="'wandb' is an upstream"):
@@ -105,3 +105,15 @@ def test_automodel_confignode_is_accepted(tmp_path):
     node = parse_args_and_load_config(argv=["-c", str(path), "--recipe_args.max_steps=5"])
     cfg = parse_config(node)
     assert cfg.recipe_args.max_steps == 5 and cfg.recipe_args.seq_length == 64
+
+
+def test_batching_keys_default_off_and_are_checked():
+    args = parse_config(_minimal()).recipe_args
+    assert args.packed_sequence_size == 0 and args.max_tokens_per_batch == 0
+    assert parse_config(_minimal(packed_sequence_size=4096)).recipe_args.packed_sequence_size == 4096
+    with pytest.raises(ConfigError, match=r"'recipe_args.packed_sequence_size' must be 0 \(off\) or >= seq_length=64"):
+        parse_config(_minimal(packed_sequence_size=32))
+    with pytest.raises(ConfigError, match=r"'recipe_args.max_tokens_per_batch' must be 0 \(off\) or >= seq_length"):
+        parse_config(_minimal(max_tokens_per_batch=-1))
+    with pytest.raises(ConfigError, match="'recipe_args.packed_sequence_size' and 'recipe_args.max_tokens_per_batch'"):
+        parse_config(_minimal(packed_sequence_size=128, max_tokens_per_batch=128))
