@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,12 +18,15 @@ from nemo_automodel.recipes.base_recipe import BaseRecipe
 from tqdm import tqdm
 
 from nemo_automodel_dspark import distributed as D
-from nemo_automodel_dspark.data import DSparkChatDataset, ResumableSampler, collate
+from nemo_automodel_dspark.data import DSparkChatDataset, ResumableSampler
+from nemo_automodel_dspark.errors import ToolError
 from nemo_automodel_dspark.loss import flatten_sums, metrics_from_sums, unflatten_sums
 from nemo_automodel_dspark.model.config import DSparkConfig
 from nemo_automodel_dspark.model.drafter import DSparkDrafter
+from nemo_automodel_dspark.recipe import batching
 from nemo_automodel_dspark.recipe import checkpoint as ckpt
 from nemo_automodel_dspark.recipe.config import DSparkRecipeConfig, parse_config
+from nemo_automodel_dspark.recipe.guards import RunStopped, divergence_message, non_finite_tensors
 from nemo_automodel_dspark.recipe.metrics import MetricsWriter, console_line, peak_memory_gib
 from nemo_automodel_dspark.recipe.optim import build_optimizer, build_scheduler
 from nemo_automodel_dspark.recipe.step import DSparkStep, MicroBatch
@@ -74,20 +79,24 @@ class TrainDSparkRecipe(BaseRecipe):
         self.tokenizer = load_tokenizer(args.target_model_name_or_path, args.trust_remote_code)
         self.train_set = self._dataset(args.train_data_path, args.train_split)
         self.val_set = self._dataset(args.val_data_path, args.val_split) if args.val_data_path else None
-        self.sampler = ResumableSampler(
-            len(self.train_set), seed=args.shuffle_seed, rank=self.info.rank, world_size=self.info.world_size
-        )
-        self.per_step = args.micro_batch_size * args.grad_accumulation_steps
-        self.steps_per_epoch = len(self.sampler) // self.per_step
-        if self.steps_per_epoch == 0:
+        self.sampler = batching.train_sampler(self.train_set, args, self.info)
+        self.per_step = batching.items_per_step(args)
+        if self._steps_in_epoch(0) == 0:
+            unit = (
+                "micro-batches (ranks x grad_accumulation_steps)"
+                if batching.plan_options(args)
+                else ("rows (ranks x micro_batch_size x grad_accumulation_steps)")
+            )
             raise ValueError(
                 f"{args.train_data_path}: {len(self.train_set)} usable rows cannot fill one optimizer "
-                f"step of {self.per_step * self.info.world_size} rows (ranks x micro_batch_size x "
-                "grad_accumulation_steps)"
+                f"step of {self.per_step * self.info.world_size} {unit}"
             )
-        total = self.steps_per_epoch * args.num_epochs
+        total = sum(self._steps_in_epoch(epoch) for epoch in range(args.num_epochs))
         self.total_steps = min(total, args.max_steps) if args.max_steps else total
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+    def _steps_in_epoch(self, epoch: int) -> int:
+        return batching.steps_in_epoch(self.sampler, epoch, self.per_step)
 
     def _dataset(self, path: str, split: str) -> DSparkChatDataset:
         args = self.config.recipe_args
@@ -155,9 +164,11 @@ class TrainDSparkRecipe(BaseRecipe):
         args = self.config.recipe_args
         self.metrics = MetricsWriter(args.output_dir, enabled=self.info.is_main)
         self.ckpt_root = Path(self.config.checkpoint.checkpoint_dir or Path(args.output_dir) / "checkpoints")
-        self.step, self.epoch = 0, 0
+        self.step, self.epoch, self.skipped_steps = 0, 0, 0
         self._decode_prompts: list | None = None  # eval_decode prompts, loaded on first use
-        self._rows: Iterator[int] | None = None  # this epoch's row iterator (continues across steps; resumes mid-epoch)
+        self._rows: Iterator | None = (
+            None  # this epoch's sampler iterator (rows or micro-batch plans; resumes mid-epoch)
+        )
         self.window = Window(start=time.perf_counter())
 
     def _restore(self) -> None:
@@ -175,6 +186,7 @@ class TrainDSparkRecipe(BaseRecipe):
         self.lr_scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
         self.step, self.epoch = state["step"], state["epoch"]
+        self.skipped_steps = state.get("skipped_steps", 0)
         if self.info.is_main and state.get("window") is not None:
             like = {k: torch.empty(shape) for k, shape in state["window"]["shapes"].items()}
             self.window.sums = unflatten_sums(torch.tensor(state["window"]["sums"]), like)
@@ -192,52 +204,74 @@ class TrainDSparkRecipe(BaseRecipe):
         }
 
     # ------------------------------------------------------------------ loop
-    def _micro_batches(self, dataset: DSparkChatDataset, indices: list[int]) -> list[MicroBatch]:
-        """Collate `indices` into micro-batches (CPU tensors; moved to the device inside the step)."""
-        mbs, seq = self.config.recipe_args.micro_batch_size, self.config.recipe_args.seq_length
-        out = []
-        for start in range(0, len(indices), mbs):
-            rows = indices[start : start + mbs]
-            batch = collate([dataset[i] for i in rows], seq_length=seq, pad_token_id=self.pad_id)
-            out.append(MicroBatch(batch["input_ids"], batch["attention_mask"], batch["loss_mask"], rows))
-        return out
+    def _micro_batches(self, dataset: DSparkChatDataset, items: list) -> list[MicroBatch]:
+        """Collate sampler items (rows, or whole micro-batch plans) into CPU micro-batches (moved inside the step)."""
+        args = self.config.recipe_args
+        if dataset is self.train_set and batching.plan_options(args):
+            return [batching.plan_micro_batch(dataset, plan, args, self.pad_id) for plan in items]
+        return batching.padded_micro_batches(
+            dataset, items, micro_batch_size=args.micro_batch_size, seq_length=args.seq_length, pad_token_id=self.pad_id
+        )
 
     def run_train_validation_loop(self) -> None:
-        args, cfg_ckpt = self.config.recipe_args, self.config.checkpoint
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.info.is_main, desc="dspark")
         self.model.train()
         self.window.start = time.perf_counter()  # tokens/s counts training time, not setup
-        while self.step < self.total_steps:
-            if self._rows is None:
-                self.sampler.set_epoch(self.epoch)
-                self._rows = iter(self.sampler)
-            batches = self._micro_batches(self.train_set, [next(self._rows) for _ in range(self.per_step)])
-            self.window.tokens += sum(int(mb.attention_mask.sum()) for mb in batches)  # CPU tensors: no device sync
-            sums, grad_norm = self.runner.train_step(batches, self.epoch, self.optimizer, self.lr_scheduler)
-            self._accumulate(sums, grad_norm)
-            self.step += 1
-            bar.update(1)
-            step_epoch = self.epoch
-            epoch_done = self.sampler.consumed // self.per_step >= self.steps_per_epoch
-            last = self.step >= self.total_steps
-            if self.step % args.log_every_steps == 0 or epoch_done or last:
-                self._log_window(step_epoch)
-            if self.val_set is not None and (
-                epoch_done or (args.val_every_steps and self.step % args.val_every_steps == 0)
-            ):
-                self._validate(step_epoch)
-            if epoch_done:
-                self.epoch += 1
-                self.sampler.set_epoch(self.epoch)
-                self._rows = None
-            decode = args.eval_decode
-            if decode is not None and (self.step % decode.every_steps == 0 or last):
-                self._eval_decode(step_epoch)
-            every = cfg_ckpt.ckpt_every_steps
-            if cfg_ckpt.enabled and ((every and self.step % every == 0) or last):
-                self._save(step_epoch)
-        bar.close()
+        try:
+            while self.step < self.total_steps:
+                self._train_step()
+                bar.update(1)
+                self._after_step()
+        finally:
+            bar.close()  # a stopped run's last line starts on a fresh line
         D.barrier()
+
+    def _train_step(self) -> None:
+        if self._rows is None:
+            self.sampler.set_epoch(self.epoch)
+            self._rows = iter(self.sampler)
+        batches = self._micro_batches(self.train_set, [next(self._rows) for _ in range(self.per_step)])
+        self.window.tokens += sum(int(mb.attention_mask.sum()) for mb in batches)  # CPU tensors: no device sync
+        sums, grad_norm = self.runner.train_step(batches, self.epoch, self.optimizer, self.lr_scheduler)
+        if self.runner.last_finite:
+            self._accumulate(sums, grad_norm)
+        else:
+            self._skip_non_finite()
+        self.step += 1
+
+    def _after_step(self) -> None:
+        """Log, validate, close the epoch, decode and checkpoint as the step count asks."""
+        args, cfg_ckpt = self.config.recipe_args, self.config.checkpoint
+        step_epoch = self.epoch
+        epoch_done = self.sampler.consumed // self.per_step >= self._steps_in_epoch(self.epoch)
+        last = self.step >= self.total_steps
+        if self.step % args.log_every_steps == 0 or epoch_done or last:
+            self._log_window(step_epoch)
+        val_due = bool(args.val_every_steps) and self.step % (args.val_every_steps or 1) == 0
+        if self.val_set is not None and (epoch_done or val_due):
+            self._validate(step_epoch)
+        if epoch_done:
+            self.epoch += 1
+            self.sampler.set_epoch(self.epoch)
+            self._rows = None
+        decode = args.eval_decode
+        if decode is not None and (self.step % decode.every_steps == 0 or last):
+            self._eval_decode(step_epoch)
+        every = cfg_ckpt.ckpt_every_steps
+        if cfg_ckpt.enabled and ((every and self.step % every == 0) or last):
+            self._save(step_epoch)
+
+    def _skip_non_finite(self) -> None:
+        """Count a step that was not applied; stop (every rank, same decision) once the allowance is used up."""
+        self.skipped_steps += 1
+        allowed = self.config.recipe_args.max_skipped_steps
+        if self.skipped_steps > allowed:
+            raise RunStopped(divergence_message(self.step + 1, self.skipped_steps, allowed, self._last_good()))
+        count = f"{self.skipped_steps}/{allowed}"
+        self._log(f"step {self.step + 1}: non-finite loss or gradient norm; step skipped ({count})")
+
+    def _last_good(self) -> Path | None:
+        return ckpt.find_latest(self.ckpt_root) if self.config.checkpoint.enabled else None
 
     def _accumulate(self, sums: dict, grad_norm: torch.Tensor) -> None:
         w = self.window
@@ -279,6 +313,7 @@ class TrainDSparkRecipe(BaseRecipe):
             "grad_norm": grad_norm,
             "tokens_per_s": tokens / max(elapsed, 1e-9),
             "mem": mem,
+            **({"skipped_steps": self.skipped_steps} if self.skipped_steps else {}),
         }
         self.metrics.write(record)
         self._log(console_line(record))
@@ -339,6 +374,12 @@ class TrainDSparkRecipe(BaseRecipe):
     def _save(self, epoch: int) -> None:
         """Consolidate on rank 0 and write `epoch_{E}_step_{S}/` atomically; every rank joins the gathers."""
         model_state, optim_state = D.full_state(self.model, self.optimizer)
+        bad = non_finite_tensors(model_state) if self.info.is_main else []  # rank 0 holds the consolidated state
+        if float(D.all_reduce_sum(torch.tensor([float(len(bad))], device=self.info.device))) > 0:
+            raise RunStopped(
+                f"step {self.step}: the draft has non-finite weights ({', '.join(bad[:3]) or 'on rank 0'}); "
+                f"no checkpoint was written; the last good checkpoint is {self._last_good() or 'none'}"
+            )
         window = None
         if self.window.sums is not None:
             sums, _, _, _ = self._reduced_window()  # the open window, reduced, so a resumed log is identical
@@ -356,6 +397,7 @@ class TrainDSparkRecipe(BaseRecipe):
                 "scheduler": self.lr_scheduler.state_dict(),
                 "compat": self._compat(),
                 "window": window,
+                "skipped_steps": self.skipped_steps,
             }
             path = ckpt.save_checkpoint(
                 self.ckpt_root,
@@ -379,6 +421,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         recipe.setup()
         recipe.run_train_validation_loop()
+    except ToolError as err:  # a user-facing stop: one line on rank 0, non-zero exit on every rank, no traceback
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"dspark train: error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
     finally:
         D.destroy()
 

@@ -48,10 +48,13 @@ class RecipeArgs:
     log_every_steps: int = 10
     val_every_steps: int | None = None
     max_grad_norm: float | None = 1.0
+    max_skipped_steps: int = 0  # non-finite steps skipped (and counted) before the run stops; 0 = stop at the first
     mask_reasoning_content: bool = False
     chat_template: str | None = None
     ckpt_every_steps: int | None = None
     eval_decode: EvalDecodeConfig | None = None
+    packed_sequence_size: int = 0  # > 0: pack whole documents into rows of this many tokens (recipe/batching.py)
+    max_tokens_per_batch: int = 0  # > 0: micro-batches of similar-length rows, rows × longest ≤ this
 
 
 @dataclass
@@ -109,7 +112,6 @@ _UNIMPLEMENTED_RECIPE_ARGS = {
     "mask_generation_prompt": False,
     "cached_target_path": None,
     "multimodal": False,
-    "packed_sequence_size": 0,
     "target_force_hf": False,
     "target_attn_implementation": None,
     "shard_dense_target": False,
@@ -219,9 +221,29 @@ def _parse_recipe_args(values: dict) -> RecipeArgs:
     for key in ("max_steps", "val_every_steps", "ckpt_every_steps"):
         if getattr(args, key) is not None and getattr(args, key) < 1:
             raise ConfigError(f"'recipe_args.{key}' must be >= 1 or null, got {getattr(args, key)}")
+    if args.max_skipped_steps < 0:
+        raise ConfigError(f"'recipe_args.max_skipped_steps' must be >= 0, got {args.max_skipped_steps}")
     if args.confidence_head_alpha < 0:
         raise ConfigError("'recipe_args.confidence_head_alpha' must be >= 0")
+    _check_batching(args)
     return args
+
+
+def _check_batching(args: RecipeArgs) -> None:
+    """Packing and token budgets hold whole rows (at most seq_length tokens each) and exclude each other."""
+    for key in ("packed_sequence_size", "max_tokens_per_batch"):
+        value = getattr(args, key)
+        if value and value < args.seq_length:
+            raise ConfigError(
+                f"'recipe_args.{key}' must be 0 (off) or >= seq_length={args.seq_length} so that every row fits, "
+                f"got {value}"
+            )
+        if value < 0:
+            raise ConfigError(f"'recipe_args.{key}' must be 0 (off) or >= seq_length, got {value}")
+    if args.packed_sequence_size and args.max_tokens_per_batch:
+        raise ConfigError(
+            "'recipe_args.packed_sequence_size' and 'recipe_args.max_tokens_per_batch' exclude each other; set one to 0"
+        )
 
 
 def _parse_optimizer(values: dict) -> OptimizerConfig:

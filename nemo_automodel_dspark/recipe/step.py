@@ -3,7 +3,8 @@
 The loss of a step is `Σ numerators / Σ denominators` where both sums run over every micro-batch on every rank
 (SPEC §4). The denominators depend only on the data and the anchors, so they are computed and all-reduced once
 before any forward; each micro-batch then back-propagates `numerator · world_size / global_denominator` (DDP and
-FSDP2 average gradients over ranks). No host sync happens inside the step.
+FSDP2 average gradients over ranks). The only host sync is the end-of-step check that the loss and the grad norm
+are finite on every rank; a step that fails it updates neither the weights nor the optimizer state.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from torch import Tensor
 
 from nemo_automodel_dspark import distributed as D
-from nemo_automodel_dspark.loss import dspark_loss, slot_weights
+from nemo_automodel_dspark.loss import dspark_head_loss, slot_weights
 from nemo_automodel_dspark.masks import build_eval_mask, pack_anchor_count, sample_anchors, sample_pack_anchors
 from nemo_automodel_dspark.target.capture import capture_target_features
 
@@ -72,6 +73,7 @@ class DSparkStep:
         self.model, self.draft, self.target, self.args, self.info = model, draft, target, args, info
         self.defer_fsdp_sync = defer_fsdp_sync
         self.timer = PhaseTimer(info.device)
+        self.last_finite = True  # whether the last train_step was applied (see `_finite_everywhere`)
         self.trainable = [p for p in model.parameters() if p.requires_grad]  # fixed once wrapped
         self.autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16)
@@ -142,9 +144,11 @@ class DSparkStep:
                 target_hidden=captured.last_hidden,
                 position_ids=batch.position_ids,
             )
-            return dspark_loss(
-                out.draft_logits,
-                out.target_logits,
+            return dspark_head_loss(
+                out.head,
+                out.hidden,
+                out.markov_features,
+                out.teacher_hidden,
                 out.target_ids,
                 out.eval_mask,
                 out.confidence_logits,
@@ -176,10 +180,19 @@ class DSparkStep:
         with self.timer("optimizer"):
             max_norm = self.args.max_grad_norm if self.args.max_grad_norm else float("inf")
             grad_norm = D.full_norm(torch.nn.utils.clip_grad_norm_(self.trainable, max_norm))
-            optimizer.step()
+            self.last_finite = self._finite_everywhere(totals, grad_norm)
+            if self.last_finite:  # a non-finite loss or gradient never reaches the weights or the optimizer state
+                optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
         return totals, grad_norm.detach()
+
+    def _finite_everywhere(self, sums: dict[str, Tensor], grad_norm: Tensor) -> bool:
+        """True when the loss sums and the grad norm are finite on every rank (one scalar all-reduce, one host sync)."""
+        bad = ~torch.isfinite(grad_norm.detach().float())
+        for value in sums.values():
+            bad = bad | ~torch.isfinite(value.detach().float()).all()
+        return float(D.all_reduce_sum(bad.float().reshape(1).to(self.info.device))) == 0.0
 
     @torch.no_grad()
     def eval_sums(self, micro_batches, epoch: int = 0) -> dict:

@@ -55,9 +55,9 @@ def test_unknown_key_suggests_nearest():
 
 
 def test_unimplemented_upstream_key_is_refused_unless_noop():
-    with pytest.raises(ConfigError, match="'recipe_args.packed_sequence_size' is an upstream .* does not implement"):
-        parse_config(_minimal(packed_sequence_size=4096))
-    parse_config(_minimal(packed_sequence_size=0, multimodal=False))  # no-op values load
+    with pytest.raises(ConfigError, match="'recipe_args.multimodal' is an upstream .* does not implement"):
+        parse_config(_minimal(multimodal=True))
+    parse_config(_minimal(cached_target_path=None, multimodal=False))  # no-op values load
     raw = _minimal()
     raw["wandb"] = {"project": "x"}
     with pytest.raises(ConfigError, match="'wandb' is an upstream"):
@@ -105,3 +105,15 @@ def test_automodel_confignode_is_accepted(tmp_path):
     node = parse_args_and_load_config(argv=["-c", str(path), "--recipe_args.max_steps=5"])
     cfg = parse_config(node)
     assert cfg.recipe_args.max_steps == 5 and cfg.recipe_args.seq_length == 64
+
+
+def test_batching_keys_default_off_and_are_checked():
+    args = parse_config(_minimal()).recipe_args
+    assert args.packed_sequence_size == 0 and args.max_tokens_per_batch == 0
+    assert parse_config(_minimal(packed_sequence_size=4096)).recipe_args.packed_sequence_size == 4096
+    with pytest.raises(ConfigError, match=r"'recipe_args.packed_sequence_size' must be 0 \(off\) or >= seq_length=64"):
+        parse_config(_minimal(packed_sequence_size=32))
+    with pytest.raises(ConfigError, match=r"'recipe_args.max_tokens_per_batch' must be 0 \(off\) or >= seq_length"):
+        parse_config(_minimal(max_tokens_per_batch=-1))
+    with pytest.raises(ConfigError, match="'recipe_args.packed_sequence_size' and 'recipe_args.max_tokens_per_batch'"):
+        parse_config(_minimal(packed_sequence_size=128, max_tokens_per_batch=128))
