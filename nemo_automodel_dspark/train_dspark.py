@@ -23,10 +23,16 @@ from nemo_automodel_dspark.errors import ToolError
 from nemo_automodel_dspark.loss import flatten_sums, metrics_from_sums, unflatten_sums
 from nemo_automodel_dspark.model.config import DSparkConfig
 from nemo_automodel_dspark.model.drafter import DSparkDrafter
-from nemo_automodel_dspark.recipe import batching
+from nemo_automodel_dspark.recipe import batching, run_folder
 from nemo_automodel_dspark.recipe import checkpoint as ckpt
 from nemo_automodel_dspark.recipe.config import DSparkRecipeConfig, parse_config
-from nemo_automodel_dspark.recipe.guards import RunStopped, divergence_message, non_finite_tensors
+from nemo_automodel_dspark.recipe.guards import (
+    RunStopped,
+    disk_full_message,
+    divergence_message,
+    is_disk_full,
+    non_finite_tensors,
+)
 from nemo_automodel_dspark.recipe.metrics import MetricsWriter, console_line, peak_memory_gib
 from nemo_automodel_dspark.recipe.optim import build_optimizer, build_scheduler
 from nemo_automodel_dspark.recipe.step import DSparkStep, MicroBatch
@@ -63,12 +69,25 @@ class TrainDSparkRecipe(BaseRecipe):
         args = self.config.recipe_args
         self.info = D.init_distributed(self.config.dist.backend, self.config.dist.timeout_minutes)
         torch.manual_seed(args.shuffle_seed)
+        self._claim_folders()
         self._build_data()
         self._build_target()
         self._build_draft()
         self._build_optimizer()
         self._build_metrics()
         self._restore()
+
+    def _claim_folders(self) -> None:
+        """A new run never writes into folders holding another run (refused, or moved aside when asked)."""
+        args = self.config.recipe_args
+        self.ckpt_root = Path(self.config.checkpoint.checkpoint_dir or Path(args.output_dir) / "checkpoints")
+        if self.config.checkpoint.restore_from is None:
+            moves = run_folder.claim(
+                Path(args.output_dir), self.ckpt_root, overwrite=args.overwrite_output_dir, is_main=self.info.is_main
+            )
+            for old, new in moves:
+                self._log(f"recipe_args.overwrite_output_dir: moved the previous run {old} aside to {new}")
+            D.barrier()
 
     def _log(self, message: str) -> None:
         if self.info.is_main:
@@ -163,21 +182,23 @@ class TrainDSparkRecipe(BaseRecipe):
     def _build_metrics(self) -> None:
         args = self.config.recipe_args
         self.metrics = MetricsWriter(args.output_dir, enabled=self.info.is_main)
-        self.ckpt_root = Path(self.config.checkpoint.checkpoint_dir or Path(args.output_dir) / "checkpoints")
         self.step, self.epoch, self.skipped_steps = 0, 0, 0
         self._decode_prompts: list | None = None  # eval_decode prompts, loaded on first use
         self._rows: Iterator | None = (
             None  # this epoch's sampler iterator (rows or micro-batch plans; resumes mid-epoch)
         )
         self.window = Window(start=time.perf_counter())
+        if self.info.is_main:
+            for leftover in ckpt.remove_temp_folders(self.ckpt_root):
+                self._log(f"removed {leftover}, the temp folder of a checkpoint write that never finished")
 
     def _restore(self) -> None:
         """Resume from `checkpoint.restore_from` (path or LATEST): weights, optimizer, schedule, data position."""
-        path = ckpt.resolve_restore(self.config.checkpoint.restore_from, self.ckpt_root)
+        path = ckpt.resolve_restore(self.config.checkpoint.restore_from, self.ckpt_root, warn=self._log)
         if path is None:
             if self.config.checkpoint.restore_from:
                 self._log(f"restore_from: no checkpoint under {self.ckpt_root} yet; starting from scratch")
-            self.metrics.truncate_after(0)
+            self._truncate_metrics(0)
             return
         state = ckpt.load_trainer_state(path)
         ckpt.check_compatible(path, state["compat"], self._compat())
@@ -191,8 +212,13 @@ class TrainDSparkRecipe(BaseRecipe):
             like = {k: torch.empty(shape) for k, shape in state["window"]["shapes"].items()}
             self.window.sums = unflatten_sums(torch.tensor(state["window"]["sums"]), like)
             self.window.grad_norm, self.window.steps = state["window"]["grad_norm"], state["window"]["steps"]
-        self.metrics.truncate_after(self.step)
+        self._truncate_metrics(self.step)
         self._log(f"resumed from {path} at step {self.step} (epoch {self.epoch})")
+
+    def _truncate_metrics(self, step: int) -> None:
+        warning = self.metrics.truncate_after(step)
+        if warning:
+            self._log(warning)
 
     def _compat(self) -> dict:
         args = self.config.recipe_args
@@ -315,7 +341,7 @@ class TrainDSparkRecipe(BaseRecipe):
             "mem": mem,
             **({"skipped_steps": self.skipped_steps} if self.skipped_steps else {}),
         }
-        self.metrics.write(record)
+        self._write_metrics(record)
         self._log(console_line(record))
         self.window = Window(start=time.perf_counter())
 
@@ -335,7 +361,7 @@ class TrainDSparkRecipe(BaseRecipe):
             confidence_head_alpha=args.confidence_head_alpha,
         )
         record = {"step": self.step, "epoch": epoch, **{f"val/{k}": v for k, v in metrics.items()}}
-        self.metrics.write(record)
+        self._write_metrics(record)
         self._log(console_line(record))
 
     def _eval_decode(self, epoch: int) -> None:
@@ -350,7 +376,12 @@ class TrainDSparkRecipe(BaseRecipe):
             draft = DSparkDrafter(self.draft.target_config, self.draft.dspark).to(self.info.device)
             draft.load_state_dict(state)
             if self._decode_prompts is None:
-                self._decode_prompts = load_prompts(decode.data_path, self.tokenizer, decode.num_prompts)
+                self._decode_prompts = load_prompts(
+                    decode.data_path,
+                    self.tokenizer,
+                    decode.num_prompts,
+                    chat_template=self.config.recipe_args.chat_template,
+                )
             report = run_evaluation(
                 self.frozen.model,
                 draft.eval(),
@@ -367,9 +398,26 @@ class TrainDSparkRecipe(BaseRecipe):
                 "decode/speedup": report.get("speedup"),
                 "decode/rounds": report["rounds"],
             }
-            self.metrics.write(record)
             self._log(f"step {self.step} | decode/tau {report['tau']} | decode/speedup {report.get('speedup')}")
-        D.barrier()
+        self._write_metrics(record if self.info.is_main else None)  # every rank joins: it is also the barrier
+
+    def _write_metrics(self, record: dict | None) -> None:
+        """Rank 0 appends `record`; every rank calls this, so a full disk stops every rank with the same line."""
+        failure = None
+        if self.info.is_main and record is not None:
+            try:
+                self.metrics.write(record)
+            except OSError as err:
+                if not is_disk_full(err):
+                    raise
+                failure = disk_full_message(self.metrics.path, self._last_good())
+        self._stop_if(failure)
+
+    def _stop_if(self, failure: str | None) -> None:
+        """Share rank 0's verdict with every rank (a sync point) and stop all of them when there is one."""
+        failure = D.broadcast_object(failure)
+        if failure:
+            raise RunStopped(failure)
 
     def _save(self, epoch: int) -> None:
         """Consolidate on rank 0 and write `epoch_{E}_step_{S}/` atomically; every rank joins the gathers."""
@@ -380,25 +428,36 @@ class TrainDSparkRecipe(BaseRecipe):
                 f"step {self.step}: the draft has non-finite weights ({', '.join(bad[:3]) or 'on rank 0'}); "
                 f"no checkpoint was written; the last good checkpoint is {self._last_good() or 'none'}"
             )
-        window = None
-        if self.window.sums is not None:
-            sums, _, _, _ = self._reduced_window()  # the open window, reduced, so a resumed log is identical
-            window = {
-                "sums": flatten_sums(sums).tolist(),
-                "shapes": {k: list(v.shape) for k, v in sums.items()},
-                "grad_norm": float(self.window.grad_norm) * self.info.world_size,
-                "steps": self.window.steps,
-            }
+        window = self._window_state()
+        failure = None
         if self.info.is_main:
-            state = {
-                "step": self.step,
-                "epoch": self.epoch,
-                "sampler": self.sampler.state_dict(),
-                "scheduler": self.lr_scheduler.state_dict(),
-                "compat": self._compat(),
-                "window": window,
-                "skipped_steps": self.skipped_steps,
-            }
+            failure = self._write_checkpoint(epoch, model_state, optim_state, window)
+        self._stop_if(failure)
+
+    def _window_state(self) -> dict | None:
+        """The open metrics window, reduced over ranks, so a resumed run logs the same records."""
+        if self.window.sums is None:
+            return None
+        sums, _, _, _ = self._reduced_window()
+        return {
+            "sums": flatten_sums(sums).tolist(),
+            "shapes": {k: list(v.shape) for k, v in sums.items()},
+            "grad_norm": float(self.window.grad_norm) * self.info.world_size,
+            "steps": self.window.steps,
+        }
+
+    def _write_checkpoint(self, epoch: int, model_state: dict, optim_state: dict, window: dict | None) -> str | None:
+        """Rank 0: write the checkpoint; a full disk is returned as the one line to stop with (nothing half-written)."""
+        state = {
+            "step": self.step,
+            "epoch": self.epoch,
+            "sampler": self.sampler.state_dict(),
+            "scheduler": self.lr_scheduler.state_dict(),
+            "compat": self._compat(),
+            "window": window,
+            "skipped_steps": self.skipped_steps,
+        }
+        try:
             path = ckpt.save_checkpoint(
                 self.ckpt_root,
                 epoch,
@@ -408,8 +467,14 @@ class TrainDSparkRecipe(BaseRecipe):
                 optimizer_state=optim_state,
                 trainer_state=state,
             )
-            self._log(f"saved checkpoint {path}")
-        D.barrier()
+        except Exception as err:
+            if not is_disk_full(err):
+                raise
+            return disk_full_message(ckpt.step_dir(self.ckpt_root, epoch, self.step), self._last_good())
+        self._log(f"saved checkpoint {path}")
+        for old in run_folder.prune(self.ckpt_root, self.config.checkpoint.keep_last_n):
+            self._log(f"checkpoint.keep_last_n: removed {old}")
+        return None
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -48,6 +48,7 @@ class RecipeArgs:
     log_every_steps: int = 10
     val_every_steps: int | None = None
     max_grad_norm: float | None = 1.0
+    overwrite_output_dir: bool = False  # a new run into a folder holding a run moves the old one aside (never deletes)
     max_skipped_steps: int = 0  # non-finite steps skipped (and counted) before the run stops; 0 = stop at the first
     mask_reasoning_content: bool = False
     chat_template: str | None = None
@@ -88,6 +89,7 @@ class CheckpointConfig:
     save_consolidated: str = "final"  # final | every (true means every, as upstream)
     ckpt_every_steps: int | None = None
     restore_from: str | None = None  # path | LATEST | null
+    keep_last_n: int | None = None  # keep the newest N checkpoints (pruned once a newer one is complete); null = all
 
 
 @dataclass
@@ -268,7 +270,10 @@ def _parse_checkpoint(values: dict) -> CheckpointConfig:
     kept["save_consolidated"] = consolidated
     if kept.get("model_save_format", "safetensors") != "safetensors":
         raise ConfigError("'checkpoint.model_save_format': only safetensors is implemented")
-    return _typed("checkpoint", CheckpointConfig, kept)
+    out = _typed("checkpoint", CheckpointConfig, kept)
+    if out.keep_last_n is not None and out.keep_last_n < 1:
+        raise ConfigError(f"'checkpoint.keep_last_n' must be >= 1 or null, got {out.keep_last_n}")
+    return out
 
 
 def _parse_dist(dist_env: dict, distributed: dict) -> DistConfig:

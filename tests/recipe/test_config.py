@@ -34,7 +34,7 @@ def test_upstream_values_and_defaults():
         yaml.safe_load((Path(__file__).parents[2] / "examples/dspark/qwen3_0.6b_dspark.yaml").read_text())
     )
     assert cfg.checkpoint.save_consolidated == "every"  # upstream `true` means every
-    assert cfg.recipe_args.target_layer_ids == [1, 7, 14, 21, 27] and cfg.optimizer.betas == [0.9, 0.95]
+    assert cfg.recipe_args.target_layer_ids == [1, 7, 14, 20, 26] and cfg.optimizer.betas == [0.9, 0.95]
     defaults = parse_config(_minimal())
     assert defaults.recipe_args.loss_decay_gamma == 4.0 and defaults.recipe_args.markov_rank == 256
     assert defaults.dist.strategy == "fsdp2" and defaults.optimizer.warmup_ratio == 0.04
