@@ -41,7 +41,7 @@ BUDGETS = {
     "capture_vs_hf_hidden_states": (15, 30),
     "greedy_speculative_vs_target": (25, 30),
     "fsdp2_world1_vs_bare": (25, 30),
-    "throughput": (140, 150),  # both recipes: target build, setup, compile, 10 steps each
+    "throughput": (200, 150),  # both recipes: target build, setup, compile, 10 steps each; capped by the total
 }
 TOTAL_BUDGET_S = 295
 
@@ -134,8 +134,9 @@ def _fmt(value) -> str:
 
 def check_line(name: str, r: dict) -> str:
     verdict = "PASS" if r.get("passed") else "FAIL"
-    figures = {k: v for k, v in r.items() if isinstance(v, float | int) and k not in ("seconds",) and k != "passed"}
-    shown = ", ".join(f"{k}={_fmt(v)}" for k, v in list(figures.items())[:3])
+    figures = [(k, v) for k, v in r.items() if isinstance(v, float | int) and k not in ("seconds", "passed")]
+    figures.sort(key=lambda kv: not kv[0].endswith(("_err", "_diff")))  # the compared errors first
+    shown = ", ".join(f"{k}={_fmt(v)}" for k, v in figures[:3])
     bound = ", ".join(f"{k}<={_fmt(v)}" for k, v in (r.get("bound") or {}).items())
     detail = r.get("error") or shown
     return f"| {name} | {verdict} | {detail} | {bound or '-'} | {_fmt(r.get('seconds'))} |"
