@@ -22,7 +22,7 @@ import time
 from types import SimpleNamespace
 
 import torch
-from transformers import Qwen3Config, Qwen3ForCausalLM
+from transformers import Qwen3ForCausalLM
 
 from nemo_automodel_dspark import DSparkConfig, DSparkDrafter
 from nemo_automodel_dspark.data.packing import (
@@ -37,6 +37,7 @@ from nemo_automodel_dspark.recipe import batching
 from nemo_automodel_dspark.recipe.config import OptimizerConfig
 from nemo_automodel_dspark.recipe.optim import build_optimizer, build_scheduler
 from nemo_automodel_dspark.recipe.step import DSparkStep
+from nemo_automodel_dspark.target.tiny import tiny_config
 
 FULL_SEQ, FULL_ANCHORS, MEDIAN, P90 = 4096, 512, 900.0, 3000.0
 MODES = ("padded", "packed", "token_budget")
@@ -87,7 +88,8 @@ def padding_fractions(lengths: list[int], seq: int, micro_batch: int) -> dict[st
 
 
 def build(a: argparse.Namespace, device: torch.device, seq: int, anchors: int):
-    config = Qwen3Config(
+    config = tiny_config(
+        "qwen3",
         vocab_size=a.vocab,
         hidden_size=a.hidden,
         intermediate_size=3 * a.hidden,
@@ -97,7 +99,6 @@ def build(a: argparse.Namespace, device: torch.device, seq: int, anchors: int):
         head_dim=64,
         max_position_embeddings=max(4096, seq),
     )
-    config.architectures = ["Qwen3ForCausalLM"]
     torch.manual_seed(0)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     target = Qwen3ForCausalLM(config).to(device, dtype).eval().requires_grad_(False)

@@ -163,7 +163,52 @@ def _run_schedule(args: argparse.Namespace) -> int:
     return run(args)
 
 
+# ---- export ------------------------------------------------------------------------------------------------------
+
+
+def _add_export(parser: argparse.ArgumentParser) -> None:
+    from nemo_automodel_dspark.export.dialects import FORMATS
+
+    parser.add_argument(
+        "checkpoint", metavar="CKPT", help="saved draft folder (ours or NeMo AutoModel's, any sharding)"
+    )
+    parser.add_argument("--format", required=True, choices=FORMATS, help="the engine whose checkpoint dialect to write")
+    parser.add_argument("--out", required=True, help="folder to write config.json + model.safetensors to")
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from nemo_automodel_dspark.errors import require_draft_dir
+    from nemo_automodel_dspark.export.dialects import export_draft
+
+    require_draft_dir(args.checkpoint, "CKPT")
+    out = export_draft(args.checkpoint, args.format, args.out)
+    print(f"[dspark] {args.format} draft written to {out}")
+    return 0
+
+
+# ---- plan -------------------------------------------------------------------------------------------------------
+
+
+def _add_plan(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", "--config", required=True, help="recipe YAML")
+    parser.add_argument("--gpus", type=int, required=True, help="GPUs in the run (ranks)")
+    parser.add_argument("--gpu-memory", default="80GiB", help="per GPU: 80GiB, 141GB, ... (default: %(default)s)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser.epilog = "Overrides as in training follow the flags: --recipe_args.num_anchors=256 ..."
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    from nemo_automodel_dspark.recipe.plan import run_plan_command
+
+    return run_plan_command(args)
+
+
 COMMANDS: dict[str, Command] = {
+    "plan": Command(
+        "per-GPU memory of a training run from the target's config.json: does it fit, and what to change",
+        _add_plan,
+        _run_plan,
+    ),
     "build-tiny-target": Command(
         "train a tiny Qwen3 target + tokenizer on the Python stdlib", _add_build_tiny_target, _run_build_tiny_target
     ),
@@ -180,6 +225,11 @@ COMMANDS: dict[str, Command] = {
         "fit Sequential Temperature Scaling on evaluate rounds; writes confidence_temperatures",
         _add_calibrate,
         _run_calibrate,
+    ),
+    "export": Command(
+        "write a saved draft in the checkpoint dialect of vLLM, SGLang, SpecForge, speculators or Model-Optimizer",
+        _add_export,
+        _run_export,
     ),
     "schedule": Command(
         "simulate the confidence scheduler (Algorithm 1) on evaluate rounds and an SPS table",
@@ -201,7 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from nemo_automodel_dspark.errors import ToolError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, overrides = parser.parse_known_args(argv)
+    if overrides and args.command != "plan":
+        parser.error(f"unrecognized arguments: {' '.join(overrides)}")
+    args.overrides = overrides
     try:
         return COMMANDS[args.command].run(args)
     except ToolError as err:

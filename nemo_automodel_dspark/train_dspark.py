@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 from nemo_automodel.recipes.base_recipe import BaseRecipe
@@ -19,10 +20,12 @@ from tqdm import tqdm
 
 from nemo_automodel_dspark import distributed as D
 from nemo_automodel_dspark.data import DSparkChatDataset, ResumableSampler
+from nemo_automodel_dspark.data.sources import check_data_path
 from nemo_automodel_dspark.errors import ToolError
 from nemo_automodel_dspark.loss import flatten_sums, metrics_from_sums, unflatten_sums
-from nemo_automodel_dspark.model.config import DSparkConfig
 from nemo_automodel_dspark.model.drafter import DSparkDrafter
+from nemo_automodel_dspark.model.families import family_for
+from nemo_automodel_dspark.model.warm_start import load_warm_start
 from nemo_automodel_dspark.recipe import batching, resume, run_folder
 from nemo_automodel_dspark.recipe import checkpoint as ckpt
 from nemo_automodel_dspark.recipe.config import DSparkRecipeConfig, parse_config
@@ -35,8 +38,16 @@ from nemo_automodel_dspark.recipe.guards import (
 )
 from nemo_automodel_dspark.recipe.metrics import MetricsWriter, console_line, peak_memory_gib
 from nemo_automodel_dspark.recipe.optim import build_optimizer, build_scheduler
+from nemo_automodel_dspark.recipe.plan import (
+    MemoryPlan,
+    device_memory_gib,
+    draft_options,
+    load_target_config,
+    plan_for_config,
+)
+from nemo_automodel_dspark.recipe.serving_checks import check_serving, warning_text
 from nemo_automodel_dspark.recipe.step import DSparkStep, MicroBatch
-from nemo_automodel_dspark.target.loading import load_target, load_tokenizer
+from nemo_automodel_dspark.target.loading import check_model_path, load_target, load_tokenizer, target_skeleton
 
 
 @dataclass
@@ -69,6 +80,8 @@ class TrainDSparkRecipe(BaseRecipe):
         args = self.config.recipe_args
         self.info = D.init_distributed(self.config.dist.backend, self.config.dist.timeout_minutes)
         torch.manual_seed(args.shuffle_seed)
+        self._check_inputs()
+        self._check_serving()
         self._claim_folders()
         self._build_data()
         self._build_target()
@@ -76,6 +89,33 @@ class TrainDSparkRecipe(BaseRecipe):
         self._build_optimizer()
         self._build_metrics()
         self._restore()
+
+    def _check_inputs(self) -> None:
+        """Paths that cannot work are one line naming the key, before anything loads or any folder is touched."""
+        args = self.config.recipe_args
+        check_model_path(args.target_model_name_or_path, "recipe_args.target_model_name_or_path")
+        check_data_path(args.train_data_path, "recipe_args.train_data_path")
+        if args.val_data_path:
+            check_data_path(args.val_data_path, "recipe_args.val_data_path")
+        if args.eval_decode is not None:
+            check_data_path(args.eval_decode.data_path, "recipe_args.eval_decode.data_path")
+
+    def _load_decode_prompts(self) -> list | None:
+        """The eval_decode prompts, read at setup so a bad file fails before training, not at the first decode."""
+        from nemo_automodel_dspark.inference.prompts import load_prompts
+
+        decode = self.config.recipe_args.eval_decode
+        if decode is None:
+            return None
+        try:
+            return load_prompts(
+                decode.data_path,
+                self.tokenizer,
+                decode.num_prompts,
+                chat_template=self.config.recipe_args.chat_template,
+            )
+        except ValueError as err:
+            raise ToolError(f"recipe_args.eval_decode.data_path: {err}") from err
 
     def _claim_folders(self) -> None:
         """A new run never writes into folders holding another run (refused, or moved aside when asked)."""
@@ -92,6 +132,18 @@ class TrainDSparkRecipe(BaseRecipe):
     def _log(self, message: str) -> None:
         if self.info.is_main:
             tqdm.write(message)
+
+    def _check_serving(self) -> None:
+        """Engine rules that need the target's depth and family (config.json only), before data or weights load."""
+        from transformers import AutoConfig
+
+        args = self.config.recipe_args
+        target_config = AutoConfig.from_pretrained(
+            args.target_model_name_or_path, trust_remote_code=args.trust_remote_code
+        )
+        message = warning_text(check_serving(args, target_config, error=ToolError))  # one line, no traceback
+        if message:
+            self._log(message)
 
     def _build_data(self) -> None:
         args = self.config.recipe_args
@@ -112,6 +164,7 @@ class TrainDSparkRecipe(BaseRecipe):
             )
         total = sum(self._steps_in_epoch(epoch) for epoch in range(args.num_epochs))
         self.total_steps = min(total, args.max_steps) if args.max_steps else total
+        self._decode_prompts = self._load_decode_prompts()
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
     def _steps_in_epoch(self, epoch: int) -> int:
@@ -133,15 +186,58 @@ class TrainDSparkRecipe(BaseRecipe):
         return dataset
 
     def _build_target(self) -> None:
+        """The frozen target, replicated or FSDP2-sharded as the memory plan decides (printed once at start-up)."""
         args = self.config.recipe_args
         dtype = torch.bfloat16 if self.info.device.type == "cuda" else torch.float32
-        self.frozen = FrozenTarget(
-            load_target(
+        self.plan = self._memory_plan()
+        self._log(self.plan.table())
+        self._log(self._sharding_line())
+        if self.plan.target_sharded and args.eval_decode is not None:
+            raise ValueError(
+                "recipe_args.eval_decode decodes on rank 0 alone and needs a replicated target, but the target is "
+                "sharded; set recipe_args.shard_dense_target: false (or remove eval_decode)"
+            )
+        source = args.target_model_name_or_path
+        if self.plan.target_sharded:
+            model = self._load_sharded_target(dtype)
+        else:
+            model = load_target(source, dtype=dtype, device=self.info.device, trust_remote_code=args.trust_remote_code)
+        self.frozen = FrozenTarget(model)
+
+    def _load_sharded_target(self, dtype: torch.dtype) -> torch.nn.Module:
+        """Meta-device skeleton → FSDP2 shards → rank 0 reads the weights and sends each rank its shard."""
+        args = self.config.recipe_args
+        config = load_target_config(args.target_model_name_or_path, args.trust_remote_code)
+        model = target_skeleton(config, dtype)
+        parts = family_for(config).decoder_parts(model)
+        D.shard_frozen_target(model, parts.layers, parts.base_model)
+        source = None
+        if self.info.is_main:
+            source = load_target(
                 args.target_model_name_or_path,
                 dtype=dtype,
-                device=self.info.device,
+                device=torch.device("cpu"),
                 trust_remote_code=args.trust_remote_code,
             )
+        D.load_from_rank0(model, source, self.info.device)
+        return model  # rank 0's full copy is dropped here, once every shard has been sent
+
+    def _memory_plan(self) -> MemoryPlan:
+        args = self.config.recipe_args
+        device = "cuda" if self.info.device.type == "cuda" else "cpu"
+        budget = args.memory_budget_gib or device_memory_gib(self.info.device, self.info.local_world_size)
+        target_config = load_target_config(args.target_model_name_or_path, args.trust_remote_code)
+        return plan_for_config(self.config, target_config, self.info.world_size, budget, device)
+
+    def _sharding_line(self) -> str:
+        plan, setting = self.plan, str(self.config.recipe_args.shard_dense_target).lower()
+        chosen = f"sharded over {self.info.world_size} ranks" if plan.target_sharded else "replicated"
+        if self.info.world_size == 1:
+            return f"shard_dense_target: {setting} -> {chosen} (one process)"
+        verdict = "fits" if plan.replicated_gib <= plan.budget_gib else "does not fit"
+        return (
+            f"shard_dense_target: {setting} -> {chosen} (replicated plan {plan.replicated_gib:.4g} GiB {verdict} "
+            f"in {plan.budget_gib:.4g} GiB per device)"
         )
 
     def _build_draft(self) -> None:
@@ -150,29 +246,26 @@ class TrainDSparkRecipe(BaseRecipe):
         if backend == "flex_attention" and self.info.device.type != "cuda":
             self._log("attention_backend: flex_attention needs CUDA; using SDPA with a dense block mask on CPU")
             backend = "sdpa"
-        dspark = DSparkConfig(
-            mask_token_id=args.mask_token_id,
-            draft_num_hidden_layers=args.draft_num_hidden_layers,
-            block_size=args.block_size,
-            num_anchors=args.num_anchors,
-            target_layer_ids=args.target_layer_ids,
-            markov_rank=args.markov_rank,
-            markov_head_type=args.markov_head_type,
-            enable_confidence_head=args.confidence_head_alpha > 0,
-            confidence_head_with_markov=args.confidence_head_with_markov,
-            freeze_embeddings=args.freeze_embeddings,
-            attention_backend=backend,
-        )
+        dspark = draft_options(args, backend)
+        parts = family_for(self.frozen.model.config).decoder_parts(self.frozen.model)
+        embed = D.full_tensor(cast(torch.Tensor, parts.embed_tokens.weight))  # gathered when the target is sharded
+        lm_head = D.full_tensor(cast(torch.Tensor, parts.lm_head.weight))
         torch.manual_seed(args.shuffle_seed)  # identical initial draft on every rank and every world size
-        self.draft = DSparkDrafter.from_target(self.frozen.model, dspark).to(self.info.device)
-        self.model = D.wrap_draft(self.draft, self.config.dist.strategy, self.info)
+        draft = DSparkDrafter.from_embeddings(self.frozen.model.config, dspark, embed, lm_head)
+        del embed, lm_head
+        if args.draft_weights_path:
+            load_warm_start(draft, args.draft_weights_path)
+            self._log(f"draft_weights_path: started from {args.draft_weights_path}")
+        self.draft = draft.to(self.info.device)
+        dist = self.config.dist
+        self.model = D.wrap_draft(self.draft, dist.strategy, self.info, dist.activation_checkpointing)
         self.runner = DSparkStep(
             self.model,
             self.draft,
             self.frozen.model,
             args,
             self.info,
-            defer_fsdp_sync=self.config.dist.defer_fsdp_grad_sync,
+            defer_fsdp_sync=dist.defer_fsdp_grad_sync,
         )
 
     def _build_optimizer(self) -> None:
@@ -183,7 +276,6 @@ class TrainDSparkRecipe(BaseRecipe):
         args = self.config.recipe_args
         self.metrics = MetricsWriter(args.output_dir, enabled=self.info.is_main)
         self.step, self.epoch, self.skipped_steps = 0, 0, 0
-        self._decode_prompts: list | None = None  # eval_decode prompts, loaded on first use
         self._rows: Iterator | None = (
             None  # this epoch's sampler iterator (rows or micro-batch plans; resumes mid-epoch)
         )

@@ -29,6 +29,7 @@ LAYERS = {
     "io": CORE,
     "errors": CORE,
     "draft_checks": CORE,
+    "export": CORE,
     "recipe": MIDDLE,
     "inference": MIDDLE,
     "train_dspark": MIDDLE,

@@ -10,6 +10,8 @@ import difflib
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from nemo_automodel_dspark.recipe.serving_checks import check_serving
+
 
 class ConfigError(ValueError):
     """A bad configuration value or key; the message names the dotted key."""
@@ -34,6 +36,7 @@ class RecipeArgs:
     block_size: int = 7
     num_anchors: int = 512
     target_layer_ids: list[int] | None = None
+    serve_with: list[str] | None = None  # engines the draft must load in (export/engines.py); unset = warn
     freeze_embeddings: bool = True
     attention_backend: str = "flex_attention"
     markov_rank: int = 256
@@ -54,6 +57,9 @@ class RecipeArgs:
     chat_template: str | None = None
     ckpt_every_steps: int | None = None
     eval_decode: EvalDecodeConfig | None = None
+    shard_dense_target: bool | str = "auto"  # true | false | auto (shard when the replicated plan does not fit)
+    memory_budget_gib: float | None = None  # per device, for the plan and `auto`; default: the device's memory
+    draft_weights_path: str | None = None  # warm-start from a servable draft folder
     packed_sequence_size: int = 0  # > 0: pack whole documents into rows of this many tokens (recipe/batching.py)
     max_tokens_per_batch: int = 0  # > 0: micro-batches of similar-length rows, rows × longest ≤ this
 
@@ -98,6 +104,7 @@ class DistConfig:
     timeout_minutes: int = 30
     strategy: str = "fsdp2"  # fsdp2 | ddp
     defer_fsdp_grad_sync: bool = True
+    activation_checkpointing: bool = False  # recompute the draft backbone layers in backward
 
 
 @dataclass
@@ -116,7 +123,6 @@ _UNIMPLEMENTED_RECIPE_ARGS = {
     "multimodal": False,
     "target_force_hf": False,
     "target_attn_implementation": None,
-    "shard_dense_target": False,
     "target_num_hidden_layers": None,
     "target_attn_backend": None,
     "target_dispatcher": None,
@@ -124,10 +130,8 @@ _UNIMPLEMENTED_RECIPE_ARGS = {
     "target_enable_fsdp_optimizations": None,
     "confidence_head_stop_gradient": False,
     "save_checkpoint_every_epoch": False,
-    "draft_weights_path": None,
 }
 _UNIMPLEMENTED_DISTRIBUTED = {
-    "activation_checkpointing": False,
     "cp_size": 1,
     "tp_size": 1,
     "pp_size": 1,
@@ -227,8 +231,29 @@ def _parse_recipe_args(values: dict) -> RecipeArgs:
         raise ConfigError(f"'recipe_args.max_skipped_steps' must be >= 0, got {args.max_skipped_steps}")
     if args.confidence_head_alpha < 0:
         raise ConfigError("'recipe_args.confidence_head_alpha' must be >= 0")
+    _check_sharding(args)
     _check_batching(args)
+    if isinstance(args.serve_with, str):  # `serve_with: vllm` means [vllm]
+        args.serve_with = [args.serve_with]
+    check_serving(args, error=ConfigError)  # the option-only engine rules; the target's depth is checked at setup
     return args
+
+
+def _check_sharding(args: RecipeArgs) -> None:
+    """`shard_dense_target` is true, false or auto; a sharded target cannot run rank-0-only decoding."""
+    value = args.shard_dense_target
+    if isinstance(value, str) and value.lower() in ("true", "false", "auto"):
+        value = {"true": True, "false": False}.get(value.lower(), "auto")
+    if not (isinstance(value, bool) or value == "auto"):
+        raise ConfigError(f"'recipe_args.shard_dense_target' must be true, false or auto, got {value!r}")
+    args.shard_dense_target = value
+    if value is True and args.eval_decode is not None:
+        raise ConfigError(
+            "'recipe_args.eval_decode' decodes on rank 0 alone and needs a replicated target; "
+            "set recipe_args.shard_dense_target: false (or remove eval_decode)"
+        )
+    if args.memory_budget_gib is not None and not args.memory_budget_gib > 0:
+        raise ConfigError(f"'recipe_args.memory_budget_gib' must be > 0, got {args.memory_budget_gib}")
 
 
 def _check_batching(args: RecipeArgs) -> None:
@@ -278,7 +303,12 @@ def _parse_checkpoint(values: dict) -> CheckpointConfig:
 
 def _parse_dist(dist_env: dict, distributed: dict) -> DistConfig:
     env = _check_section("dist_env", dist_env, ["backend", "timeout_minutes"], {})
-    dist = _check_section("distributed", distributed, ["strategy", "defer_fsdp_grad_sync"], _UNIMPLEMENTED_DISTRIBUTED)
+    dist = _check_section(
+        "distributed",
+        distributed,
+        ["strategy", "defer_fsdp_grad_sync", "activation_checkpointing"],
+        _UNIMPLEMENTED_DISTRIBUTED,
+    )
     out = _typed("distributed", DistConfig, {**env, **dist})
     if out.strategy not in ("fsdp2", "ddp"):
         raise ConfigError(f"'distributed.strategy' must be fsdp2 or ddp, got {out.strategy!r}")
