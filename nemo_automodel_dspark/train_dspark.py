@@ -289,7 +289,7 @@ class TrainDSparkRecipe(BaseRecipe):
         resume.apply_optimizer_changes(
             state.get("optimizer"), self.config.optimizer, self.optimizer, self.lr_scheduler, self._log
         )
-        self.sampler.load_state_dict(state["sampler"])
+        batching.restore_position(self.sampler, state["sampler"], path)
         self.step, self.epoch = state["step"], state["epoch"]
         self.skipped_steps = state.get("skipped_steps", 0)
         if self.info.is_main and state.get("window") is not None:
