@@ -24,9 +24,9 @@ import sys
 
 import torch
 
-from nemo_automodel_dspark.loss import default_chunk_rows, dspark_loss
+from nemo_automodel_dspark.loss import LossConfig, default_chunk_rows, dspark_loss
 
-ALPHAS = {"loss_decay_gamma": 4.0, "ce_loss_alpha": 0.1, "l1_loss_alpha": 0.9, "confidence_head_alpha": 1.0}
+LOSS = LossConfig(loss_decay_gamma=4.0, ce_loss_alpha=0.1, l1_loss_alpha=0.9, confidence_head_alpha=1.0)
 BLOCK_SIZE = 7
 MAX_RATIO, MAX_LOSS_REL, MAX_GRAD_REL = 0.30, 1e-4, 1e-5
 GIB = 2**30
@@ -51,7 +51,7 @@ def _current_rss_bytes() -> int:
 
 
 def _loss_and_backward(inputs: tuple[torch.Tensor, ...], chunk_rows: int | None) -> float:
-    out = dspark_loss(*inputs, chunk_rows=chunk_rows, **ALPHAS)
+    out = dspark_loss(*inputs, LOSS, chunk_rows=chunk_rows)
     out.loss.backward()
     return out.loss.item()
 

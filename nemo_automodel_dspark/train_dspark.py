@@ -6,6 +6,19 @@
 
 from __future__ import annotations
 
+import sys
+
+from nemo_automodel_dspark.recipe.config import (
+    ConfigError,
+    DSparkRecipeConfig,
+    config_or_exit,
+    exit_with_error,
+    parse_config,
+)
+
+if __name__ == "__main__":  # `python -m ...train_dspark`: check every option before torch and NeMo AutoModel load
+    config_or_exit(sys.argv[1:])
+
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,8 +33,8 @@ from nemo_automodel_dspark.data import DSparkChatDataset, ResumableSampler, coll
 from nemo_automodel_dspark.loss import flatten_sums, metrics_from_sums, unflatten_sums
 from nemo_automodel_dspark.model.config import DSparkConfig
 from nemo_automodel_dspark.model.drafter import DSparkDrafter
+from nemo_automodel_dspark.model.families import family_for
 from nemo_automodel_dspark.recipe import checkpoint as ckpt
-from nemo_automodel_dspark.recipe.config import DSparkRecipeConfig, parse_config
 from nemo_automodel_dspark.recipe.metrics import MetricsWriter, console_line, peak_memory_gib
 from nemo_automodel_dspark.recipe.optim import build_optimizer, build_scheduler
 from nemo_automodel_dspark.recipe.step import DSparkStep, MicroBatch
@@ -56,7 +69,8 @@ class TrainDSparkRecipe(BaseRecipe):
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         args = self.config.recipe_args
-        self.info = D.init_distributed(self.config.dist.backend, self.config.dist.timeout_minutes)
+        self.draft_config = self._check_target()
+        self.info = D.init_distributed(self.config.dist_env.backend, self.config.dist_env.timeout_minutes)
         torch.manual_seed(args.shuffle_seed)
         self._build_data()
         self._build_target()
@@ -69,6 +83,23 @@ class TrainDSparkRecipe(BaseRecipe):
         if self.info.is_main:
             tqdm.write(message)
 
+    def _check_target(self) -> DSparkConfig:
+        """Read only the target's config.json: the draft options checked against it, with layer ids resolved."""
+        from transformers import AutoConfig
+
+        args = self.config.recipe_args
+        key = "'recipe_args.target_model_name_or_path'"
+        try:
+            target_config = AutoConfig.from_pretrained(
+                args.target_model_name_or_path, trust_remote_code=args.trust_remote_code
+            )
+            family = family_for(target_config)
+            text = family.text_config(target_config)
+            family.check_supported(text)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"{key} {args.target_model_name_or_path}: {str(err).splitlines()[0]}") from err
+        return self.config.draft.for_target(text.num_hidden_layers, text.vocab_size)
+
     def _build_data(self) -> None:
         args = self.config.recipe_args
         self.tokenizer = load_tokenizer(args.target_model_name_or_path, args.trust_remote_code)
@@ -80,7 +111,7 @@ class TrainDSparkRecipe(BaseRecipe):
         self.per_step = args.micro_batch_size * args.grad_accumulation_steps
         self.steps_per_epoch = len(self.sampler) // self.per_step
         if self.steps_per_epoch == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"{args.train_data_path}: {len(self.train_set)} usable rows cannot fill one optimizer "
                 f"step of {self.per_step * self.info.world_size} rows (ranks x micro_batch_size x "
                 "grad_accumulation_steps)"
@@ -98,7 +129,7 @@ class TrainDSparkRecipe(BaseRecipe):
             split=split,
             chat_template=args.chat_template,
             mask_reasoning_content=args.mask_reasoning_content,
-            mask_token_id=args.mask_token_id,
+            mask_token_id=self.draft_config.mask_token_id,
             show_progress=self.info.is_main,
         )
         self._log(dataset.report())
@@ -118,33 +149,20 @@ class TrainDSparkRecipe(BaseRecipe):
 
     def _build_draft(self) -> None:
         args = self.config.recipe_args
-        backend = args.attention_backend
-        if backend == "flex_attention" and self.info.device.type != "cuda":
+        if self.draft_config.attention_backend == "flex_attention" and self.info.device.type != "cuda":
             self._log("attention_backend: flex_attention needs CUDA; using SDPA with a dense block mask on CPU")
-            backend = "sdpa"
-        dspark = DSparkConfig(
-            mask_token_id=args.mask_token_id,
-            draft_num_hidden_layers=args.draft_num_hidden_layers,
-            block_size=args.block_size,
-            num_anchors=args.num_anchors,
-            target_layer_ids=args.target_layer_ids,
-            markov_rank=args.markov_rank,
-            markov_head_type=args.markov_head_type,
-            enable_confidence_head=args.confidence_head_alpha > 0,
-            confidence_head_with_markov=args.confidence_head_with_markov,
-            freeze_embeddings=args.freeze_embeddings,
-            attention_backend=backend,
-        )
         torch.manual_seed(args.shuffle_seed)  # identical initial draft on every rank and every world size
-        self.draft = DSparkDrafter.from_target(self.frozen.model, dspark).to(self.info.device)
-        self.model = D.wrap_draft(self.draft, self.config.dist.strategy, self.info)
+        self.draft = DSparkDrafter.from_target(self.frozen.model, self.draft_config).to(self.info.device)
+        self.model = D.wrap_draft(self.draft, self.config.distributed.strategy, self.info)
         self.runner = DSparkStep(
             self.model,
             self.draft,
             self.frozen.model,
-            args,
+            self.config.loss,
             self.info,
-            defer_fsdp_sync=self.config.dist.defer_fsdp_grad_sync,
+            seed=args.shuffle_seed,
+            max_grad_norm=args.max_grad_norm,
+            defer_fsdp_sync=self.config.distributed.defer_fsdp_grad_sync,
         )
 
     def _build_optimizer(self) -> None:
@@ -183,12 +201,11 @@ class TrainDSparkRecipe(BaseRecipe):
         self._log(f"resumed from {path} at step {self.step} (epoch {self.epoch})")
 
     def _compat(self) -> dict:
-        args = self.config.recipe_args
         return {
-            "block_size": args.block_size,
-            "mask_token_id": args.mask_token_id,
-            "target_layer_ids": list(self.draft.dspark.target_layer_ids or []),
-            "target_model_name_or_path": args.target_model_name_or_path,
+            "block_size": self.draft_config.block_size,
+            "mask_token_id": self.draft_config.mask_token_id,
+            "target_layer_ids": list(self.draft_config.target_layer_ids or []),
+            "target_model_name_or_path": self.config.recipe_args.target_model_name_or_path,
         }
 
     # ------------------------------------------------------------------ loop
@@ -265,16 +282,10 @@ class TrainDSparkRecipe(BaseRecipe):
             return
         sums, grad_norm, tokens, mem = self._reduced_window()
         elapsed = time.perf_counter() - self.window.start
-        args = self.config.recipe_args
         record = {
             "step": self.step,
             "epoch": epoch,
-            **metrics_from_sums(
-                sums,
-                ce_loss_alpha=args.ce_loss_alpha,
-                l1_loss_alpha=args.l1_loss_alpha,
-                confidence_head_alpha=args.confidence_head_alpha,
-            ),
+            **metrics_from_sums(sums, self.config.loss),
             "lr": self.runner.last_lr,
             "grad_norm": grad_norm,
             "tokens_per_s": tokens / max(elapsed, 1e-9),
@@ -293,12 +304,7 @@ class TrainDSparkRecipe(BaseRecipe):
         )
         sums = self.runner.eval_sums(self._micro_batches(val_set, sampler.indices()))
         flat = D.all_reduce_sum(flatten_sums(sums).to(self.info.device))
-        metrics = metrics_from_sums(
-            unflatten_sums(flat.cpu(), sums),
-            ce_loss_alpha=args.ce_loss_alpha,
-            l1_loss_alpha=args.l1_loss_alpha,
-            confidence_head_alpha=args.confidence_head_alpha,
-        )
+        metrics = metrics_from_sums(unflatten_sums(flat.cpu(), sums), self.config.loss)
         record = {"step": self.step, "epoch": epoch, **{f"val/{k}": v for k, v in metrics.items()}}
         self.metrics.write(record)
         self._log(console_line(record))
@@ -371,14 +377,18 @@ class TrainDSparkRecipe(BaseRecipe):
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m nemo_automodel_dspark.train_dspark -c cfg.yaml [--section.key=value ...]` (under torchrun)."""
-    from nemo_automodel.components.config._arg_parser import parse_args_and_load_config
+    """`python -m nemo_automodel_dspark.train_dspark -c cfg.yaml [--section.key=value ...]` (under torchrun).
 
-    cfg = parse_args_and_load_config(argv=argv)
-    recipe = TrainDSparkRecipe(cfg)
+    A user error (a bad option, or one the target's config.json refutes) prints one line and exits with status 2
+    on every rank, without a traceback.
+    """
+    config = config_or_exit(sys.argv[1:] if argv is None else argv)
+    recipe = TrainDSparkRecipe(config)
     try:
         recipe.setup()
         recipe.run_train_validation_loop()
+    except ConfigError as err:
+        exit_with_error(err)
     finally:
         D.destroy()
 

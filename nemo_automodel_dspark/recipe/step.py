@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from nemo_automodel_dspark import distributed as D
-from nemo_automodel_dspark.loss import dspark_loss, slot_weights
+from nemo_automodel_dspark.loss import LossConfig, dspark_loss, slot_weights
 from nemo_automodel_dspark.masks import build_eval_mask, sample_anchors
 from nemo_automodel_dspark.target.capture import capture_target_features
 
@@ -66,9 +66,20 @@ def _add(total: dict, sums: dict) -> None:
 class DSparkStep:
     """Runs training and validation steps for a (wrapped) draft against a frozen target."""
 
-    def __init__(self, model, draft, target, args, info: D.DistInfo, *, defer_fsdp_sync: bool) -> None:
-        self.model, self.draft, self.target, self.args, self.info = model, draft, target, args, info
-        self.defer_fsdp_sync = defer_fsdp_sync
+    def __init__(
+        self,
+        model,
+        draft,
+        target,
+        loss: LossConfig,
+        info: D.DistInfo,
+        *,
+        seed: int,
+        max_grad_norm: float | None,
+        defer_fsdp_sync: bool,
+    ) -> None:
+        self.model, self.draft, self.target, self.loss, self.info = model, draft, target, loss, info
+        self.seed, self.max_grad_norm, self.defer_fsdp_sync = seed, max_grad_norm, defer_fsdp_sync
         self.timer = PhaseTimer(info.device)
         self.trainable = [p for p in model.parameters() if p.requires_grad]  # fixed once wrapped
         self.autocast = (
@@ -76,18 +87,12 @@ class DSparkStep:
             if info.device.type == "cuda" and not hasattr(model, "set_requires_gradient_sync")
             else contextlib.nullcontext()
         )
-        self.loss_options = dict(
-            loss_decay_gamma=args.loss_decay_gamma,
-            ce_loss_alpha=args.ce_loss_alpha,
-            l1_loss_alpha=args.l1_loss_alpha,
-            confidence_head_alpha=args.confidence_head_alpha,
-        )
 
     def anchors(self, batch: MicroBatch, stream: int, epoch: int) -> tuple[Tensor, Tensor]:
         rows = []
         for b, index in enumerate(batch.indices):
-            generator = torch.Generator().manual_seed(anchor_seed(self.args.shuffle_seed, stream, epoch, index))
-            rows.append(sample_anchors(batch.loss_mask[b : b + 1], self.args.num_anchors, generator))
+            generator = torch.Generator().manual_seed(anchor_seed(self.seed, stream, epoch, index))
+            rows.append(sample_anchors(batch.loss_mask[b : b + 1], self.draft.dspark.num_anchors, generator))
         return torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
 
     def _to_device(self, batch: MicroBatch) -> MicroBatch:
@@ -109,7 +114,7 @@ class DSparkStep:
                 out.target_ids,
                 out.eval_mask,
                 out.confidence_logits,
-                **self.loss_options,
+                self.loss,
             )
 
     def train_step(self, micro_batches: list[MicroBatch], epoch: int, optimizer, scheduler) -> tuple[dict, Tensor]:
@@ -120,7 +125,7 @@ class DSparkStep:
             blocks = [self.anchors(mb, _TRAIN, epoch) for mb in batches]
             local = sum(
                 slot_weights(
-                    build_eval_mask(mb.loss_mask, a, k, self.draft.dspark.block_size), self.args.loss_decay_gamma
+                    build_eval_mask(mb.loss_mask, a, k, self.draft.dspark.block_size), self.loss.loss_decay_gamma
                 ).sum()
                 for mb, (a, k) in zip(batches, blocks, strict=True)
             )
@@ -134,7 +139,7 @@ class DSparkStep:
                     (loss.numerator * scale).backward()
             _add(totals, loss.sums)
         with self.timer("optimizer"):
-            max_norm = self.args.max_grad_norm if self.args.max_grad_norm else float("inf")
+            max_norm = self.max_grad_norm if self.max_grad_norm else float("inf")
             grad_norm = D.full_norm(torch.nn.utils.clip_grad_norm_(self.trainable, max_norm))
             optimizer.step()
             scheduler.step()
