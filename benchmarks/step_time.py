@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from types import SimpleNamespace
 
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
@@ -67,7 +68,8 @@ def build(a: argparse.Namespace, device: torch.device):
         ),
     ).to(device)
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=device)
-    step = DSparkStep(draft, draft, target, LossConfig(), info, seed=0, max_grad_norm=1.0, defer_fsdp_sync=False)
+    args = SimpleNamespace(shuffle_seed=0, max_grad_norm=1.0, seq_length=a.seq)
+    step = DSparkStep(draft, draft, target, args, LossConfig(), info, defer_fsdp_sync=False)
     optimizer = build_optimizer(draft, OptimizerConfig(lr=1e-4))
     return step, optimizer, build_scheduler(optimizer, OptimizerConfig(lr=1e-4), 1000)
 

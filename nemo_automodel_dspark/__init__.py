@@ -18,7 +18,7 @@ _EXPORTS = {
     "dspark_loss": "nemo_automodel_dspark.loss.objective",
     "DSparkLossOutput": "nemo_automodel_dspark.loss.objective",
     "capture_target_features": "nemo_automodel_dspark.target.capture",
-    "default_target_layer_ids": "nemo_automodel_dspark.target.capture",
+    "default_target_layer_ids": "nemo_automodel_dspark.model.layer_ids",
     "sample_anchors": "nemo_automodel_dspark.masks",
 }
 

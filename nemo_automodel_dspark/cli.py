@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from nemo_automodel_dspark.tools.errors import ToolError
+    from nemo_automodel_dspark.errors import ToolError
 
     args = build_parser().parse_args(argv)
     try:

@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from nemo_automodel_dspark.io import atomic_path, atomic_write_json, atomic_write_text
+
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "dspark" / "tiny_cpu_dspark.yaml"
 
 
@@ -50,7 +52,7 @@ def build_data(opts: DemoOptions, target: Path) -> tuple[Path, Path]:
         prompts = opts.workdir / f"{split}_prompts.jsonl"
         text = "".join(json.dumps(r) + "\n" for r in stdlib_chat_rows(split, n, seed=0))
         if not prompts.is_file() or prompts.read_text() != text:
-            prompts.write_text(text)
+            atomic_write_text(prompts, text)
         out = opts.workdir / f"{split}_regen.jsonl"
         config = RegenerateConfig(
             data=str(prompts),
@@ -171,7 +173,8 @@ def plot(train_records: list[dict], val_records: list[dict], path: Path) -> Path
         ax.set_xlabel("step")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
     return path
 
@@ -229,5 +232,5 @@ def run_demo(opts: DemoOptions) -> dict:
         "png": str(png),
         "draft": str(draft_dir),
     }
-    (run_dir / "demo_report.json").write_text(json.dumps(summary, indent=2, default=str))
+    atomic_write_json(run_dir / "demo_report.json", summary)
     return summary

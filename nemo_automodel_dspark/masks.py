@@ -3,6 +3,12 @@
 Block slot (n, k) sits at position `a_n + k` and predicts token `a_n + k + 1`. Queries are the `N·K` block slots;
 keys/values are `[context (S rows) | all blocks (N·K rows)]`. A slot of block n sees context rows `j < a_n` and
 every slot of its own block; a padding block (kept = False) sees only itself so that no attention row is empty.
+
+Packed rows (several documents end to end, `position_ids` restarting at 0 per document) keep every rule per
+document: a block sees context rows `start(a_n) ≤ j < a_n` with `start(a) = a − position_ids[a]`, a slot is
+supervised only while its label stays inside the anchor's document, and RoPE uses the document's positions.
+Anchor counts follow document length (`document_anchor_count`): `num_anchors` per `seq_length` tokens, rounded
+down, so a pack of P tokens never needs more than `num_anchors · P // seq_length` blocks.
 """
 
 from __future__ import annotations
@@ -34,23 +40,84 @@ def sample_anchors(loss_mask: Tensor, num_anchors: int, generator: torch.Generat
     return torch.where(keep, picked, torch.zeros_like(picked)), keep
 
 
+def document_anchor_count(doc_len: int, num_anchors: int, seq_length: int) -> int:
+    """Anchors a packed document draws: `⌊num_anchors · len / seq_length⌋` (a full-length row keeps num_anchors)."""
+    return num_anchors * doc_len // seq_length
+
+
+def pack_anchor_count(packed_sequence_size: int, num_anchors: int, seq_length: int) -> int:
+    """Blocks per packed row: the most its documents can draw together (Σ of floors ≤ floor of the sum)."""
+    return max(1, document_anchor_count(packed_sequence_size, num_anchors, seq_length))
+
+
+def sample_pack_anchors(
+    loss_mask: Tensor,  # [P] one packed row
+    spans: list[tuple[int, int]],  # (start, length) of each document in the row
+    generators: list[torch.Generator],  # one per document
+    *,
+    num_anchors: int,
+    seq_length: int,
+    total: int,
+) -> tuple[Tensor, Tensor]:
+    """Per-document `sample_anchors` with `document_anchor_count` anchors each, shifted to the row: `[1, total]` x2."""
+    anchors, keep = [], []
+    for (start, length), generator in zip(spans, generators, strict=True):
+        count = document_anchor_count(length, num_anchors, seq_length)
+        if count == 0:
+            continue
+        a, k = sample_anchors(loss_mask[start : start + length].unsqueeze(0), count, generator)
+        anchors.append(a[0] + start)
+        keep.append(k[0])
+    a_row = torch.cat([*anchors, loss_mask.new_zeros(0)]).long()
+    k_row = torch.cat([*keep, torch.zeros(0, dtype=torch.bool, device=loss_mask.device)])
+    if a_row.numel() > total:
+        raise ValueError(f"documents drew {a_row.numel()} anchors, more than the row's {total} blocks")
+    pad = total - a_row.numel()
+    a_row = torch.cat([a_row, a_row.new_zeros(pad)])
+    k_row = torch.cat([k_row, k_row.new_zeros(pad)])
+    return a_row.unsqueeze(0), k_row.unsqueeze(0)
+
+
 def slot_positions(anchors: Tensor, block_size: int) -> Tensor:
     """Position id of every block slot, `a_n + k` → [B, N, K]."""
     return anchors.unsqueeze(-1) + torch.arange(block_size, device=anchors.device)
 
 
-def build_eval_mask(loss_mask: Tensor, anchors: Tensor, keep: Tensor, block_size: int) -> Tensor:
-    """Supervised slots [B, N, K]: label `t = a + k + 1` inside the row, on a loss token, block kept; prefix only."""
+def context_start(anchors: Tensor, position_ids: Tensor | None) -> Tensor | None:
+    """First row of each anchor's document, `a − position_ids[a]` [B, N]; None for unpacked rows (row start 0)."""
+    if position_ids is None:
+        return None
+    return anchors - torch.gather(position_ids, 1, anchors)
+
+
+def build_eval_mask(
+    loss_mask: Tensor,  # [B, S]
+    anchors: Tensor,  # [B, N]
+    keep: Tensor,  # [B, N]
+    block_size: int,
+    position_ids: Tensor | None = None,  # [B, S] per-document positions of packed rows
+) -> Tensor:
+    """Supervised slots [B, N, K]: label `t = a + k + 1` inside the row (and the anchor's document), on a loss
+    token, block kept; prefix only. Inside a packed document positions grow by exactly 1, and a later document
+    restarts lower, so `t` is in the anchor's document iff `position_ids[t] = position_ids[a] + k + 1`."""
     seq = loss_mask.shape[1]
     labels = slot_positions(anchors, block_size) + 1  # [B, N, K]
     inside = labels < seq
-    on_loss = torch.gather(loss_mask.bool(), 1, labels.clamp(max=seq - 1).flatten(1)).view_as(labels)
+    clamped = labels.clamp(max=seq - 1).flatten(1)
+    on_loss = torch.gather(loss_mask.bool(), 1, clamped).view_as(labels)
+    if position_ids is not None:
+        doc_pos = slot_positions(torch.gather(position_ids, 1, anchors), block_size) + 1  # [B, N, K]
+        inside = inside & (torch.gather(position_ids, 1, clamped).view_as(labels) == doc_pos)
     valid = inside & on_loss & keep.unsqueeze(-1)
     return valid.long().cumprod(dim=-1).bool()  # only the contiguous valid prefix of a block counts
 
 
-def dense_block_mask(anchors: Tensor, keep: Tensor, seq_len: int, block_size: int) -> Tensor:
-    """Boolean SDPA mask [B, 1, N·K, S + N·K] (True = may attend), for CPU and as the reference backend."""
+def dense_block_mask(
+    anchors: Tensor, keep: Tensor, seq_len: int, block_size: int, start: Tensor | None = None
+) -> Tensor:
+    """Boolean SDPA mask [B, 1, N·K, S + N·K] (True = may attend), for CPU and as the reference backend.
+
+    `start` [B, N] (packed rows): the first context row a block may see, its document's start."""
     batch, num_blocks = anchors.shape
     device = anchors.device
     q_block = torch.arange(num_blocks * block_size, device=device) // block_size  # [Q]
@@ -58,28 +125,33 @@ def dense_block_mask(anchors: Tensor, keep: Tensor, seq_len: int, block_size: in
     anchor_of_q = anchors[:, q_block]  # [B, Q]
     keep_of_q = keep[:, q_block]  # [B, Q]
     sees_ctx = (ctx_idx.view(1, 1, -1) < anchor_of_q.unsqueeze(-1)) & keep_of_q.unsqueeze(-1)  # [B, Q, S]
+    if start is not None:
+        sees_ctx = sees_ctx & (ctx_idx.view(1, 1, -1) >= start[:, q_block].unsqueeze(-1))
     same_block = (q_block.view(-1, 1) == q_block.view(1, -1)).expand(batch, -1, -1)  # [B, Q, Q]
     return torch.cat([sees_ctx, same_block], dim=-1).unsqueeze(1)
 
 
-def block_mask_predicate(anchors: Tensor, keep: Tensor, seq_len: int, block_size: int) -> Callable:
+def block_mask_predicate(
+    anchors: Tensor, keep: Tensor, seq_len: int, block_size: int, start: Tensor | None = None
+) -> Callable:
     """The same rule as `dense_block_mask`, as a FlexAttention `mask_mod(b, h, q_idx, kv_idx)`."""
+    first = torch.zeros_like(anchors) if start is None else start
 
     def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         block = q_idx // block_size
         in_ctx = kv_idx < seq_len
-        sees_ctx = (kv_idx < anchors[b, block]) & keep[b, block]
+        sees_ctx = (kv_idx < anchors[b, block]) & (kv_idx >= first[b, block]) & keep[b, block]
         same_block = (kv_idx - seq_len) // block_size == block
         return torch.where(in_ctx, sees_ctx, same_block)
 
     return mask_mod
 
 
-def flex_block_mask(anchors: Tensor, keep: Tensor, seq_len: int, block_size: int):
+def flex_block_mask(anchors: Tensor, keep: Tensor, seq_len: int, block_size: int, start: Tensor | None = None):
     """FlexAttention BlockMask for the block attention pattern (used on CUDA)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     batch, num_blocks = anchors.shape
     q_len = num_blocks * block_size
-    predicate = block_mask_predicate(anchors, keep, seq_len, block_size)
+    predicate = block_mask_predicate(anchors, keep, seq_len, block_size, start)
     return create_block_mask(predicate, batch, None, q_len, seq_len + q_len, device=anchors.device)

@@ -19,6 +19,7 @@ from nemo_automodel_dspark.recipe.config import (
 if __name__ == "__main__":  # `python -m ...train_dspark`: check every option before torch and NeMo AutoModel load
     config_or_exit(sys.argv[1:])
 
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,11 +31,13 @@ from tqdm import tqdm
 
 from nemo_automodel_dspark import distributed as D
 from nemo_automodel_dspark.data import DSparkChatDataset, ResumableSampler, collate
+from nemo_automodel_dspark.errors import ToolError
 from nemo_automodel_dspark.loss import flatten_sums, metrics_from_sums, unflatten_sums
 from nemo_automodel_dspark.model.config import DSparkConfig
 from nemo_automodel_dspark.model.drafter import DSparkDrafter
 from nemo_automodel_dspark.model.families import family_for
 from nemo_automodel_dspark.recipe import checkpoint as ckpt
+from nemo_automodel_dspark.recipe.guards import RunStopped, divergence_message, non_finite_tensors
 from nemo_automodel_dspark.recipe.metrics import MetricsWriter, console_line, peak_memory_gib
 from nemo_automodel_dspark.recipe.optim import build_optimizer, build_scheduler
 from nemo_automodel_dspark.recipe.step import DSparkStep, MicroBatch
@@ -158,10 +161,9 @@ class TrainDSparkRecipe(BaseRecipe):
             self.model,
             self.draft,
             self.frozen.model,
+            args,
             self.config.loss,
             self.info,
-            seed=args.shuffle_seed,
-            max_grad_norm=args.max_grad_norm,
             defer_fsdp_sync=self.config.distributed.defer_fsdp_grad_sync,
         )
 
@@ -173,7 +175,7 @@ class TrainDSparkRecipe(BaseRecipe):
         args = self.config.recipe_args
         self.metrics = MetricsWriter(args.output_dir, enabled=self.info.is_main)
         self.ckpt_root = Path(self.config.checkpoint.checkpoint_dir or Path(args.output_dir) / "checkpoints")
-        self.step, self.epoch = 0, 0
+        self.step, self.epoch, self.skipped_steps = 0, 0, 0
         self._decode_prompts: list | None = None  # eval_decode prompts, loaded on first use
         self._rows: Iterator[int] | None = None  # this epoch's row iterator (continues across steps; resumes mid-epoch)
         self.window = Window(start=time.perf_counter())
@@ -193,6 +195,7 @@ class TrainDSparkRecipe(BaseRecipe):
         self.lr_scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
         self.step, self.epoch = state["step"], state["epoch"]
+        self.skipped_steps = state.get("skipped_steps", 0)
         if self.info.is_main and state.get("window") is not None:
             like = {k: torch.empty(shape) for k, shape in state["window"]["shapes"].items()}
             self.window.sums = unflatten_sums(torch.tensor(state["window"]["sums"]), like)
@@ -220,41 +223,64 @@ class TrainDSparkRecipe(BaseRecipe):
         return out
 
     def run_train_validation_loop(self) -> None:
-        args, cfg_ckpt = self.config.recipe_args, self.config.checkpoint
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.info.is_main, desc="dspark")
         self.model.train()
         self.window.start = time.perf_counter()  # tokens/s counts training time, not setup
-        while self.step < self.total_steps:
-            if self._rows is None:
-                self.sampler.set_epoch(self.epoch)
-                self._rows = iter(self.sampler)
-            batches = self._micro_batches(self.train_set, [next(self._rows) for _ in range(self.per_step)])
-            self.window.tokens += sum(int(mb.attention_mask.sum()) for mb in batches)  # CPU tensors: no device sync
-            sums, grad_norm = self.runner.train_step(batches, self.epoch, self.optimizer, self.lr_scheduler)
-            self._accumulate(sums, grad_norm)
-            self.step += 1
-            bar.update(1)
-            step_epoch = self.epoch
-            epoch_done = self.sampler.consumed // self.per_step >= self.steps_per_epoch
-            last = self.step >= self.total_steps
-            if self.step % args.log_every_steps == 0 or epoch_done or last:
-                self._log_window(step_epoch)
-            if self.val_set is not None and (
-                epoch_done or (args.val_every_steps and self.step % args.val_every_steps == 0)
-            ):
-                self._validate(step_epoch)
-            if epoch_done:
-                self.epoch += 1
-                self.sampler.set_epoch(self.epoch)
-                self._rows = None
-            decode = args.eval_decode
-            if decode is not None and (self.step % decode.every_steps == 0 or last):
-                self._eval_decode(step_epoch)
-            every = cfg_ckpt.ckpt_every_steps
-            if cfg_ckpt.enabled and ((every and self.step % every == 0) or last):
-                self._save(step_epoch)
-        bar.close()
+        try:
+            while self.step < self.total_steps:
+                self._train_step()
+                bar.update(1)
+                self._after_step()
+        finally:
+            bar.close()  # a stopped run's last line starts on a fresh line
         D.barrier()
+
+    def _train_step(self) -> None:
+        if self._rows is None:
+            self.sampler.set_epoch(self.epoch)
+            self._rows = iter(self.sampler)
+        batches = self._micro_batches(self.train_set, [next(self._rows) for _ in range(self.per_step)])
+        self.window.tokens += sum(int(mb.attention_mask.sum()) for mb in batches)  # CPU tensors: no device sync
+        sums, grad_norm = self.runner.train_step(batches, self.epoch, self.optimizer, self.lr_scheduler)
+        if self.runner.last_finite:
+            self._accumulate(sums, grad_norm)
+        else:
+            self._skip_non_finite()
+        self.step += 1
+
+    def _after_step(self) -> None:
+        """Log, validate, close the epoch, decode and checkpoint as the step count asks."""
+        args, cfg_ckpt = self.config.recipe_args, self.config.checkpoint
+        step_epoch = self.epoch
+        epoch_done = self.sampler.consumed // self.per_step >= self.steps_per_epoch
+        last = self.step >= self.total_steps
+        if self.step % args.log_every_steps == 0 or epoch_done or last:
+            self._log_window(step_epoch)
+        val_due = bool(args.val_every_steps) and self.step % (args.val_every_steps or 1) == 0
+        if self.val_set is not None and (epoch_done or val_due):
+            self._validate(step_epoch)
+        if epoch_done:
+            self.epoch += 1
+            self.sampler.set_epoch(self.epoch)
+            self._rows = None
+        decode = args.eval_decode
+        if decode is not None and (self.step % decode.every_steps == 0 or last):
+            self._eval_decode(step_epoch)
+        every = cfg_ckpt.ckpt_every_steps
+        if cfg_ckpt.enabled and ((every and self.step % every == 0) or last):
+            self._save(step_epoch)
+
+    def _skip_non_finite(self) -> None:
+        """Count a step that was not applied; stop (every rank, same decision) once the allowance is used up."""
+        self.skipped_steps += 1
+        allowed = self.config.recipe_args.max_skipped_steps
+        if self.skipped_steps > allowed:
+            raise RunStopped(divergence_message(self.step + 1, self.skipped_steps, allowed, self._last_good()))
+        count = f"{self.skipped_steps}/{allowed}"
+        self._log(f"step {self.step + 1}: non-finite loss or gradient norm; step skipped ({count})")
+
+    def _last_good(self) -> Path | None:
+        return ckpt.find_latest(self.ckpt_root) if self.config.checkpoint.enabled else None
 
     def _accumulate(self, sums: dict, grad_norm: torch.Tensor) -> None:
         w = self.window
@@ -290,6 +316,7 @@ class TrainDSparkRecipe(BaseRecipe):
             "grad_norm": grad_norm,
             "tokens_per_s": tokens / max(elapsed, 1e-9),
             "mem": mem,
+            **({"skipped_steps": self.skipped_steps} if self.skipped_steps else {}),
         }
         self.metrics.write(record)
         self._log(console_line(record))
@@ -345,6 +372,12 @@ class TrainDSparkRecipe(BaseRecipe):
     def _save(self, epoch: int) -> None:
         """Consolidate on rank 0 and write `epoch_{E}_step_{S}/` atomically; every rank joins the gathers."""
         model_state, optim_state = D.full_state(self.model, self.optimizer)
+        bad = non_finite_tensors(model_state) if self.info.is_main else []  # rank 0 holds the consolidated state
+        if float(D.all_reduce_sum(torch.tensor([float(len(bad))], device=self.info.device))) > 0:
+            raise RunStopped(
+                f"step {self.step}: the draft has non-finite weights ({', '.join(bad[:3]) or 'on rank 0'}); "
+                f"no checkpoint was written; the last good checkpoint is {self._last_good() or 'none'}"
+            )
         window = None
         if self.window.sums is not None:
             sums, _, _, _ = self._reduced_window()  # the open window, reduced, so a resumed log is identical
@@ -362,6 +395,7 @@ class TrainDSparkRecipe(BaseRecipe):
                 "scheduler": self.lr_scheduler.state_dict(),
                 "compat": self._compat(),
                 "window": window,
+                "skipped_steps": self.skipped_steps,
             }
             path = ckpt.save_checkpoint(
                 self.ckpt_root,
@@ -389,6 +423,10 @@ def main(argv: list[str] | None = None) -> None:
         recipe.run_train_validation_loop()
     except ConfigError as err:
         exit_with_error(err)
+    except ToolError as err:  # a user-facing stop: one line on rank 0, non-zero exit on every rank, no traceback
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"dspark train: error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
     finally:
         D.destroy()
 

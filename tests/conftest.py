@@ -9,6 +9,16 @@ VOCAB = 96
 MASK_ID = VOCAB - 1
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """`@pytest.mark.gpu` tests need CUDA: skipped (with the reason) on machines without it."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (marked gpu); run with `pytest -m gpu` on a GPU machine")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
+
+
 def tiny_qwen3(moe: bool = False, layers: int = 4, seed: int = 0):
     from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 

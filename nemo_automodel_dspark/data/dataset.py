@@ -138,6 +138,10 @@ class DSparkChatDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self._starts) - 1
 
+    def lengths(self) -> list[int]:
+        """Tokens of every usable row, in row order (what batch plans pack)."""
+        return torch.diff(torch.as_tensor(self._starts)).tolist()
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         start, end = self._starts[index], self._starts[index + 1]
         return {"input_ids": self._ids[start:end].long(), "loss_mask": self._loss_mask[start:end].long()}  # [L]
@@ -211,6 +215,9 @@ class ResumableSampler:
                 raise ValueError(
                     f"cannot resume the data position: checkpoint {key}={state[key]}, now {getattr(self, key)}"
                 )
+        for key in ("packed_sequence_size", "max_tokens_per_batch"):  # a position counted in micro-batches
+            if state.get(key):
+                raise ValueError(f"cannot resume the data position: checkpoint {key}={state[key]}, now 0")
         if not 0 <= state["consumed"] <= len(self):
             raise ValueError(f"checkpoint consumed={state['consumed']} is outside [0, {len(self)}]")
         self.epoch, self.consumed = state["epoch"], state["consumed"]

@@ -153,7 +153,7 @@ def read_rounds(path: str | Path) -> list[dict]:
 
 def read_rounds_table(path: str | Path, flag: str) -> RoundsTable:
     """`read_rounds` + `RoundsTable.from_rows` for the CLI: a user mistake is a one-line ToolError."""
-    from nemo_automodel_dspark.tools.errors import ToolError, require_file
+    from nemo_automodel_dspark.errors import ToolError, require_file
 
     try:
         return RoundsTable.from_rows(read_rounds(require_file(path, flag)))
@@ -163,7 +163,8 @@ def read_rounds_table(path: str | Path, flag: str) -> RoundsTable:
 
 def write_confidence_temperatures(draft_dir: str | Path, temperatures: list[float]) -> Path:
     """Set `confidence_temperatures` in the draft's config.json (atomic rewrite; other keys untouched)."""
-    from nemo_automodel_dspark.model.serving import CONFIG_NAME, atomic_write_bytes
+    from nemo_automodel_dspark.io import atomic_write_bytes
+    from nemo_automodel_dspark.model.serving import CONFIG_NAME
 
     path = Path(draft_dir) / CONFIG_NAME
     config = json.loads(path.read_text())
@@ -177,9 +178,11 @@ add_arguments = add_calibrate_arguments
 
 
 def run(args: argparse.Namespace) -> int:
-    from nemo_automodel_dspark.tools.errors import require_draft_dir
+    from nemo_automodel_dspark.draft_checks import require_finite_draft
+    from nemo_automodel_dspark.errors import require_draft_dir
 
     require_draft_dir(args.draft)
+    require_finite_draft(args.draft)
     table = read_rounds_table(args.rounds, "--rounds")
     temperatures = fit_sts(table, bins=args.bins)
     before = confidence_report(table, None, args.bins)

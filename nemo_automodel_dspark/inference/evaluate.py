@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -234,12 +233,14 @@ add_arguments = add_evaluate_arguments  # `dspark evaluate` flags (torch-free mo
 
 
 def run(args: argparse.Namespace) -> int:
+    from nemo_automodel_dspark.draft_checks import require_finite_draft
+    from nemo_automodel_dspark.errors import ToolError, require_draft_dir, require_file
+    from nemo_automodel_dspark.io import atomic_write_bytes
     from nemo_automodel_dspark.model.drafter import DSparkDrafter
-    from nemo_automodel_dspark.model.serving import atomic_write_bytes
     from nemo_automodel_dspark.target.loading import load_target, load_tokenizer
-    from nemo_automodel_dspark.tools.errors import ToolError, require_draft_dir, require_file
 
     require_draft_dir(args.draft)
+    require_finite_draft(args.draft)
     require_file(args.data, "--data")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -277,14 +278,3 @@ def run(args: argparse.Namespace) -> int:
             atomic_write_bytes(Path(path), "".join(json.dumps(r) + "\n" for r in rows).encode())
     print(format_summary(result.report))
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m nemo_automodel_dspark.evaluate ARGS` is `dspark evaluate ARGS` (same flags, same one-line errors)."""
-    from nemo_automodel_dspark.cli import main as cli_main
-
-    return cli_main(["evaluate", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -149,7 +149,8 @@ add_arguments = add_schedule_arguments
 
 
 def run(args: argparse.Namespace) -> int:
-    from nemo_automodel_dspark.tools.errors import ToolError, require_draft_dir, require_file
+    from nemo_automodel_dspark.errors import ToolError, require_draft_dir, require_file
+    from nemo_automodel_dspark.io import atomic_write_json
 
     try:
         sps = SPSCurve.from_json(require_file(args.sps, "--sps"))
@@ -178,5 +179,5 @@ def run(args: argparse.Namespace) -> int:
             f"{f['realised_tokens_per_s']:9.3f}  ℓ={f['mean_verify_len']:4.2f}   ×{row['realised_gain']:.3f}"
         )
     if args.output:
-        Path(args.output).write_text(json.dumps({"temperatures": temperatures, "results": results}, indent=2))
+        atomic_write_json(args.output, {"temperatures": temperatures, "results": results})
     return 0

@@ -8,7 +8,13 @@ from typing import cast
 import torch
 from torch import Tensor, nn
 
-from nemo_automodel_dspark.masks import build_eval_mask, dense_block_mask, flex_block_mask, slot_positions
+from nemo_automodel_dspark.masks import (
+    build_eval_mask,
+    context_start,
+    dense_block_mask,
+    flex_block_mask,
+    slot_positions,
+)
 from nemo_automodel_dspark.model.config import DSparkConfig
 from nemo_automodel_dspark.model.families import TargetFamily, family_for
 from nemo_automodel_dspark.model.heads import ConfidenceHead, MarkovHead
@@ -106,16 +112,22 @@ class DSparkDrafter(nn.Module):
         """Concatenated target features [B, S, L·H] → context C [B, S, H] read by every backbone layer."""
         return self.hidden_norm(self.fc(target_features.to(self.fc.weight.dtype)))
 
-    def attention_mask(self, anchors: Tensor, keep: Tensor, seq_len: int):
+    def attention_mask(self, anchors: Tensor, keep: Tensor, seq_len: int, start: Tensor | None = None):
+        """Block attention mask; `start` [B, N] is each block's document start in packed rows."""
         if self.dspark.attention_backend == "flex_attention" and anchors.is_cuda:
-            return flex_block_mask(anchors, keep, seq_len, self.dspark.block_size)
-        return dense_block_mask(anchors, keep, seq_len, self.dspark.block_size)
+            return flex_block_mask(anchors, keep, seq_len, self.dspark.block_size, start)
+        return dense_block_mask(anchors, keep, seq_len, self.dspark.block_size, start)
 
-    def backbone(self, block_tokens: Tensor, slot_pos: Tensor, ctx: Tensor, mask) -> Tensor:
-        """Parallel stage: block tokens [B, Q] at positions [B, Q] attend to ctx [B, S, H] → normed hidden [B, Q, H]."""
+    def backbone(
+        self, block_tokens: Tensor, slot_pos: Tensor, ctx: Tensor, mask, ctx_pos: Tensor | None = None
+    ) -> Tensor:
+        """Parallel stage: block tokens [B, Q] at positions [B, Q] attend to ctx [B, S, H] → normed hidden [B, Q, H].
+
+        `ctx_pos` [B, S] are the context rows' RoPE positions (default 0..S−1; per document in packed rows)."""
         x = self.embed_tokens(block_tokens) * self.embed_scale
         x = x.to(ctx.dtype)
-        ctx_pos = torch.arange(ctx.shape[1], device=ctx.device).expand(ctx.shape[0], -1)
+        if ctx_pos is None:
+            ctx_pos = torch.arange(ctx.shape[1], device=ctx.device).expand(ctx.shape[0], -1)
         rope_q = self.rotary(slot_pos, x.dtype)
         rope_kv = self.rotary(torch.cat([ctx_pos, slot_pos], dim=1), x.dtype)
         for layer in self.layers:
@@ -155,18 +167,23 @@ class DSparkDrafter(nn.Module):
         anchors: Tensor,
         block_keep: Tensor,
         target_hidden: Tensor | None = None,
+        position_ids: Tensor | None = None,
     ) -> DSparkOutput:
         """Teacher-forced training forward over N anchor blocks per row (input_ids [B, S], features [B, S, L·H]).
 
         With `target_hidden` [B, S, H] (the target's final-norm output) the teacher logits at the supervised slots
         are computed here too, so that a sharded (FSDP2) LM head is only ever used inside `forward`.
+        `position_ids` [B, S] marks packed rows (positions restart per document, `masks` module docstring): blocks
+        then see only their document's context, at the document's RoPE positions.
         """
         batch, seq = input_ids.shape
         k = self.dspark.block_size
-        pos = slot_positions(anchors, k)  # [B, N, K]
+        pos = slot_positions(anchors, k)  # [B, N, K] row positions
+        rope_pos = pos if position_ids is None else slot_positions(torch.gather(position_ids, 1, anchors), k)
         ctx = self.project_context(target_features)
-        mask = self.attention_mask(anchors, block_keep, seq)
-        hidden = self.backbone(self.block_tokens(input_ids, anchors).flatten(1), pos.flatten(1), ctx, mask)
+        mask = self.attention_mask(anchors, block_keep, seq, context_start(anchors, position_ids))
+        tokens = self.block_tokens(input_ids, anchors).flatten(1)
+        hidden = self.backbone(tokens, rope_pos.flatten(1), ctx, mask, position_ids)
         hidden = hidden.view(batch, -1, k, hidden.shape[-1])  # [B, N, K, H]
         last = seq - 1
         prev_tokens = torch.gather(input_ids, 1, pos.clamp(max=last).flatten(1)).view_as(pos)  # x_{a+k}
@@ -174,7 +191,7 @@ class DSparkDrafter(nn.Module):
         logits, conf = self.heads(hidden, prev_tokens)
         return DSparkOutput(
             draft_logits=logits,
-            eval_mask=build_eval_mask(loss_mask, anchors, block_keep, k),
+            eval_mask=build_eval_mask(loss_mask, anchors, block_keep, k, position_ids),
             target_ids=target_ids,
             teacher_positions=pos.clamp(max=last),
             confidence_logits=conf,

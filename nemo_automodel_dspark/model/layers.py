@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -10,18 +12,28 @@ _compiled_flex = None
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed in fp32; `offset=1.0` gives Gemma's `(1 + w)` scaling."""
+    """RMSNorm as the family's transformers module computes it: normalise in fp32, then scale by the weight.
 
-    def __init__(self, dim: int, eps: float, offset: float = 0.0) -> None:
+    Qwen3/Llama (`multiply_in_fp32=False`) cast the normalised x to the input dtype and then multiply by the weight,
+    as the serving engines do; Gemma4 multiplies in fp32 and casts after. In bf16 the two orders round differently
+    (~1e-2 in the logits), so each family must use its target's order for the draft to compute what engines compute.
+    `offset=1.0` gives Gemma 2/3's `(1 + w)` scaling.
+    """
+
+    def __init__(self, dim: int, eps: float, offset: float = 0.0, *, multiply_in_fp32: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
         self.eps = eps
         self.offset = offset
+        self.multiply_in_fp32 = multiply_in_fp32
 
     def forward(self, x: Tensor) -> Tensor:
         x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (x32 * (self.offset + self.weight.float())).to(x.dtype)
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        scale = self.weight + self.offset if self.offset else self.weight
+        if self.multiply_in_fp32:
+            return (normed * scale.float()).to(x.dtype)
+        return scale * normed.to(x.dtype)
 
 
 class RotaryEmbedding(nn.Module):
@@ -86,7 +98,10 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask, scale: float) -> Tensor:
 
 
 class ContextBlockAttention(nn.Module):
-    """Block slots query `[context | blocks]`; the layer's own k/v projections read both (DFlash-style)."""
+    """Block slots query `[context | blocks]`; the layer's own k/v projections read both (DFlash-style).
+
+    `bias` (the target's `attention_bias`) goes on q/k/v and o_proj alike, as in the target's and engines' layers.
+    """
 
     def __init__(
         self,
@@ -98,7 +113,7 @@ class ContextBlockAttention(nn.Module):
         *,
         scale: float,
         bias: bool = False,
-        norm_offset: float = 0.0,
+        make_norm: Callable[[int, float], nn.Module] = RMSNorm,
     ) -> None:
         super().__init__()
         self.heads, self.kv_heads, self.head_dim, self.scale = heads, kv_heads, head_dim, scale
@@ -106,9 +121,9 @@ class ContextBlockAttention(nn.Module):
         self.k_proj = nn.Linear(hidden, kv_heads * head_dim, bias=bias)
         # None in subclasses that reuse the key projection as values (they override `context_kv`)
         self.v_proj: nn.Linear | None = nn.Linear(hidden, kv_heads * head_dim, bias=bias)
-        self.o_proj = nn.Linear(heads * head_dim, hidden, bias=False)
-        self.q_norm = RMSNorm(head_dim, eps, norm_offset)
-        self.k_norm = RMSNorm(head_dim, eps, norm_offset)
+        self.o_proj = nn.Linear(heads * head_dim, hidden, bias=bias)  # transformers: o_proj follows attention_bias
+        self.q_norm = make_norm(head_dim, eps)
+        self.k_norm = make_norm(head_dim, eps)
 
     def _heads(self, x: Tensor, n: int) -> Tensor:
         return x.view(x.shape[0], x.shape[1], n, self.head_dim).transpose(1, 2)  # [B, n, T, D]

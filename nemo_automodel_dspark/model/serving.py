@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from nemo_automodel_dspark.io import atomic_path, atomic_write_bytes
 from nemo_automodel_dspark.model.config import DSparkConfig
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
@@ -22,21 +22,6 @@ _DSPARK_KEYS = (
     "markov_head_type",
     "confidence_head_with_markov",
 )
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same folder, fsync, then rename over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def serving_config(draft) -> dict:
@@ -65,11 +50,8 @@ def save_draft(draft, directory: str | os.PathLike, state_dict: dict[str, torch.
     """Write config.json and model.safetensors (tensor names = module names); weights first, config last."""
     out = Path(directory)
     tensors = {k: v.detach().cpu().contiguous() for k, v in (state_dict or draft.state_dict()).items()}
-    with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
-        tmp_file = Path(tmp) / WEIGHTS_NAME
-        save_file(tensors, str(tmp_file), metadata={"format": "pt"})
-        out.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp_file, out / WEIGHTS_NAME)
+    with atomic_path(out / WEIGHTS_NAME) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
     atomic_write_bytes(out / CONFIG_NAME, json.dumps(serving_config(draft), indent=2).encode())
     return out
 

@@ -9,7 +9,6 @@ place once complete, so a crash never leaves a half-written checkpoint that `LAT
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -17,7 +16,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from nemo_automodel_dspark.model.serving import WEIGHTS_NAME, atomic_write_bytes, save_draft
+from nemo_automodel_dspark.io import atomic_path, atomic_write_bytes, commit_dir
+from nemo_automodel_dspark.model.serving import WEIGHTS_NAME, save_draft
 
 TRAINER_STATE, OPTIMIZER_STATE = "trainer_state.json", "optimizer.pt"
 COMPAT_FIELDS = ("block_size", "mask_token_id", "target_layer_ids", "target_model_name_or_path")
@@ -69,11 +69,12 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_draft(draft, tmp, state_dict=model_state)
-    torch.save(optimizer_state, tmp / OPTIMIZER_STATE)
+    with atomic_path(tmp / OPTIMIZER_STATE) as optimizer_file:
+        torch.save(optimizer_state, optimizer_file)
     atomic_write_bytes(tmp / TRAINER_STATE, json.dumps(trainer_state, indent=2).encode())
     if final.exists():
         shutil.rmtree(final)
-    os.replace(tmp, final)
+    commit_dir(tmp, final)
     return final
 
 

@@ -80,6 +80,7 @@ class RecipeArgs(Options):
     log_every_steps: int = option(10, ge=1)
     val_every_steps: int | None = option(None, ge=1, doc="also validate every N steps (always at each epoch end)")
     max_grad_norm: float | None = option(1.0, gt=0, doc="null: no clipping")
+    max_skipped_steps: int = option(0, ge=0, doc="non-finite steps skipped (and counted) before the run stops")
     mask_reasoning_content: bool = option(False)
     chat_template: str | None = option(None, doc="Jinja template used instead of the tokenizer's")
     eval_decode: EvalDecodeConfig | None = option(None)

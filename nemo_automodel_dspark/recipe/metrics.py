@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import resource
 import time
 from pathlib import Path
 
 import torch
 
-from nemo_automodel_dspark.model.serving import atomic_write_bytes
+from nemo_automodel_dspark.io import append_line_durably, atomic_write_bytes
 
 METRICS_FILE = "dspark_train_metrics.jsonl"
 
@@ -42,10 +41,7 @@ class MetricsWriter:
         if not self.enabled:
             return
         record = {"timestamp": time.time(), **record}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_line_durably(self.path, json.dumps(record))
 
 
 def console_line(record: dict) -> str:

@@ -3,7 +3,8 @@
 The loss of a step is `Σ numerators / Σ denominators` where both sums run over every micro-batch on every rank
 (SPEC §4). The denominators depend only on the data and the anchors, so they are computed and all-reduced once
 before any forward; each micro-batch then back-propagates `numerator · world_size / global_denominator` (DDP and
-FSDP2 average gradients over ranks). No host sync happens inside the step.
+FSDP2 average gradients over ranks). The only host sync is the end-of-step check that the loss and the grad norm
+are finite on every rank; a step that fails it updates neither the weights nor the optimizer state.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from torch import Tensor
 
 from nemo_automodel_dspark import distributed as D
 from nemo_automodel_dspark.loss import LossConfig, dspark_loss, slot_weights
-from nemo_automodel_dspark.masks import build_eval_mask, sample_anchors
+from nemo_automodel_dspark.masks import build_eval_mask, pack_anchor_count, sample_anchors, sample_pack_anchors
+from nemo_automodel_dspark.recipe.config import RecipeArgs
 from nemo_automodel_dspark.target.capture import capture_target_features
 
 _TRAIN, _VAL = 0, 1
@@ -30,6 +32,8 @@ class MicroBatch:
     attention_mask: Tensor  # [B, S]
     loss_mask: Tensor  # [B, S]
     indices: list[int]  # dataset rows, for per-row anchor seeds
+    position_ids: Tensor | None = None  # [B, S] packed rows only: positions restart at 0 per document
+    spans: list[list[tuple[int, int]]] | None = None  # packed rows only: (start, length) per document, row order
 
 
 class PhaseTimer:
@@ -67,20 +71,13 @@ class DSparkStep:
     """Runs training and validation steps for a (wrapped) draft against a frozen target."""
 
     def __init__(
-        self,
-        model,
-        draft,
-        target,
-        loss: LossConfig,
-        info: D.DistInfo,
-        *,
-        seed: int,
-        max_grad_norm: float | None,
-        defer_fsdp_sync: bool,
+        self, model, draft, target, args: RecipeArgs, loss: LossConfig, info: D.DistInfo, *, defer_fsdp_sync: bool
     ) -> None:
-        self.model, self.draft, self.target, self.loss, self.info = model, draft, target, loss, info
-        self.seed, self.max_grad_norm, self.defer_fsdp_sync = seed, max_grad_norm, defer_fsdp_sync
+        """`args` gives the run's seed, sequence length and clipping; `loss` the objective; the draft its options."""
+        self.model, self.draft, self.target, self.args, self.info = model, draft, target, args, info
+        self.loss, self.defer_fsdp_sync = loss, defer_fsdp_sync
         self.timer = PhaseTimer(info.device)
+        self.last_finite = True  # whether the last train_step was applied (see `_finite_everywhere`)
         self.trainable = [p for p in model.parameters() if p.requires_grad]  # fixed once wrapped
         self.autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16)
@@ -88,25 +85,62 @@ class DSparkStep:
             else contextlib.nullcontext()
         )
 
+    def _generator(self, stream: int, epoch: int, index: int) -> torch.Generator:
+        return torch.Generator().manual_seed(anchor_seed(self.args.shuffle_seed, stream, epoch, index))
+
     def anchors(self, batch: MicroBatch, stream: int, epoch: int) -> tuple[Tensor, Tensor]:
+        """Anchors [B, N] and keep [B, N]; a packed row's documents draw their own (rule: `masks` docstring)."""
+        if batch.spans is not None:
+            return self._pack_anchors(batch, stream, epoch)
         rows = []
         for b, index in enumerate(batch.indices):
-            generator = torch.Generator().manual_seed(anchor_seed(self.seed, stream, epoch, index))
+            generator = self._generator(stream, epoch, index)
             rows.append(sample_anchors(batch.loss_mask[b : b + 1], self.draft.dspark.num_anchors, generator))
         return torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
 
+    def _pack_anchors(self, batch: MicroBatch, stream: int, epoch: int) -> tuple[Tensor, Tensor]:
+        assert batch.spans is not None
+        args, documents = self.args, iter(batch.indices)
+        total = pack_anchor_count(batch.loss_mask.shape[1], self.draft.dspark.num_anchors, args.seq_length)
+        rows = []
+        for b, spans in enumerate(batch.spans):
+            generators = [self._generator(stream, epoch, next(documents)) for _ in spans]
+            options = dict(num_anchors=self.draft.dspark.num_anchors, seq_length=args.seq_length, total=total)
+            rows.append(sample_pack_anchors(batch.loss_mask[b], spans, generators, **options))
+        return torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
+
     def _to_device(self, batch: MicroBatch) -> MicroBatch:
-        move = lambda t: t.to(self.info.device, non_blocking=True)  # noqa: E731
-        return MicroBatch(move(batch.input_ids), move(batch.attention_mask), move(batch.loss_mask), batch.indices)
+        def move(t: Tensor) -> Tensor:
+            return t.to(self.info.device, non_blocking=True)
+
+        position_ids = None if batch.position_ids is None else move(batch.position_ids)
+        return MicroBatch(
+            move(batch.input_ids),
+            move(batch.attention_mask),
+            move(batch.loss_mask),
+            batch.indices,
+            position_ids,
+            batch.spans,
+        )
 
     def _forward_loss(self, batch: MicroBatch, anchors: Tensor, keep: Tensor):
         with self.timer("target_forward"):
             captured = capture_target_features(
-                self.target, batch.input_ids, batch.attention_mask, self.draft.dspark.target_layer_ids
+                self.target,
+                batch.input_ids,
+                batch.attention_mask,
+                self.draft.dspark.target_layer_ids,
+                position_ids=batch.position_ids,
             )
         with self.timer("draft_forward_backward"), self.autocast:
             out = self.model(
-                batch.input_ids, captured.features, batch.loss_mask, anchors, keep, target_hidden=captured.last_hidden
+                batch.input_ids,
+                captured.features,
+                batch.loss_mask,
+                anchors,
+                keep,
+                target_hidden=captured.last_hidden,
+                position_ids=batch.position_ids,
             )
             return dspark_loss(
                 out.draft_logits,
@@ -125,7 +159,8 @@ class DSparkStep:
             blocks = [self.anchors(mb, _TRAIN, epoch) for mb in batches]
             local = sum(
                 slot_weights(
-                    build_eval_mask(mb.loss_mask, a, k, self.draft.dspark.block_size), self.loss.loss_decay_gamma
+                    build_eval_mask(mb.loss_mask, a, k, self.draft.dspark.block_size, mb.position_ids),
+                    self.loss.loss_decay_gamma,
                 ).sum()
                 for mb, (a, k) in zip(batches, blocks, strict=True)
             )
@@ -139,12 +174,21 @@ class DSparkStep:
                     (loss.numerator * scale).backward()
             _add(totals, loss.sums)
         with self.timer("optimizer"):
-            max_norm = self.max_grad_norm if self.max_grad_norm else float("inf")
+            max_norm = self.args.max_grad_norm if self.args.max_grad_norm else float("inf")
             grad_norm = D.full_norm(torch.nn.utils.clip_grad_norm_(self.trainable, max_norm))
-            optimizer.step()
+            self.last_finite = self._finite_everywhere(totals, grad_norm)
+            if self.last_finite:  # a non-finite loss or gradient never reaches the weights or the optimizer state
+                optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
         return totals, grad_norm.detach()
+
+    def _finite_everywhere(self, sums: dict[str, Tensor], grad_norm: Tensor) -> bool:
+        """True when the loss sums and the grad norm are finite on every rank (one scalar all-reduce, one host sync)."""
+        bad = ~torch.isfinite(grad_norm.detach().float())
+        for value in sums.values():
+            bad = bad | ~torch.isfinite(value.detach().float()).all()
+        return float(D.all_reduce_sum(bad.float().reshape(1).to(self.info.device))) == 0.0
 
     @torch.no_grad()
     def eval_sums(self, micro_batches, epoch: int = 0) -> dict:

@@ -13,16 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from nemo_automodel_dspark.model.config import default_target_layer_ids, validate_target_layer_ids
 from nemo_automodel_dspark.model.families import family_for
-
-__all__ = [
-    "CapturedFeatures",
-    "capture_target_features",
-    "default_target_layer_ids",  # defined with the draft options (model/config.py), re-exported here
-    "hidden_state_hooks",
-    "validate_target_layer_ids",
-]
 
 
 @dataclass
@@ -61,12 +52,21 @@ def hidden_state_hooks(target: nn.Module, layer_ids: list[int]) -> Iterator[dict
 
 @torch.no_grad()
 def capture_target_features(
-    target: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, layer_ids: list[int]
+    target: nn.Module,
+    input_ids: Tensor,  # [B, S]
+    attention_mask: Tensor | None,  # [B, S]
+    layer_ids: list[int],
+    position_ids: Tensor | None = None,  # [B, S] packed rows: positions restart at 0 per document
 ) -> CapturedFeatures:
-    """One forward of the frozen target's decoder (no LM head); hooks are removed even if the forward raises."""
+    """One forward of the frozen target's decoder (no LM head); hooks are removed even if the forward raises.
+
+    With `position_ids` the padding mask is not passed: transformers then reads the packed format from the
+    positions and masks every layer (sliding-window ones included) to the token's own document.
+    """
     parts = family_for(target.config).decoder_parts(target)
     last = len(parts.layers) - 1
+    mask = attention_mask if position_ids is None else None
     with hidden_state_hooks(target, [*layer_ids, last]) as captured:
-        parts.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        parts.base_model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
     features = torch.cat([captured[i] for i in layer_ids], dim=-1)
     return CapturedFeatures(features=features, last_hidden=captured[last])

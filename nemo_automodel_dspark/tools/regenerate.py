@@ -18,8 +18,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from nemo_automodel_dspark.errors import ToolError
+from nemo_automodel_dspark.io import atomic_path, atomic_write_json, atomic_write_jsonl
 from nemo_automodel_dspark.tools.chat_rows import PromptRow, RowError, output_row, parse_row
-from nemo_automodel_dspark.tools.errors import ToolError
 from nemo_automodel_dspark.tools.generators import Generation, SamplingConfig
 
 MANIFEST_VERSION = 2  # 2: rows carry prompt_ids/response_ids; the identity fingerprints the target's files
@@ -145,14 +146,14 @@ def regenerate(config: RegenerateConfig) -> RegenerateSummary:
         if generator is None:
             generator = _make_generator(config)
         records, info = _run_shard(rows, generator, config, seed=config.seed * 1_000_003 + index * config.shard_size)
-        _write_jsonl_atomic(directory / _shard_name(index), records)
+        atomic_write_jsonl(directory / _shard_name(index), records)
         manifest["shards"].append({"index": index, "file": _shard_name(index), **info})
-        _write_json_atomic(directory / "manifest.json", manifest)
+        atomic_write_json(directory / "manifest.json", manifest)
         bar.update(len(rows))
     bar.close()
     _concatenate(directory, manifest, Path(config.out))
     manifest["complete"] = True
-    _write_json_atomic(directory / "manifest.json", manifest)
+    atomic_write_json(directory / "manifest.json", manifest)
     summary = _summarise(manifest, Path(config.out))
     print_summary(summary)
     return summary
@@ -202,7 +203,7 @@ def _start_manifest(config: RegenerateConfig) -> dict:
     for stale in directory.glob("shard_*.jsonl*"):
         stale.unlink()
     manifest = {"version": MANIFEST_VERSION, "config": config.identity(), "shards": [], "complete": False}
-    _write_json_atomic(path, manifest)
+    atomic_write_json(path, manifest)
     return manifest
 
 
@@ -271,28 +272,10 @@ def _shard_name(index: int) -> str:
     return f"shard_{index:05d}.jsonl"
 
 
-def _write_jsonl_atomic(path: Path, records: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _write_json_atomic(path: Path, value: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _concatenate(directory: Path, manifest: dict, out: Path) -> None:
-    tmp = out.with_name(out.name + ".tmp")
-    with tmp.open("wb") as dst:
+    with atomic_path(out) as tmp, tmp.open("wb") as dst:
         for shard in manifest["shards"]:
             dst.write((directory / shard["file"]).read_bytes())
-    os.replace(tmp, out)
 
 
 def _summarise(manifest: dict, out: Path) -> RegenerateSummary:

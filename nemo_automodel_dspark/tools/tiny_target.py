@@ -14,7 +14,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from nemo_automodel_dspark.tools.errors import ToolError
+from nemo_automodel_dspark.errors import ToolError
+from nemo_automodel_dspark.io import atomic_write_json, fsync_tree
 from nemo_automodel_dspark.tools.stdlib_corpus import (
     file_list_hash,
     split_files,
@@ -189,7 +190,8 @@ def _build_into(tmp: Path, spec: TinyTargetSpec, params: dict, *, progress: bool
     tmp.mkdir(parents=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+    atomic_write_json(tmp / MANIFEST_NAME, manifest)
+    fsync_tree(tmp)
     return manifest
 
 

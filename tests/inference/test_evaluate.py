@@ -7,8 +7,8 @@ import pytest
 import torch
 from _helpers.recipe_assets import build_target_dir
 
+from nemo_automodel_dspark.evaluate import main as evaluate_main
 from nemo_automodel_dspark.inference import calibration, scheduler
-from nemo_automodel_dspark.inference.evaluate import main as evaluate_main
 from nemo_automodel_dspark.inference.prompts import load_prompts, prompt_messages
 from nemo_automodel_dspark.model.config import DSparkConfig
 from nemo_automodel_dspark.model.drafter import DSparkDrafter

@@ -1,11 +1,8 @@
 import pytest
 import torch
 
-from nemo_automodel_dspark.target.capture import (
-    capture_target_features,
-    default_target_layer_ids,
-    validate_target_layer_ids,
-)
+from nemo_automodel_dspark.model.layer_ids import default_target_layer_ids, validate_target_layer_ids
+from nemo_automodel_dspark.target.capture import capture_target_features
 
 
 def test_default_spread():

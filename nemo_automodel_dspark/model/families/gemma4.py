@@ -60,6 +60,11 @@ def check_supported(text) -> None:
         raise ValueError(f"Gemma4 target hidden_activation: {text.hidden_activation!r} is not one of {[*_ACTIVATIONS]}")
 
 
+def _norm(dim: int, eps: float) -> RMSNorm:
+    """Gemma4RMSNorm's order: normalise and multiply by the weight in fp32, cast after."""
+    return RMSNorm(dim, eps, multiply_in_fp32=True)
+
+
 def _unit_rms_norm(x: Tensor, eps: float) -> Tensor:
     """Gemma4's `v_norm`: RMSNorm without a scale, computed in fp32."""
     return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
@@ -71,8 +76,16 @@ class Gemma4ContextAttention(ContextBlockAttention):
     def __init__(self, config) -> None:
         hidden, heads, head_dim = config.hidden_size, config.num_attention_heads, config.head_dim
         bias = bool(config.attention_bias)
-        super().__init__(hidden, heads, config.num_key_value_heads, head_dim, config.rms_norm_eps, scale=1.0, bias=bias)
-        self.o_proj = nn.Linear(heads * head_dim, hidden, bias=bias)  # HF Gemma4 gives o_proj the attention bias too
+        super().__init__(
+            hidden,
+            heads,
+            config.num_key_value_heads,
+            head_dim,
+            config.rms_norm_eps,
+            scale=1.0,
+            bias=bias,
+            make_norm=_norm,
+        )
         self.k_eq_v = bool(config.attention_k_eq_v)
         if self.k_eq_v:
             self.v_proj = None  # values are the raw key projection (HF `use_alternative_attention`)
@@ -97,12 +110,12 @@ class Gemma4DraftLayer(nn.Module):
     def __init__(self, config, layer_index: int) -> None:
         super().__init__()
         hidden, eps = config.hidden_size, config.rms_norm_eps
-        self.input_layernorm = RMSNorm(hidden, eps)
+        self.input_layernorm = _norm(hidden, eps)
         self.self_attn = Gemma4ContextAttention(config)
-        self.post_attention_layernorm = RMSNorm(hidden, eps)
-        self.pre_feedforward_layernorm = RMSNorm(hidden, eps)
+        self.post_attention_layernorm = _norm(hidden, eps)
+        self.pre_feedforward_layernorm = _norm(hidden, eps)
         self.mlp = SwiGLU(hidden, config.intermediate_size, _ACTIVATIONS[config.hidden_activation])
-        self.post_feedforward_layernorm = RMSNorm(hidden, eps)
+        self.post_feedforward_layernorm = _norm(hidden, eps)
         self.register_buffer("layer_scalar", torch.ones(1))  # HF Gemma4 keeps (and serves) this per-layer constant
 
     def forward(self, x: Tensor, ctx: Tensor | None, rope_q, rope_kv, mask, ctx_kv=None) -> Tensor:
@@ -144,7 +157,7 @@ GEMMA4 = register_family(
         decoder_parts=_decoder_parts,
         build_layer=Gemma4DraftLayer,
         # Gemma4's RMSNorm scales by `w` (init 1), unlike Gemma 2/3's `1 + w`.
-        build_norm=lambda config: RMSNorm(config.hidden_size, config.rms_norm_eps),
+        build_norm=lambda config: _norm(config.hidden_size, config.rms_norm_eps),
         model_class=_model_class,
         check_supported=check_supported,
         embed_scale=lambda config: config.hidden_size**0.5,

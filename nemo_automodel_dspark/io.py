@@ -1,0 +1,100 @@
+"""Crash-consistent file writes: every file this package writes goes through here.
+
+A write goes to a temporary name in the destination folder, is flushed and fsynced, renamed over the destination,
+and the folder is fsynced so the rename itself survives a power loss. A reader therefore sees the old file or the
+new one, never a prefix; a crash leaves at most a hidden `.NAME.*` temp file, never a truncated `NAME`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+
+def fsync_dir(directory: str | os.PathLike) -> None:
+    """Make the entries of `directory` (a rename, a new file) durable; a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # e.g. Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on a folder
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp path beside `path`; on a clean exit it is fsynced and renamed over `path` (folder fsynced).
+
+    For writers that want a file name (`safetensors.save_file`, `torch.save`, `save_pretrained` of one file). On an
+    exception the temp file is removed and `path` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Replace `path` with `data`, crash-consistently."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Replace `path` with UTF-8 `text`, crash-consistently."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, value: Any) -> None:
+    """Replace `path` with `value` as indented JSON (non-ASCII kept as is) and a final newline."""
+    atomic_write_text(path, json.dumps(value, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def atomic_write_jsonl(path: str | os.PathLike, records: Iterable[Any]) -> None:
+    """Replace `path` with one JSON object per line, streamed (the records are never all held as text)."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def append_line_durably(path: str | os.PathLike, line: str) -> None:
+    """Append one line (a log record) and fsync it: a crash loses at most the line being written."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line.rstrip("\n") + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def fsync_tree(directory: str | os.PathLike) -> None:
+    """fsync every file under `directory` and the folders themselves: before a folder written by a third-party
+    writer (`save_pretrained`) is renamed into place."""
+    for root, _, files in os.walk(os.fspath(directory)):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(root)
+
+
+def commit_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
+    """Rename a fully written folder `tmp` into place as `final` (which must not exist) and fsync the parent."""
+    os.replace(tmp, final)
+    fsync_dir(Path(final).parent)

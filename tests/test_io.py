@@ -1,0 +1,76 @@
+"""`nemo_automodel_dspark.io`: writes are all-or-nothing, fsynced (file, then folder) and leave no temp behind."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from nemo_automodel_dspark import io
+
+
+@pytest.fixture
+def fsyncs(monkeypatch):
+    """Records, in order, whether each fsync was of a folder ('dir') or a file ('file')."""
+    calls: list[str] = []
+    real = os.fsync
+
+    def spy(fd):
+        calls.append("dir" if os.path.isdir(f"/proc/self/fd/{fd}") else "file")
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    return calls
+
+
+def test_write_replaces_and_fsyncs_file_then_folder(tmp_path, fsyncs):
+    path = tmp_path / "sub" / "report.json"
+    io.atomic_write_json(path, {"tau": 4.5, "name": "é"})
+    io.atomic_write_json(path, {"tau": 5.0})
+    assert json.loads(path.read_text()) == {"tau": 5.0}
+    assert fsyncs == ["file", "dir", "file", "dir"]
+    assert sorted(p.name for p in path.parent.iterdir()) == ["report.json"]  # no temp left
+
+
+def test_failed_write_keeps_the_old_file_and_removes_the_temp(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    io.atomic_write_jsonl(path, [{"a": 1}])
+
+    def records():
+        yield {"a": 2}
+        raise RuntimeError("killed mid-write")
+
+    with pytest.raises(RuntimeError, match="killed mid-write"):
+        io.atomic_write_jsonl(path, records())
+    assert path.read_text() == '{"a": 1}\n'
+    assert [p.name for p in tmp_path.iterdir()] == ["rows.jsonl"]
+
+
+def test_atomic_path_hands_a_sibling_temp_name_to_third_party_writers(tmp_path, fsyncs):
+    path = tmp_path / "model.safetensors"
+    with io.atomic_path(path) as tmp:
+        assert tmp.parent == tmp_path and tmp.name.startswith(".model.safetensors.")
+        tmp.write_bytes(b"weights")
+        assert not path.exists()  # nothing visible under the final name before the rename
+    assert path.read_bytes() == b"weights"
+    assert fsyncs == ["file", "dir"]
+
+
+def test_append_line_durably_appends_one_fsynced_line(tmp_path, fsyncs):
+    path = tmp_path / "metrics.jsonl"
+    io.append_line_durably(path, '{"step": 1}')
+    io.append_line_durably(path, '{"step": 2}\n')
+    assert path.read_text().splitlines() == ['{"step": 1}', '{"step": 2}']
+    assert fsyncs == ["file", "file"]
+
+
+def test_commit_dir_and_fsync_tree(tmp_path, fsyncs):
+    tmp = tmp_path / ".ckpt.tmp"
+    (tmp / "inner").mkdir(parents=True)
+    (tmp / "a.json").write_text("{}")
+    (tmp / "inner" / "b.bin").write_bytes(b"x")
+    io.fsync_tree(tmp)
+    assert fsyncs.count("file") == 2 and fsyncs.count("dir") == 2
+    io.commit_dir(tmp, tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "inner" / "b.bin").read_bytes() == b"x" and not tmp.exists()
