@@ -16,6 +16,7 @@ _EXPORTS = {
     "DSparkDrafter": "nemo_automodel_dspark.model.drafter",
     "DSparkOutput": "nemo_automodel_dspark.model.drafter",
     "dspark_loss": "nemo_automodel_dspark.loss.objective",
+    "dspark_head_loss": "nemo_automodel_dspark.loss.objective",
     "DSparkLossOutput": "nemo_automodel_dspark.loss.objective",
     "capture_target_features": "nemo_automodel_dspark.target.capture",
     "default_target_layer_ids": "nemo_automodel_dspark.model.layer_ids",

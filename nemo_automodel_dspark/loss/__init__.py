@@ -10,9 +10,12 @@ from typing import Any
 
 _EXPORTS = {
     "DSparkLossOutput": "nemo_automodel_dspark.loss.objective",
+    "LogitHead": "nemo_automodel_dspark.loss.head",
     "LossConfig": "nemo_automodel_dspark.loss.config",
     "default_chunk_rows": "nemo_automodel_dspark.loss.chunked",
+    "dspark_head_loss": "nemo_automodel_dspark.loss.objective",
     "dspark_loss": "nemo_automodel_dspark.loss.objective",
+    "head_row_ce_l1": "nemo_automodel_dspark.loss.head",
     "flatten_sums": "nemo_automodel_dspark.loss.metrics",
     "metrics_from_sums": "nemo_automodel_dspark.loss.metrics",
     "reference_row_ce_l1": "nemo_automodel_dspark.loss.chunked",

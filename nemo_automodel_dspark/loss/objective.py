@@ -17,6 +17,7 @@ from torch import Tensor
 
 from nemo_automodel_dspark.loss.chunked import row_ce_l1
 from nemo_automodel_dspark.loss.config import LossConfig
+from nemo_automodel_dspark.loss.head import LogitHead, head_row_ce_l1
 from nemo_automodel_dspark.loss.metrics import acceptance_sums, calibration_sums
 
 
@@ -63,7 +64,8 @@ def dspark_loss(
     *,
     chunk_rows: int | None = None,
 ) -> DSparkLossOutput:
-    """Masked slots contribute to nothing; all math is fp32; `chunk_rows=0` runs the unchunked reference."""
+    """The objective from materialised logits. Masked slots contribute to nothing; all math is fp32;
+    `chunk_rows=0` runs the unchunked reference."""
     *lead, vocab = draft_logits.shape
     mask = eval_mask.bool()
     ce, l1 = row_ce_l1(
@@ -73,18 +75,57 @@ def dspark_loss(
         mask.reshape(-1),
         chunk_rows=chunk_rows,
     )
-    ce, l1 = ce.view(lead), l1.view(lead)
+    return _objective(ce.view(lead), l1.view(lead), mask, confidence_logits, config)
+
+
+def dspark_head_loss(
+    head: LogitHead,
+    hidden: Tensor,  # [B, N, K, H] draft hidden after the final norm; requires grad
+    markov_features: Tensor | None,  # [B, N, K, r] Markov features m (bias = m·W2ᵀ), or None
+    teacher_hidden: Tensor,  # [B, N, K, H] target final hidden at each slot's teacher position (detached)
+    target_ids: Tensor,  # [B, N, K] long, the data token each slot predicts
+    eval_mask: Tensor,  # [B, N, K] bool, supervised slots (a contiguous prefix per block)
+    confidence_logits: Tensor | None,  # [B, N, K] or None
+    config: LossConfig,
+    *,
+    chunk_rows: int | None = None,
+) -> DSparkLossOutput:
+    """`dspark_loss` of the head's logits without materialising them: the LM head, the Markov bias and the teacher
+    projection run chunk by chunk inside the objective (`head_row_ce_l1`); `chunk_rows=0` materialises them and
+    runs the unchunked reference formula."""
+    *lead, width = hidden.shape
+    mask = eval_mask.bool()
+    ce, l1 = head_row_ce_l1(
+        head,
+        hidden.reshape(-1, width),
+        None if markov_features is None else markov_features.reshape(-1, markov_features.shape[-1]),
+        teacher_hidden.reshape(-1, teacher_hidden.shape[-1]),
+        target_ids.reshape(-1),
+        mask.reshape(-1),
+        chunk_rows=chunk_rows,
+    )
+    return _objective(ce.view(lead), l1.view(lead), mask, confidence_logits, config)
+
+
+def _objective(
+    ce: Tensor,  # [B, N, K] fp32, zero on masked slots
+    l1: Tensor,  # [B, N, K] fp32, zero on masked slots
+    mask: Tensor,  # [B, N, K] bool
+    confidence_logits: Tensor | None,  # [B, N, K] or None
+    config: LossConfig,
+) -> DSparkLossOutput:
+    """Weighted sums, means, and diagnostics from per-slot ce/l1 (the part shared by both entry points)."""
     acc = (1.0 - 0.5 * l1.detach()).clamp(0.0, 1.0)  # Σ_v min(p_d, p_t): expected acceptance at T = 1
     w = slot_weights(mask, config.loss_decay_gamma)
     terms = {"ce": ce, "l1": l1}
-    alphas = {"ce": config.ce_loss_alpha, "l1": config.l1_loss_alpha}
+    used = {"ce": config.ce_loss_alpha, "l1": config.l1_loss_alpha}
     sums = acceptance_sums(acc, mask)
     if confidence_logits is not None:
         conf, used_logits = _confidence_bce(confidence_logits, acc, mask)
         sums.update(calibration_sums(torch.sigmoid(used_logits.detach()), acc, mask))
         if config.confidence_head_alpha != 0:
             terms["confidence"] = conf
-            alphas["confidence"] = config.confidence_head_alpha
+            used["confidence"] = config.confidence_head_alpha
     weighted = {name: torch.where(mask, w * term, 0.0).sum() for name, term in terms.items()}
     denominator = w.sum()
     safe_denominator = torch.where(denominator > 0, denominator, 1.0)  # Σw = 0 → every mean is 0, not NaN
@@ -95,11 +136,11 @@ def dspark_loss(
     sums.update({name: total.detach() for name, total in weighted.items()})
     sums["weight"] = denominator.detach()
     return DSparkLossOutput(
-        loss=sum((alphas[name] * means[name] for name in alphas), start=zero),
+        loss=sum((used[name] * means[name] for name in used), start=zero),
         ce_loss=means["ce"],
         l1_loss=means["l1"],
         confidence_loss=means["confidence"],
-        numerator=sum((alphas[name] * weighted[name] for name in alphas), start=zero),
+        numerator=sum((used[name] * weighted[name] for name in used), start=zero),
         denominator=denominator.detach(),
         sums=sums,
     )

@@ -8,6 +8,7 @@ from typing import cast
 import torch
 from torch import Tensor, nn
 
+from nemo_automodel_dspark.loss.head import LogitHead
 from nemo_automodel_dspark.masks import (
     build_eval_mask,
     context_start,
@@ -23,15 +24,30 @@ from nemo_automodel_dspark.model.layers import ContextBlockAttention, RotaryEmbe
 
 @dataclass
 class DSparkOutput:
-    """What one training forward produces; losses are computed elsewhere (`dspark_loss`)."""
+    """What one training forward produces; losses are computed elsewhere (`dspark_head_loss`).
 
-    draft_logits: Tensor  # [B, N, K, V]  Z = U + b
+    No `[B, N, K, V]` tensor is built here: the objective applies `head` to `hidden`, `markov_features` and
+    `teacher_hidden` chunk by chunk. `draft_logits` / `target_logits` materialise them (tests, diagnostics).
+    """
+
+    hidden: Tensor  # [B, N, K, H] backbone output after the final norm
+    markov_features: Tensor | None  # [B, N, K, r] m with Markov bias b = W2·m (None without a Markov head)
+    head: LogitHead  # the LM head (+ softcap) and W2, as this forward saw them
     eval_mask: Tensor  # [B, N, K] bool: supervised slots
     target_ids: Tensor  # [B, N, K] data token each slot predicts (x_{a+k+1})
     teacher_positions: Tensor  # [B, N, K] position whose target hidden gives the teacher distribution (a+k)
     confidence_logits: Tensor | None  # [B, N, K]
-    hidden: Tensor  # [B, N, K, H] backbone output after the final norm
-    target_logits: Tensor | None = None  # [B, N, K, V] teacher logits, when the target's last hidden was given
+    teacher_hidden: Tensor | None = None  # [B, N, K, H] target final hidden at teacher_positions, when it was given
+
+    @property
+    def draft_logits(self) -> Tensor:
+        """Materialised `Z = U + b` [B, N, K, V]."""
+        return self.head.draft_logits(self.hidden, self.markov_features)
+
+    @property
+    def target_logits(self) -> Tensor | None:
+        """Materialised teacher logits [B, N, K, V] (None without the target's hidden)."""
+        return None if self.teacher_hidden is None else self.head.teacher_logits(self.teacher_hidden)
 
 
 class DSparkDrafter(nn.Module):
@@ -103,10 +119,20 @@ class DSparkDrafter(nn.Module):
     @torch.no_grad()
     def teacher_logits(self, target_hidden: Tensor, teacher_positions: Tensor) -> Tensor:
         """Target next-token logits only at the supervised slots: [B, S, H] + [B, N, K] → [B, N, K, V]."""
+        return self.head_logits(self.teacher_rows(target_hidden, teacher_positions).to(self.lm_head.weight.dtype))
+
+    @staticmethod
+    @torch.no_grad()
+    def teacher_rows(target_hidden: Tensor, teacher_positions: Tensor) -> Tensor:
+        """The target's final hidden at the supervised slots: [B, S, H] + [B, N, K] → [B, N, K, H]."""
         batch, n, k = teacher_positions.shape
         index = teacher_positions.view(batch, -1, 1).expand(-1, -1, target_hidden.shape[-1])
-        rows = torch.gather(target_hidden, 1, index)
-        return self.head_logits(rows.to(self.lm_head.weight.dtype)).view(batch, n, k, -1)
+        return torch.gather(target_hidden, 1, index).view(batch, n, k, -1)
+
+    def logit_head(self) -> LogitHead:
+        """The weights the objective projects with (inside `forward`, FSDP2's gathered parameters)."""
+        w2 = None if self.markov_head is None else self.markov_head.markov_w2.weight
+        return LogitHead(weight=self.lm_head.weight, markov_weight=w2, softcap=self.logit_softcap)
 
     def project_context(self, target_features: Tensor) -> Tensor:
         """Concatenated target features [B, S, L·H] → context C [B, S, H] read by every backbone layer."""
@@ -171,8 +197,8 @@ class DSparkDrafter(nn.Module):
     ) -> DSparkOutput:
         """Teacher-forced training forward over N anchor blocks per row (input_ids [B, S], features [B, S, L·H]).
 
-        With `target_hidden` [B, S, H] (the target's final-norm output) the teacher logits at the supervised slots
-        are computed here too, so that a sharded (FSDP2) LM head is only ever used inside `forward`.
+        With `target_hidden` [B, S, H] (the target's final-norm output) its rows at the supervised slots are returned
+        too; the objective projects them through `out.head`, the LM head as this forward saw it.
         `position_ids` [B, S] marks packed rows (positions restart per document, `masks` module docstring): blocks
         then see only their document's context, at the document's RoPE positions.
         """
@@ -188,29 +214,28 @@ class DSparkDrafter(nn.Module):
         last = seq - 1
         prev_tokens = torch.gather(input_ids, 1, pos.clamp(max=last).flatten(1)).view_as(pos)  # x_{a+k}
         target_ids = torch.gather(input_ids, 1, (pos + 1).clamp(max=last).flatten(1)).view_as(pos)  # x_{a+k+1}
-        logits, conf = self.heads(hidden, prev_tokens)
+        markov, conf = self.heads(hidden, prev_tokens)
         return DSparkOutput(
-            draft_logits=logits,
+            hidden=hidden,
+            markov_features=markov,
+            head=self.logit_head(),
             eval_mask=build_eval_mask(loss_mask, anchors, block_keep, k, position_ids),
             target_ids=target_ids,
             teacher_positions=pos.clamp(max=last),
             confidence_logits=conf,
-            hidden=hidden,
-            target_logits=None if target_hidden is None else self.teacher_logits(target_hidden, pos.clamp(max=last)),
+            teacher_hidden=None if target_hidden is None else self.teacher_rows(target_hidden, pos.clamp(max=last)),
         )
 
-    def heads(self, hidden: Tensor, prev_tokens: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Draft logits Z = U + b and confidence logits, teacher-forced on `prev_tokens` [B, N, K]."""
-        logits = self.head_logits(hidden)  # U [B, N, K, V]
-        e = None
+    def heads(self, hidden: Tensor, prev_tokens: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """Markov features m (bias b = W2·m) and confidence logits, teacher-forced on `prev_tokens` [B, N, K]."""
+        markov, e = None, None
         if self.markov_head is not None:
-            bias, e = self.markov_head(hidden, prev_tokens)
-            logits = logits + bias.to(logits.dtype)
+            markov, e = self.markov_head.features(hidden, prev_tokens)
         conf = None
         if self.confidence_head is not None:
             # Detached inputs: the confidence loss trains only the confidence head, never the draft distribution.
             conf = self.confidence_head(hidden.detach(), None if e is None else e.detach())
-        return logits, conf
+        return markov, conf
 
     # ------------------------------------------------------------------ persistence (SPEC §8)
     def save_pretrained(self, directory) -> None:

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from nemo_automodel_dspark import distributed as D
-from nemo_automodel_dspark.loss import LossConfig, dspark_loss, slot_weights
+from nemo_automodel_dspark.loss import LossConfig, dspark_head_loss, slot_weights
 from nemo_automodel_dspark.masks import build_eval_mask, pack_anchor_count, sample_anchors, sample_pack_anchors
 from nemo_automodel_dspark.recipe.config import RecipeArgs
 from nemo_automodel_dspark.target.capture import capture_target_features
@@ -142,9 +142,11 @@ class DSparkStep:
                 target_hidden=captured.last_hidden,
                 position_ids=batch.position_ids,
             )
-            return dspark_loss(
-                out.draft_logits,
-                out.target_logits,
+            return dspark_head_loss(
+                out.head,
+                out.hidden,
+                out.markov_features,
+                out.teacher_hidden,
                 out.target_ids,
                 out.eval_mask,
                 out.confidence_logits,

@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 
 from nemo_automodel_dspark import DSparkConfig, DSparkDrafter, capture_target_features, sample_anchors
+from nemo_automodel_dspark.loss import LossConfig, dspark_head_loss, dspark_loss
 
+LOSS = LossConfig(loss_decay_gamma=4.0, ce_loss_alpha=0.1, l1_loss_alpha=0.9, confidence_head_alpha=1.0)
 MASK_ID = 95  # the tiny test targets have vocab 96; the last id is reserved for the mask slots
 
 
@@ -82,3 +84,22 @@ def check_cached_backbone_matches_training(target) -> None:
         tokens = draft.block_tokens(ids[row : row + 1], anchors[row : row + 1])[:, 0]
         hidden = draft.backbone_cached(tokens, torch.arange(a, a + 4).view(1, -1), kv)
         torch.testing.assert_close(hidden[0], out.hidden[row, 0], atol=1e-5, rtol=1e-5)
+
+
+def check_fused_matches_materialised(draft: DSparkDrafter, ids, loss_mask, cap, anchors, keep) -> None:
+    """`dspark_head_loss` of a forward equals `dspark_loss` of its materialised logits: loss and the gradient of every
+    trainable parameter (fp32, 1e-5 of the largest)."""
+    params = [p for p in draft.parameters() if p.requires_grad]
+    results = []
+    for fused in (True, False):
+        out = draft(ids, cap.features, loss_mask, anchors, keep, target_hidden=cap.last_hidden)
+        rest = (out.target_ids, out.eval_mask, out.confidence_logits)
+        if fused:
+            loss = dspark_head_loss(out.head, out.hidden, out.markov_features, out.teacher_hidden, *rest, LOSS)
+        else:
+            loss = dspark_loss(out.draft_logits, out.target_logits, *rest, LOSS)
+        results.append((loss.loss, torch.autograd.grad(loss.loss, params)))
+    (fused_loss, fused_grads), (loss, grads) = results
+    torch.testing.assert_close(fused_loss, loss)
+    for got, want in zip(fused_grads, grads, strict=True):
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max()

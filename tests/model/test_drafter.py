@@ -148,7 +148,7 @@ def test_cached_context_backbone_equals_training_backbone(qwen3_target):
 
 
 def test_loss_of_a_tiny_drafter_falls_on_a_fixed_batch(qwen3_target):
-    from nemo_automodel_dspark.loss import LossConfig, dspark_loss
+    from nemo_automodel_dspark.loss import LossConfig, dspark_head_loss
 
     draft = make_draft(qwen3_target, markov_head_type="gated")
     ids, loss_mask, cap, anchors, keep = batch(qwen3_target, draft)
@@ -157,9 +157,11 @@ def test_loss_of_a_tiny_drafter_falls_on_a_fixed_batch(qwen3_target):
     losses = []
     for _ in range(30):
         out = draft(ids, cap.features, loss_mask, anchors, keep, target_hidden=cap.last_hidden)
-        loss = dspark_loss(
-            out.draft_logits,
-            out.target_logits,
+        loss = dspark_head_loss(
+            out.head,
+            out.hidden,
+            out.markov_features,
+            out.teacher_hidden,
             out.target_ids,
             out.eval_mask,
             out.confidence_logits,

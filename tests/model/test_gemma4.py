@@ -8,6 +8,7 @@ from _helpers.drafts import (
     batch,
     check_cached_backbone_matches_training,
     check_forward_backward_finite_and_frozen,
+    check_fused_matches_materialised,
     check_same_outputs,
     make_draft,
     saved_tensor_names,
@@ -156,6 +157,12 @@ def test_draft_logits_are_softcapped_before_the_markov_bias(targets):
         bias, _ = draft.markov_head(out.hidden, prev)
     torch.testing.assert_close(out.draft_logits, draft.head_logits(out.hidden) + bias)
     assert out.draft_logits.abs().max() > SOFTCAP
+
+
+def test_fused_loss_equals_loss_of_the_materialised_softcapped_logits(targets):
+    target = targets["conditional"]
+    draft = make_draft(target, markov_head_type="rnn", freeze_embeddings=False)
+    check_fused_matches_materialised(draft, *batch(target, draft))
 
 
 @pytest.mark.parametrize("kind", ["conditional", "causal", "unified", "k_ne_v"])
