@@ -47,6 +47,8 @@ def _run_build_tiny_target(args: argparse.Namespace) -> int:
 
 
 def _add_regenerate(parser: argparse.ArgumentParser) -> None:
+    from nemo_automodel_dspark.inference.arguments import CHAT_TEMPLATE_HELP
+
     d = " (default: %(default)s)"
     parser.add_argument("--target", help="HF target model directory or id (local generation)")
     parser.add_argument("--data", required=True, help="input JSONL of chat rows (OpenAI messages or ShareGPT)")
@@ -59,6 +61,7 @@ def _add_regenerate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="sampling seed" + d)
     parser.add_argument("--num-rows", type=int, default=None, help="only the first N rows of --data")
     parser.add_argument("--enable-thinking", action="store_true", help="let thinking templates think")
+    parser.add_argument("--chat-template", default=None, help=CHAT_TEMPLATE_HELP)
     parser.add_argument("--resume", action="store_true", help="continue after the last complete shard")
     parser.add_argument("--overwrite", action="store_true", help="discard the shards of a previous run")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N" + d)

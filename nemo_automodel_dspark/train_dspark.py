@@ -30,14 +30,21 @@ from nemo_automodel.recipes.base_recipe import BaseRecipe
 from tqdm import tqdm
 
 from nemo_automodel_dspark import distributed as D
-from nemo_automodel_dspark.data import DSparkChatDataset, ResumableSampler, collate
+from nemo_automodel_dspark.data import DSparkChatDataset, ResumableSampler
 from nemo_automodel_dspark.errors import ToolError
 from nemo_automodel_dspark.loss import flatten_sums, metrics_from_sums, unflatten_sums
 from nemo_automodel_dspark.model.config import DSparkConfig
 from nemo_automodel_dspark.model.drafter import DSparkDrafter
 from nemo_automodel_dspark.model.families import family_for
+from nemo_automodel_dspark.recipe import batching
 from nemo_automodel_dspark.recipe import checkpoint as ckpt
-from nemo_automodel_dspark.recipe.guards import RunStopped, divergence_message, non_finite_tensors
+from nemo_automodel_dspark.recipe.guards import (
+    RunStopped,
+    disk_full_message,
+    divergence_message,
+    is_disk_full,
+    non_finite_tensors,
+)
 from nemo_automodel_dspark.recipe.metrics import MetricsWriter, console_line, peak_memory_gib
 from nemo_automodel_dspark.recipe.optim import build_optimizer, build_scheduler
 from nemo_automodel_dspark.recipe.step import DSparkStep, MicroBatch
@@ -108,20 +115,24 @@ class TrainDSparkRecipe(BaseRecipe):
         self.tokenizer = load_tokenizer(args.target_model_name_or_path, args.trust_remote_code)
         self.train_set = self._dataset(args.train_data_path, args.train_split)
         self.val_set = self._dataset(args.val_data_path, args.val_split) if args.val_data_path else None
-        self.sampler = ResumableSampler(
-            len(self.train_set), seed=args.shuffle_seed, rank=self.info.rank, world_size=self.info.world_size
-        )
-        self.per_step = args.micro_batch_size * args.grad_accumulation_steps
-        self.steps_per_epoch = len(self.sampler) // self.per_step
-        if self.steps_per_epoch == 0:
+        self.sampler = batching.train_sampler(self.train_set, args, self.info)
+        self.per_step = batching.items_per_step(args)
+        if self._steps_in_epoch(0) == 0:
+            unit = (
+                "micro-batches (ranks x grad_accumulation_steps)"
+                if batching.plan_options(args)
+                else ("rows (ranks x micro_batch_size x grad_accumulation_steps)")
+            )
             raise ConfigError(
                 f"{args.train_data_path}: {len(self.train_set)} usable rows cannot fill one optimizer "
-                f"step of {self.per_step * self.info.world_size} rows (ranks x micro_batch_size x "
-                "grad_accumulation_steps)"
+                f"step of {self.per_step * self.info.world_size} {unit}"
             )
-        total = self.steps_per_epoch * args.num_epochs
+        total = sum(self._steps_in_epoch(epoch) for epoch in range(args.num_epochs))
         self.total_steps = min(total, args.max_steps) if args.max_steps else total
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+    def _steps_in_epoch(self, epoch: int) -> int:
+        return batching.steps_in_epoch(self.sampler, epoch, self.per_step)
 
     def _dataset(self, path: str, split: str) -> DSparkChatDataset:
         args = self.config.recipe_args
@@ -177,16 +188,21 @@ class TrainDSparkRecipe(BaseRecipe):
         self.ckpt_root = Path(self.config.checkpoint.checkpoint_dir or Path(args.output_dir) / "checkpoints")
         self.step, self.epoch, self.skipped_steps = 0, 0, 0
         self._decode_prompts: list | None = None  # eval_decode prompts, loaded on first use
-        self._rows: Iterator[int] | None = None  # this epoch's row iterator (continues across steps; resumes mid-epoch)
+        self._rows: Iterator | None = (
+            None  # this epoch's sampler iterator (rows or micro-batch plans; resumes mid-epoch)
+        )
         self.window = Window(start=time.perf_counter())
+        if self.info.is_main:
+            for leftover in ckpt.remove_temp_folders(self.ckpt_root):
+                self._log(f"removed {leftover}, the temp folder of a checkpoint write that never finished")
 
     def _restore(self) -> None:
         """Resume from `checkpoint.restore_from` (path or LATEST): weights, optimizer, schedule, data position."""
-        path = ckpt.resolve_restore(self.config.checkpoint.restore_from, self.ckpt_root)
+        path = ckpt.resolve_restore(self.config.checkpoint.restore_from, self.ckpt_root, warn=self._log)
         if path is None:
             if self.config.checkpoint.restore_from:
                 self._log(f"restore_from: no checkpoint under {self.ckpt_root} yet; starting from scratch")
-            self.metrics.truncate_after(0)
+            self._truncate_metrics(0)
             return
         state = ckpt.load_trainer_state(path)
         ckpt.check_compatible(path, state["compat"], self._compat())
@@ -200,8 +216,13 @@ class TrainDSparkRecipe(BaseRecipe):
             like = {k: torch.empty(shape) for k, shape in state["window"]["shapes"].items()}
             self.window.sums = unflatten_sums(torch.tensor(state["window"]["sums"]), like)
             self.window.grad_norm, self.window.steps = state["window"]["grad_norm"], state["window"]["steps"]
-        self.metrics.truncate_after(self.step)
+        self._truncate_metrics(self.step)
         self._log(f"resumed from {path} at step {self.step} (epoch {self.epoch})")
+
+    def _truncate_metrics(self, step: int) -> None:
+        warning = self.metrics.truncate_after(step)
+        if warning:
+            self._log(warning)
 
     def _compat(self) -> dict:
         return {
@@ -212,15 +233,14 @@ class TrainDSparkRecipe(BaseRecipe):
         }
 
     # ------------------------------------------------------------------ loop
-    def _micro_batches(self, dataset: DSparkChatDataset, indices: list[int]) -> list[MicroBatch]:
-        """Collate `indices` into micro-batches (CPU tensors; moved to the device inside the step)."""
-        mbs, seq = self.config.recipe_args.micro_batch_size, self.config.recipe_args.seq_length
-        out = []
-        for start in range(0, len(indices), mbs):
-            rows = indices[start : start + mbs]
-            batch = collate([dataset[i] for i in rows], seq_length=seq, pad_token_id=self.pad_id)
-            out.append(MicroBatch(batch["input_ids"], batch["attention_mask"], batch["loss_mask"], rows))
-        return out
+    def _micro_batches(self, dataset: DSparkChatDataset, items: list) -> list[MicroBatch]:
+        """Collate sampler items (rows, or whole micro-batch plans) into CPU micro-batches (moved inside the step)."""
+        args = self.config.recipe_args
+        if dataset is self.train_set and batching.plan_options(args):
+            return [batching.plan_micro_batch(dataset, plan, args, self.pad_id) for plan in items]
+        return batching.padded_micro_batches(
+            dataset, items, micro_batch_size=args.micro_batch_size, seq_length=args.seq_length, pad_token_id=self.pad_id
+        )
 
     def run_train_validation_loop(self) -> None:
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.info.is_main, desc="dspark")
@@ -252,7 +272,7 @@ class TrainDSparkRecipe(BaseRecipe):
         """Log, validate, close the epoch, decode and checkpoint as the step count asks."""
         args, cfg_ckpt = self.config.recipe_args, self.config.checkpoint
         step_epoch = self.epoch
-        epoch_done = self.sampler.consumed // self.per_step >= self.steps_per_epoch
+        epoch_done = self.sampler.consumed // self.per_step >= self._steps_in_epoch(self.epoch)
         last = self.step >= self.total_steps
         if self.step % args.log_every_steps == 0 or epoch_done or last:
             self._log_window(step_epoch)
@@ -318,7 +338,7 @@ class TrainDSparkRecipe(BaseRecipe):
             "mem": mem,
             **({"skipped_steps": self.skipped_steps} if self.skipped_steps else {}),
         }
-        self.metrics.write(record)
+        self._write_metrics(record)
         self._log(console_line(record))
         self.window = Window(start=time.perf_counter())
 
@@ -333,7 +353,7 @@ class TrainDSparkRecipe(BaseRecipe):
         flat = D.all_reduce_sum(flatten_sums(sums).to(self.info.device))
         metrics = metrics_from_sums(unflatten_sums(flat.cpu(), sums), self.config.loss)
         record = {"step": self.step, "epoch": epoch, **{f"val/{k}": v for k, v in metrics.items()}}
-        self.metrics.write(record)
+        self._write_metrics(record)
         self._log(console_line(record))
 
     def _eval_decode(self, epoch: int) -> None:
@@ -348,7 +368,12 @@ class TrainDSparkRecipe(BaseRecipe):
             draft = DSparkDrafter(self.draft.target_config, self.draft.dspark).to(self.info.device)
             draft.load_state_dict(state)
             if self._decode_prompts is None:
-                self._decode_prompts = load_prompts(decode.data_path, self.tokenizer, decode.num_prompts)
+                self._decode_prompts = load_prompts(
+                    decode.data_path,
+                    self.tokenizer,
+                    decode.num_prompts,
+                    chat_template=self.config.recipe_args.chat_template,
+                )
             report = run_evaluation(
                 self.frozen.model,
                 draft.eval(),
@@ -365,9 +390,26 @@ class TrainDSparkRecipe(BaseRecipe):
                 "decode/speedup": report.get("speedup"),
                 "decode/rounds": report["rounds"],
             }
-            self.metrics.write(record)
             self._log(f"step {self.step} | decode/tau {report['tau']} | decode/speedup {report.get('speedup')}")
-        D.barrier()
+        self._write_metrics(record if self.info.is_main else None)  # every rank joins: it is also the barrier
+
+    def _write_metrics(self, record: dict | None) -> None:
+        """Rank 0 appends `record`; every rank calls this, so a full disk stops every rank with the same line."""
+        failure = None
+        if self.info.is_main and record is not None:
+            try:
+                self.metrics.write(record)
+            except OSError as err:
+                if not is_disk_full(err):
+                    raise
+                failure = disk_full_message(self.metrics.path, self._last_good())
+        self._stop_if(failure)
+
+    def _stop_if(self, failure: str | None) -> None:
+        """Share rank 0's verdict with every rank (a sync point) and stop all of them when there is one."""
+        failure = D.broadcast_object(failure)
+        if failure:
+            raise RunStopped(failure)
 
     def _save(self, epoch: int) -> None:
         """Consolidate on rank 0 and write `epoch_{E}_step_{S}/` atomically; every rank joins the gathers."""
@@ -378,25 +420,36 @@ class TrainDSparkRecipe(BaseRecipe):
                 f"step {self.step}: the draft has non-finite weights ({', '.join(bad[:3]) or 'on rank 0'}); "
                 f"no checkpoint was written; the last good checkpoint is {self._last_good() or 'none'}"
             )
-        window = None
-        if self.window.sums is not None:
-            sums, _, _, _ = self._reduced_window()  # the open window, reduced, so a resumed log is identical
-            window = {
-                "sums": flatten_sums(sums).tolist(),
-                "shapes": {k: list(v.shape) for k, v in sums.items()},
-                "grad_norm": float(self.window.grad_norm) * self.info.world_size,
-                "steps": self.window.steps,
-            }
+        window = self._window_state()
+        failure = None
         if self.info.is_main:
-            state = {
-                "step": self.step,
-                "epoch": self.epoch,
-                "sampler": self.sampler.state_dict(),
-                "scheduler": self.lr_scheduler.state_dict(),
-                "compat": self._compat(),
-                "window": window,
-                "skipped_steps": self.skipped_steps,
-            }
+            failure = self._write_checkpoint(epoch, model_state, optim_state, window)
+        self._stop_if(failure)
+
+    def _window_state(self) -> dict | None:
+        """The open metrics window, reduced over ranks, so a resumed run logs the same records."""
+        if self.window.sums is None:
+            return None
+        sums, _, _, _ = self._reduced_window()
+        return {
+            "sums": flatten_sums(sums).tolist(),
+            "shapes": {k: list(v.shape) for k, v in sums.items()},
+            "grad_norm": float(self.window.grad_norm) * self.info.world_size,
+            "steps": self.window.steps,
+        }
+
+    def _write_checkpoint(self, epoch: int, model_state: dict, optim_state: dict, window: dict | None) -> str | None:
+        """Rank 0: write the checkpoint; a full disk is returned as the one line to stop with (nothing half-written)."""
+        state = {
+            "step": self.step,
+            "epoch": self.epoch,
+            "sampler": self.sampler.state_dict(),
+            "scheduler": self.lr_scheduler.state_dict(),
+            "compat": self._compat(),
+            "window": window,
+            "skipped_steps": self.skipped_steps,
+        }
+        try:
             path = ckpt.save_checkpoint(
                 self.ckpt_root,
                 epoch,
@@ -406,8 +459,12 @@ class TrainDSparkRecipe(BaseRecipe):
                 optimizer_state=optim_state,
                 trainer_state=state,
             )
-            self._log(f"saved checkpoint {path}")
-        D.barrier()
+        except Exception as err:
+            if not is_disk_full(err):
+                raise
+            return disk_full_message(ckpt.step_dir(self.ckpt_root, epoch, self.step), self._last_good())
+        self._log(f"saved checkpoint {path}")
+        return None
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -35,14 +35,14 @@ from typing import Any
 
 import jinja2
 
-from nemo_automodel_dspark.data.sources import RowError
+from nemo_automodel_dspark.data.render import render_text, resolve_chat_template
+from nemo_automodel_dspark.data.sources import TOKEN_ID_KEYS, RowError, token_id_list
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 _THINK_BLOCK = re.compile(re.escape(THINK_OPEN) + r".*?(?:" + re.escape(THINK_CLOSE) + r"\s*|\Z)", re.DOTALL)
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 Span = tuple[int, int]  # [start, end) character offsets into the rendered text
-TOKEN_ID_KEYS = ("prompt_ids", "response_ids")  # written by `dspark regenerate`, read by `tokenize_token_ids`
 
 
 @dataclass(frozen=True)
@@ -52,17 +52,6 @@ class TokenizedRow:
     input_ids: list[int]
     loss_mask: list[int]
     truncated: bool = False
-
-
-def resolve_chat_template(tokenizer: Any, chat_template: str | None = None) -> str:
-    """Return the Jinja text to render with: the override (inline, a name, a .jinja path) or the tokenizer's own."""
-    if chat_template is not None and "{" not in chat_template and chat_template.endswith(".jinja"):
-        with open(chat_template, encoding="utf-8") as f:
-            return f.read()
-    try:
-        return tokenizer.get_chat_template(chat_template)
-    except ValueError as err:
-        raise ValueError(f"cannot render chats: {err} (set recipe_args.chat_template)") from err
 
 
 def has_generation_tags(template: str) -> bool:
@@ -82,10 +71,10 @@ def tokenize_conversation(
     template = resolve_chat_template(tokenizer, chat_template)
     if has_generation_tags(template):
         input_ids, offsets, mask = _encode_with_generation_tags(tokenizer, messages, template)
-        text = _render(tokenizer, messages, template) if mask_reasoning_content else ""
+        text = render_text(tokenizer, messages, template) if mask_reasoning_content else ""
         turns = _supervised_runs(offsets, mask)
     else:
-        text = _render(tokenizer, messages, template)
+        text = render_text(tokenizer, messages, template)
         turns = [_turn_span(tokenizer, messages, i, template, text) for i in _assistant_turns(messages)]
         input_ids, offsets = _encode(tokenizer, text)
         mask = [int(hit) for hit in _token_hits(offsets, turns, len(text))]
@@ -93,14 +82,6 @@ def tokenize_conversation(
         reasoning = _token_hits(offsets, _reasoning_spans(text, turns, messages), len(text))
         mask = [m * (not hit) for m, hit in zip(mask, reasoning, strict=True)]
     return _truncate(input_ids, mask, seq_length)
-
-
-def has_token_ids(row: dict[str, Any]) -> bool:
-    """True for a row carrying the target's own ids; one of the two keys without the other is a RowError."""
-    present = [row.get(key) is not None for key in TOKEN_ID_KEYS]  # null columns: a table mixing both kinds
-    if any(present) and not all(present):
-        raise RowError("prompt_ids and response_ids go together: the row has only one of them")
-    return all(present)
 
 
 def tokenize_token_ids(
@@ -120,7 +101,7 @@ def tokenize_token_ids(
     The chat template plays no part: the prompt is what the target read.
     """
     vocab = len(tokenizer)
-    prompt, response = (_id_list(row, key, vocab) for key in TOKEN_ID_KEYS)
+    prompt, response = (token_id_list(row, key, vocab) for key in TOKEN_ID_KEYS)
     if not prompt or not response:
         raise RowError("empty prompt_ids or response_ids")
     if messages[-1]["role"] != "assistant":
@@ -141,13 +122,6 @@ def tokenize_token_ids(
         reasoning_end = _reasoning_end(tokenizer, response)
         mask[len(prompt) : len(prompt) + reasoning_end] = [0] * reasoning_end
     return _truncate(prompt + response, mask, seq_length)
-
-
-def _id_list(row: dict[str, Any], key: str, vocab: int) -> list[int]:
-    ids = row.get(key)
-    if not isinstance(ids, list) or not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
-        raise RowError(f"bad {key}: expected a list of token ids in [0, {vocab})")
-    return ids
 
 
 def _reasoning_end(tokenizer: Any, response: list[int]) -> int:
@@ -181,15 +155,6 @@ def _truncate(input_ids: list[int], mask: list[int], seq_length: int) -> Tokeniz
     return TokenizedRow(input_ids=input_ids, loss_mask=mask, truncated=truncated)
 
 
-def _render(tokenizer: Any, messages: list[dict[str, Any]], template: str, *, generation_prompt: bool = False) -> str:
-    try:
-        return tokenizer.apply_chat_template(
-            messages, chat_template=template, tokenize=False, add_generation_prompt=generation_prompt
-        )
-    except jinja2.TemplateError as err:
-        raise RowError(f"chat template error: {str(err)[:80]}") from err
-
-
 def _encode(tokenizer: Any, text: str) -> tuple[list[int], list[Span]]:
     """Token ids of the rendered text (no extra BOS/EOS: the template has its own) and their character offsets."""
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -220,14 +185,14 @@ def _assistant_turns(messages: list[dict[str, Any]]) -> list[int]:
 
 def _turn_span(tokenizer: Any, messages: list[dict[str, Any]], i: int, template: str, full: str) -> Span:
     """Character span of assistant turn i inside `full`: after its role header, up to its end-of-turn token."""
-    before = _render(tokenizer, messages[:i], template)
-    prompt = _render(tokenizer, messages[:i], template, generation_prompt=True)
-    upto = _render(tokenizer, messages[: i + 1], template)
+    before = render_text(tokenizer, messages[:i], template)
+    prompt = render_text(tokenizer, messages[:i], template, generation_prompt=True)
+    upto = render_text(tokenizer, messages[: i + 1], template)
     start = _common_prefix_len(prompt, upto)  # where the turn leaves its generation prompt
     if full.startswith(upto) and start >= len(before):
         return _rstrip(full, start, len(upto))
     # Rendered differently once later turns follow: the turn is what removing it takes away (same head and tail).
-    without = _render(tokenizer, messages[:i] + messages[i + 1 :], template)
+    without = render_text(tokenizer, messages[:i] + messages[i + 1 :], template)
     tail = without[len(before) :]
     start, end = _common_prefix_len(full, prompt), len(full) - len(tail)
     if without.startswith(before) and full.endswith(tail) and len(before) <= start <= end:

@@ -26,14 +26,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from nemo_automodel_dspark.data.chat import (
-    TokenizedRow,
-    has_token_ids,
-    resolve_chat_template,
-    tokenize_conversation,
-    tokenize_token_ids,
-)
-from nemo_automodel_dspark.data.sources import RowError, normalize_messages, open_rows
+from nemo_automodel_dspark.data.chat import TokenizedRow, tokenize_conversation, tokenize_token_ids
+from nemo_automodel_dspark.data.render import resolve_chat_template
+from nemo_automodel_dspark.data.sources import RowError, has_token_ids, normalize_messages, open_rows
 
 _PROGRESS_MIN_ROWS = 1000
 

@@ -1,4 +1,9 @@
-"""Read chat rows from local JSONL / JSON / parquet files, saved `datasets` folders or Hub ids, and normalise them.
+"""The one reader of chat rows, for training, `dspark regenerate` and `dspark evaluate` alike.
+
+Reads local JSONL / JSON / parquet files, saved `datasets` folders or Hub ids, and normalises OpenAI `messages` and
+ShareGPT `conversations` rows (one role table) to OpenAI messages; `prompt_messages` is the part of a conversation
+the model reads before its final answer. Rows carrying the target's own ids (`prompt_ids` + `response_ids`) are
+recognised by `has_token_ids` here and tokenised by `data.chat.tokenize_token_ids`; `data.render` renders prompts.
 
 Every reader yields `(number, row)` where `number` is the 1-based line (JSONL) or row (everything else) and `row`
 is a dict or a `RowError` for a row that could not even be parsed: one bad row never stops the run.
@@ -12,22 +17,27 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 ROLES = ("system", "user", "assistant", "tool")
-SHAREGPT_ROLES = {
+SHAREGPT_ROLES = {  # ShareGPT `from` → OpenAI role, as the common ShareGPT exports spell them
+    "system": "system",
     "human": "user",
     "user": "user",
     "gpt": "assistant",
     "assistant": "assistant",
-    "system": "system",
+    "model": "assistant",
     "tool": "tool",
+    "function": "tool",
+    "observation": "tool",
 }
 _LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 _SAVED_DATASET_FILES = ("dataset_info.json", "dataset_dict.json", "state.json")
 # Optional OpenAI message fields that chat templates render (tool use); kept when present and not null.
 _PASSTHROUGH_KEYS = ("tool_calls", "tool_call_id", "name")
+TOKEN_ID_KEYS = ("prompt_ids", "response_ids")  # the target's own ids, written by `dspark regenerate`
 
 
 class RowError(ValueError):
-    """A row that cannot be used; `reason` is a short phrase that skip counts are grouped by."""
+    """A row that cannot be used (by training, regenerate or evaluate); `reason` is a short phrase that skip counts
+    are grouped by."""
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
@@ -72,10 +82,10 @@ def _jsonl_iter(path: str) -> Iterator[Row]:
     with open(path, "rb") as f:  # bytes: a line of invalid UTF-8 is one bad row, not a crash of the whole file
         for number, line in enumerate(f, start=1):
             if line.strip():
-                yield number, _parse_line(line)
+                yield number, parse_line(line)
 
 
-def _parse_line(line: bytes) -> dict[str, Any] | RowError:
+def parse_line(line: bytes) -> dict[str, Any] | RowError:
     try:
         row = json.loads(line)
     except ValueError:  # JSONDecodeError and UnicodeDecodeError
@@ -128,8 +138,12 @@ def _checked(rows: Iterable[Any]) -> Iterator[Row]:
         yield number, row if isinstance(row, dict) else RowError("row is not a JSON object")
 
 
-def normalize_messages(row: dict[str, Any]) -> list[dict[str, Any]]:
-    """Return the row as [{"role", "content"[, "reasoning_content"]}] (OpenAI or ShareGPT in); raise RowError if not."""
+def normalize_messages(row: dict[str, Any], *, require_assistant: bool = True) -> list[dict[str, Any]]:
+    """Return the row as [{"role", "content"[, "reasoning_content"]}] (OpenAI or ShareGPT in); raise RowError if not.
+
+    Training needs an assistant turn to learn from; a prompt for regenerate or evaluate may end before one
+    (`require_assistant=False`).
+    """
     if "messages" in row:
         raw, convert = row["messages"], _openai_message
     elif "conversations" in row:
@@ -142,9 +156,19 @@ def normalize_messages(row: dict[str, Any]) -> list[dict[str, Any]]:
     system = row.get("system")  # some ShareGPT exports keep the system prompt beside the turns
     if "messages" not in row and isinstance(system, str) and system and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": system})
-    if not any(m["role"] == "assistant" for m in messages):
+    if require_assistant and not any(m["role"] == "assistant" for m in messages):
         raise RowError("no assistant turn")
     return messages
+
+
+def prompt_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What the model reads before its final answer: the messages before the final assistant turn when the
+    conversation ends with one, else all of them (a prompt-only row). It must hold a user turn."""
+    end = len(messages) - 1 if messages and messages[-1]["role"] == "assistant" else len(messages)
+    prompt = messages[:end]
+    if not any(m["role"] == "user" for m in prompt):
+        raise RowError("no user turn before the final assistant turn")
+    return prompt
 
 
 def _openai_message(message: Any) -> dict[str, Any]:
@@ -190,3 +214,19 @@ def _part_text(part: Any) -> str | None:
     if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
         return part["text"]
     return part if isinstance(part, str) else None
+
+
+def has_token_ids(row: dict[str, Any]) -> bool:
+    """True for a row carrying the target's own ids; one of the two keys without the other is a RowError."""
+    present = [row.get(key) is not None for key in TOKEN_ID_KEYS]  # null columns: a table mixing both kinds
+    if any(present) and not all(present):
+        raise RowError("prompt_ids and response_ids go together: the row has only one of them")
+    return all(present)
+
+
+def token_id_list(row: dict[str, Any], key: str, vocab: int) -> list[int]:
+    """`row[key]` as token ids, each in [0, vocab); anything else is a RowError naming the key."""
+    ids = row.get(key)
+    if not isinstance(ids, list) or not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
+        raise RowError(f"bad {key}: expected a list of token ids in [0, {vocab})")
+    return ids

@@ -8,6 +8,10 @@ from __future__ import annotations
 import argparse
 
 DEFAULT_BINS = 10  # equal-width ECE bins
+CHAT_TEMPLATE_HELP = (
+    "chat template the prompts are rendered with, as recipe_args.chat_template: inline Jinja, a template name or a "
+    ".jinja file (default: the tokenizer's own; use the value you trained with)"
+)
 
 
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,6 +25,7 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--save-generations", default=None, help="JSONL: prompt_index, token_ids, accepted")
     parser.add_argument("--save-rounds", default=None, help="JSONL of rounds for `dspark calibrate` / `schedule`")
     parser.add_argument("--num-prompts", type=int, default=None, help="only the first M rows of --data")
+    parser.add_argument("--chat-template", default=None, help=CHAT_TEMPLATE_HELP)
     parser.add_argument("--verify-len", type=int, default=None, help="draft tokens verified per round (default: K)")
     parser.add_argument("--seed", type=int, default=0, help=d.strip())
     parser.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")

@@ -62,15 +62,17 @@ def run_evaluation(
     verify_len: int | None = None,
     seed: int = 0,
     measure_speed: bool = True,
+    chat_template: str | None = None,
 ) -> EvalRun:
     """Decode every prompt speculatively (and, with `measure_speed`, with the target alone) → report + records.
 
     The in-process entry (the recipe's `eval_decode`, the demo; `.report` is what report.json holds). `prompts` are
-    chat rows (dicts with `messages` and an optional `category`), `Prompt`s or token-id lists. Uses only its own
+    chat rows (dicts with `messages` and an optional `category`, rendered with `chat_template` as training renders
+    them), `Prompt`s or token-id lists. Uses only its own
     seeded generators and restores the draft's train/eval mode, so a training run that calls it
     keeps its trajectory.
     """
-    items = [to_prompt(tokenizer, p) for p in prompts]
+    items = [to_prompt(tokenizer, p, chat_template) for p in prompts]
     if not items:
         raise ValueError("evaluate needs at least one prompt")
     was_training = draft.training
@@ -249,7 +251,7 @@ def run(args: argparse.Namespace) -> int:
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     tokenizer = load_tokenizer(args.target)
     try:  # before the models load: a bad row fails fast
-        prompts = load_prompts(args.data, tokenizer, args.num_prompts)
+        prompts = load_prompts(args.data, tokenizer, args.num_prompts, chat_template=args.chat_template)
     except ValueError as err:  # names the file and line
         raise ToolError(str(err)) from err
     target = load_target(args.target, dtype=dtype, device=device)

@@ -2,52 +2,82 @@
 
 Layout: `config.json` + `model.safetensors` (the consolidated draft in the serving dialect), `optimizer.pt`
 (consolidated optimizer state), `trainer_state.json` (step, epoch, data position, scheduler, the open metrics
-window, and the fields a resumed run must agree on). Rank 0 writes into a hidden temp folder that is renamed into
-place once complete, so a crash never leaves a half-written checkpoint that `LATEST` could pick.
+window, and the fields a resumed run must agree on), and `manifest.json` (size and SHA-256 of every other file),
+written last. Rank 0 writes into a hidden temp folder that is renamed into place once complete, so a crash never
+leaves a half-written checkpoint that `LATEST` could pick; a checkpoint damaged later (a truncated copy, a bad disk)
+fails its manifest check and `LATEST` falls back to the previous complete one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
-from nemo_automodel_dspark.io import atomic_path, atomic_write_bytes, commit_dir
+from nemo_automodel_dspark.errors import ToolError
+from nemo_automodel_dspark.io import commit_dir, fsync_dir
 from nemo_automodel_dspark.model.serving import WEIGHTS_NAME, save_draft
 
-TRAINER_STATE, OPTIMIZER_STATE = "trainer_state.json", "optimizer.pt"
+TRAINER_STATE, OPTIMIZER_STATE, MANIFEST = "trainer_state.json", "optimizer.pt", "manifest.json"
 COMPAT_FIELDS = ("block_size", "mask_token_id", "target_layer_ids", "target_model_name_or_path")
 _STEP_DIR = re.compile(r"^epoch_(\d+)_step_(\d+)$")
+_TMP_DIR = re.compile(r"^\.epoch_\d+_step_\d+\.tmp$")
 
 
 def step_dir(root: str | Path, epoch: int, step: int) -> Path:
     return Path(root) / f"epoch_{epoch}_step_{step}"
 
 
-def find_latest(root: str | Path) -> Path | None:
-    """The complete checkpoint with the highest step under `root`, if any."""
-    best, best_step = None, -1
+def checkpoints(root: str | Path) -> list[Path]:
+    """Every checkpoint folder under `root` that was renamed into place (i.e. completely written), oldest first."""
+    found = []
     for child in Path(root).glob("epoch_*_step_*"):
         match = _STEP_DIR.match(child.name)
-        if match and (child / TRAINER_STATE).exists() and int(match.group(2)) > best_step:
-            best, best_step = child, int(match.group(2))
-    return best
+        if match and (child / TRAINER_STATE).exists():
+            found.append((int(match.group(2)), child))
+    return [path for _, path in sorted(found)]
 
 
-def resolve_restore(restore_from: str | None, root: str | Path) -> Path | None:
-    """`LATEST` → newest checkpoint (None when there is none yet); a path must hold a complete checkpoint."""
+def find_latest(root: str | Path, warn: Callable[[str], None] | None = None) -> Path | None:
+    """The newest checkpoint under `root` that passes its manifest check; damaged ones are skipped with a warning."""
+    for path in reversed(checkpoints(root)):
+        damage = verify(path) if warn is not None else None
+        if damage is None or warn is None:
+            return path
+        warn(f"checkpoint {path} is damaged ({damage}); falling back to the previous complete checkpoint")
+    return None
+
+
+def resolve_restore(restore_from: str | None, root: str | Path, warn: Callable[[str], None]) -> Path | None:
+    """`LATEST` → newest sound checkpoint (None when there is none yet); a path must hold a sound checkpoint."""
     if restore_from is None:
         return None
     if restore_from == "LATEST":
-        return find_latest(root)
+        return find_latest(root, warn)
     path = Path(restore_from)
     if not (path / TRAINER_STATE).exists():
         raise FileNotFoundError(f"checkpoint.restore_from: {path} is not a complete checkpoint (no {TRAINER_STATE})")
+    damage = verify(path)
+    if damage is not None:
+        raise ToolError(f"checkpoint.restore_from: {path} is damaged ({damage}); pass an earlier checkpoint")
     return path
+
+
+def remove_temp_folders(root: str | Path) -> list[Path]:
+    """Delete the hidden temp folders of checkpoint writes that never finished (a kill, a full disk)."""
+    removed = []
+    for child in Path(root).glob(".epoch_*_step_*.tmp"):
+        if _TMP_DIR.match(child.name) and child.is_dir():
+            shutil.rmtree(child, ignore_errors=True)
+            removed.append(child)
+    return removed
 
 
 def check_compatible(path: Path, saved: dict, current: dict) -> None:
@@ -60,18 +90,79 @@ def check_compatible(path: Path, saved: dict, current: dict) -> None:
             )
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_synced(path: Path, write: Callable) -> None:
+    """Open `path` in Python (so a full disk is an OSError naming ENOSPC), let `write(f)` fill it, fsync it.
+
+    Not `io.atomic_path`: the whole checkpoint folder is the unit that is renamed into place.
+    """
+    with open(path, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_manifest(folder: Path) -> None:
+    """Record the size and SHA-256 of every file in `folder`; written last, so its presence means complete."""
+    files = {
+        p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(folder.iterdir())
+        if p.is_file() and p.name != MANIFEST
+    }
+    _write_synced(folder / MANIFEST, lambda f: f.write(json.dumps({"files": files}, indent=2).encode()))
+
+
+def verify(path: Path) -> str | None:
+    """None when every file listed in the manifest has its recorded size and checksum, else what is wrong.
+
+    Checkpoints written before manifests existed have none; they are trusted as before.
+    """
+    manifest = path / MANIFEST
+    if not manifest.exists():
+        return None
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError, TypeError) as err:
+        return f"{manifest} is unreadable: {err}"
+    for name, expected in files.items():
+        file = path / name
+        if not file.is_file():
+            return f"{file} is missing"
+        size = file.stat().st_size
+        if size != expected["size"]:
+            return f"{file} has {size} bytes, the manifest says {expected['size']}"
+        if _sha256(file) != expected["sha256"]:
+            return f"{file} does not match its checksum"
+    return None
+
+
 def save_checkpoint(
     root: str | Path, epoch: int, step: int, *, draft, model_state: dict, optimizer_state: dict, trainer_state: dict
 ) -> Path:
-    """Rank 0 only: write the whole checkpoint into a temp folder, then rename it into place."""
+    """Rank 0 only: write the whole checkpoint into a temp folder, then rename it into place.
+
+    On any failure (a full disk included) the temp folder is removed and the earlier checkpoints stay as they were.
+    """
     final = step_dir(root, epoch, step)
     tmp = final.with_name(f".{final.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_draft(draft, tmp, state_dict=model_state)
-    with atomic_path(tmp / OPTIMIZER_STATE) as optimizer_file:
-        torch.save(optimizer_state, optimizer_file)
-    atomic_write_bytes(tmp / TRAINER_STATE, json.dumps(trainer_state, indent=2).encode())
+    try:
+        save_draft(draft, tmp, state_dict=model_state)
+        _write_synced(tmp / OPTIMIZER_STATE, lambda f: torch.save(optimizer_state, f))
+        _write_synced(tmp / TRAINER_STATE, lambda f: f.write(json.dumps(trainer_state, indent=2).encode()))
+        write_manifest(tmp)
+        fsync_dir(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():
         shutil.rmtree(final)
     commit_dir(tmp, final)
@@ -83,6 +174,15 @@ def load_trainer_state(path: Path) -> dict:
 
 
 def load_weights(path: Path) -> tuple[dict, dict]:
-    """(model state, optimizer state) as saved; read on rank 0 only."""
-    model_state = load_file(str(path / WEIGHTS_NAME))
-    return model_state, torch.load(path / OPTIMIZER_STATE, map_location="cpu", weights_only=True)
+    """(model state, optimizer state) as saved; a file that cannot be read is a ToolError naming it."""
+    readers = (
+        (WEIGHTS_NAME, lambda file: load_file(str(file))),
+        (OPTIMIZER_STATE, lambda file: torch.load(file, map_location="cpu", weights_only=True)),
+    )
+    loaded = []
+    for name, read in readers:
+        try:
+            loaded.append(read(path / name))
+        except Exception as err:
+            raise ToolError(f"checkpoint {path}: {name} cannot be read ({err}); pass an earlier checkpoint") from err
+    return loaded[0], loaded[1]

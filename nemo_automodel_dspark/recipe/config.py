@@ -84,11 +84,25 @@ class RecipeArgs(Options):
     mask_reasoning_content: bool = option(False)
     chat_template: str | None = option(None, doc="Jinja template used instead of the tokenizer's")
     eval_decode: EvalDecodeConfig | None = option(None)
+    packed_sequence_size: int = option(0, doc="> 0: pack whole documents into rows of this many tokens")
+    max_tokens_per_batch: int = option(0, doc="> 0: micro-batches of similar-length rows, rows x longest <= this")
 
     def rules(self) -> None:
         rule(
             self.val_every_steps is None or self.val_data_path is not None,
             f"'{self.key('val_every_steps')}' needs '{self.key('val_data_path')}'",
+        )
+        for name in ("packed_sequence_size", "max_tokens_per_batch"):  # whole rows (<= seq_length tokens) must fit
+            value = getattr(self, name)
+            rule(
+                value == 0 or value >= self.seq_length,
+                f"'{self.key(name)}' must be 0 (off) or >= seq_length={self.seq_length} so that every row fits, "
+                f"got {value}",
+            )
+        rule(
+            not (self.packed_sequence_size and self.max_tokens_per_batch),
+            f"'{self.key('packed_sequence_size')}' and '{self.key('max_tokens_per_batch')}' exclude each other; "
+            "set one to 0",
         )
 
 
@@ -167,7 +181,6 @@ _UPSTREAM_NOOPS: dict[str, dict[str, Any]] = {
         "mask_generation_prompt": False,
         "cached_target_path": None,
         "multimodal": False,
-        "packed_sequence_size": 0,
         "target_force_hf": False,
         "target_attn_implementation": None,
         "shard_dense_target": False,

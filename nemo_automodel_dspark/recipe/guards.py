@@ -7,6 +7,7 @@ number of skipped steps (`recipe_args.max_skipped_steps`). A checkpoint with non
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 import torch
@@ -40,3 +41,18 @@ def refuse_non_finite_weights(state: dict[str, torch.Tensor], what: str) -> None
     if bad:
         shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
         raise RunStopped(f"{what}: non-finite weights in {shown}")
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """Whether a write failed for lack of space (Python's OSError, or a native writer's message)."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(err)
+    return "No space left on device" in text or "os error 28" in text or "Disk quota exceeded" in text
+
+
+def disk_full_message(path: Path, last_complete: Path | None) -> str:
+    return (
+        f"no space left on device writing {path}; the last complete checkpoint is {last_complete or 'none'}; "
+        "free space and resume with checkpoint.restore_from: LATEST"
+    )

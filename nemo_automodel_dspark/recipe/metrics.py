@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import resource
 import time
 from pathlib import Path
@@ -22,7 +24,11 @@ def peak_memory_gib(device: torch.device) -> float:
 
 
 class MetricsWriter:
-    """Appends one JSON object per log step; on resume it first drops records past the resumed step."""
+    """Appends one JSON object per log step; on resume it first drops records past the resumed step.
+
+    A line left half-written (a kill or a full disk during an append) is cut off on the next start with a warning;
+    a failed append is rolled back at once, so the file always ends on a complete record.
+    """
 
     def __init__(self, output_dir: str, enabled: bool) -> None:
         self.path = Path(output_dir) / METRICS_FILE
@@ -30,18 +36,48 @@ class MetricsWriter:
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
 
-    def truncate_after(self, step: int) -> None:
+    def truncate_after(self, step: int) -> str | None:
+        """Keep the records up to `step`; returns a warning naming the file when torn lines were cut off."""
         if not (self.enabled and self.path.exists()):
-            return
-        lines = [ln for ln in self.path.read_text().splitlines() if ln.strip()]
-        kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= step]
-        atomic_write_bytes(self.path, "".join(f"{ln}\n" for ln in kept).encode())
+            return None
+        kept, torn = [], []
+        for number, line in enumerate(self.path.read_bytes().split(b"\n"), start=1):
+            if not line.strip():
+                continue
+            record = _parse(line)
+            if record is None:
+                torn.append(number)
+            elif record.get("step", 0) <= step:
+                kept.append(line)
+        atomic_write_bytes(self.path, b"".join(line + b"\n" for line in kept))
+        if not torn:
+            return None
+        where = ", ".join(str(n) for n in torn)
+        return f"warning: {self.path}: cut off the incomplete record at line {where} (an interrupted write)"
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        record = {"timestamp": time.time(), **record}
-        append_line_durably(self.path, json.dumps(record))
+        line = json.dumps({"timestamp": time.time(), **record}) + "\n"
+        size = self.path.stat().st_size if self.path.exists() else 0
+        try:
+            _append(self.path, line)
+        except OSError:
+            with contextlib.suppress(OSError):  # roll the torn line back; shrinking a file needs no free space
+                os.truncate(self.path, size)
+            raise
+
+
+def _append(path: Path, text: str) -> None:
+    append_line_durably(path, text)
+
+
+def _parse(line: bytes) -> dict | None:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def console_line(record: dict) -> str:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from nemo_automodel_dspark.data.chat import split_reasoning
+from nemo_automodel_dspark.data.render import render_prompt, resolve_chat_template
 
 
 @dataclass
@@ -34,7 +35,15 @@ class SamplingConfig:
 class LocalGenerator:
     """The target on this machine: left-padded batches through `model.generate`, cut at the first EOS."""
 
-    def __init__(self, target: str, sampling: SamplingConfig, *, batch_size: int, device: str = "auto") -> None:
+    def __init__(
+        self,
+        target: str,
+        sampling: SamplingConfig,
+        *,
+        batch_size: int,
+        device: str = "auto",
+        chat_template: str | None = None,
+    ) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -42,6 +51,7 @@ class LocalGenerator:
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.tokenizer = AutoTokenizer.from_pretrained(target)
         self.tokenizer.padding_side = "left"
+        self.template = resolve_chat_template(self.tokenizer, chat_template)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         # Any: transformers' own annotations of `to`/`generate` confuse type checkers
@@ -68,10 +78,7 @@ class LocalGenerator:
         )
 
     def render(self, prompt: list[dict]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(
-            prompt, tokenize=False, add_generation_prompt=True, enable_thinking=self.sampling.enable_thinking
-        )
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return render_prompt(self.tokenizer, prompt, self.template, enable_thinking=self.sampling.enable_thinking)
 
     def __call__(self, prompts: list[list[dict]], *, seed: int) -> list[Generation]:
         results: list[Generation | None] = [None] * len(prompts)

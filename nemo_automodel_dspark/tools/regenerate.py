@@ -38,6 +38,7 @@ RESUME_FIELDS = (
     "batch_size",
     "server",
     "model",
+    "chat_template",
 )
 
 
@@ -55,6 +56,7 @@ class RegenerateConfig:
     shard_size: int = 64
     seed: int = 0
     enable_thinking: bool = False
+    chat_template: str | None = None  # as recipe_args.chat_template: inline Jinja, a name or a .jinja file
     num_rows: int | None = None
     server: str | None = None
     model: str | None = None
@@ -72,6 +74,8 @@ class RegenerateConfig:
             raise ToolError("regenerate needs --target (local generation) or --server URL --model NAME")
         if self.server is not None and not self.model:
             raise ToolError("--server needs --model NAME (the model name the server serves)")
+        if self.server is not None and self.chat_template is not None:
+            raise ToolError("--chat-template applies to local generation (--target); a server renders with its own")
         if self.shard_size < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
             raise ToolError("shard_size, batch_size and max_new_tokens must be >= 1")
 
@@ -173,7 +177,13 @@ def _make_generator(config: RegenerateConfig):
             backoff_s=config.retry_backoff_s,
             timeout_s=config.request_timeout_s,
         )
-    return LocalGenerator(config.target or "", sampling, batch_size=config.batch_size, device=config.device)
+    return LocalGenerator(
+        config.target or "",
+        sampling,
+        batch_size=config.batch_size,
+        device=config.device,
+        chat_template=config.chat_template,
+    )
 
 
 def _start_manifest(config: RegenerateConfig) -> dict:

@@ -7,9 +7,10 @@ import pytest
 import torch
 from _helpers.recipe_assets import build_target_dir
 
+from nemo_automodel_dspark.data.sources import normalize_messages, prompt_messages
 from nemo_automodel_dspark.evaluate import main as evaluate_main
 from nemo_automodel_dspark.inference import calibration, scheduler
-from nemo_automodel_dspark.inference.prompts import load_prompts, prompt_messages
+from nemo_automodel_dspark.inference.prompts import load_prompts
 from nemo_automodel_dspark.model.config import DSparkConfig
 from nemo_automodel_dspark.model.drafter import DSparkDrafter
 
@@ -46,7 +47,7 @@ def assets(tmp_path_factory):
 
 def test_trailing_assistant_turn_is_dropped():
     row = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
-    assert prompt_messages(row) == [{"role": "user", "content": "q"}]
+    assert prompt_messages(normalize_messages(row)) == [{"role": "user", "content": "q"}]
 
 
 def test_evaluate_calibrate_schedule_end_to_end(assets):

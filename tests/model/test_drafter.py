@@ -74,8 +74,8 @@ def test_markov_rank_zero_with_markov_confidence_is_a_config_error():
 def test_the_drafter_does_not_mutate_its_config(qwen3_target):
     config = DSparkConfig(mask_token_id=MASK_ID, draft_num_hidden_layers=2, markov_rank=8)
     draft = DSparkDrafter(qwen3_target.config, config)
-    assert config.target_layer_ids is None and draft.dspark.target_layer_ids == [1, 3]  # 4 target layers
-    assert draft.dspark == dataclasses.replace(config, target_layer_ids=[1, 3])
+    assert config.target_layer_ids is None and draft.dspark.target_layer_ids == [1, 2]  # 4 target layers
+    assert draft.dspark == dataclasses.replace(config, target_layer_ids=[1, 2])
 
 
 def test_bad_options_name_the_key(qwen3_target):

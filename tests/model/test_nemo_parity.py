@@ -6,6 +6,8 @@ seed and feed them to our forward, then compare the blocks NeMo keeps (slot 0 of
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import tiny_qwen3
@@ -19,6 +21,7 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 from nemo_automodel_dspark import DSparkConfig, DSparkDrafter, capture_target_features
 from nemo_automodel_dspark.model.families.gemma4 import _norm as gemma4_norm
 from nemo_automodel_dspark.model.layers import RMSNorm
+from nemo_automodel_dspark.model.serving import DraftFormatError
 
 MASK_ID = 95
 
@@ -137,3 +140,96 @@ def test_rmsnorm_rounds_like_transformers_in_bf16():
         qwen.weight.copy_(weight)
         gemma.weight.copy_(weight)
     assert not torch.equal(qwen(x), gemma(x))  # the two orders do round differently: the test can tell them apart
+
+
+# ------------------------------------------------------------------------------------- drafts NeMo's code writes
+def nemo_saved_draft(target, directory, *, sharded: bool, markov_rank: int, confidence_alpha: float, layer_ids):
+    """A draft built and saved by NeMo AutoModel's own code (its `build_draft_config` omits the keys of an off head)."""
+    from nemo_automodel.components.config.loader import ConfigNode
+    from nemo_automodel.components.speculative.dspark.config import build_draft_config
+
+    args: dict = dict(
+        num_draft_layers=2,
+        target_layer_ids=list(layer_ids),
+        confidence_head_alpha=confidence_alpha,
+        markov_rank=markov_rank,
+        block_size=4,
+        mask_token_id=target.config.vocab_size - 1,
+        num_anchors=6,
+    )
+    if confidence_alpha > 0:
+        args["confidence_head_with_markov"] = markov_rank > 0
+    if markov_rank > 0:
+        args["markov_head_type"] = "gated"
+    config = build_draft_config(target.config, ConfigNode(args))
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(5)
+    nemo = Qwen3DSparkModel(config).eval()
+    nemo.initialize_embeddings_and_head(embed_tokens=target.model.embed_tokens, lm_head=target.lm_head)
+    with torch.no_grad():
+        for name, p in nemo.named_parameters():
+            if name.endswith("norm.weight"):
+                p.add_(torch.randn_like(p) * 0.3)
+    nemo.save_pretrained(directory, max_shard_size="40KB" if sharded else "1GB")
+    return nemo
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["single-file", "sharded"])
+@pytest.mark.parametrize(
+    "rank, alpha", [(8, 1.0), (0, 1.0), (8, 0.0), (0, 0.0)], ids=["heads-on", "no-markov", "no-confidence", "none"]
+)
+def test_nemo_saved_draft_is_read_and_computes_what_nemo_computes(qwen3_target, tmp_path, sharded, rank, alpha):
+    nemo = nemo_saved_draft(
+        qwen3_target, tmp_path, sharded=sharded, markov_rank=rank, confidence_alpha=alpha, layer_ids=[0, 2]
+    )
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert ("markov_head_type" in config) == (rank > 0)  # the omissions this reader must fill in
+    assert ("confidence_head_with_markov" in config) == (alpha > 0)
+    assert (tmp_path / "model.safetensors.index.json").is_file() == sharded
+    assert (tmp_path / "model.safetensors").is_file() != sharded
+    draft = DSparkDrafter.from_pretrained(tmp_path).eval()
+    assert (draft.markov_head is None) == (rank == 0) and (draft.confidence_head is None) == (alpha == 0)
+    ours, theirs = _both_forwards(qwen3_target, draft, nemo, torch.float32)
+    assert set(ours) == set(theirs)
+    for key in ours:
+        assert torch.equal(ours[key], theirs[key]), key
+
+
+def test_unreadable_draft_folders_name_the_file_and_key(qwen3_target, tmp_path):
+    nemo_saved_draft(qwen3_target, tmp_path, sharded=True, markov_rank=8, confidence_alpha=1.0, layer_ids=[0, 2])
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    shard = sorted(set(index["weight_map"].values()))[-1]
+    (tmp_path / shard).rename(tmp_path / "elsewhere")
+    with pytest.raises(DraftFormatError, match=f"shard {shard} is listed in 'weight_map' but missing"):
+        DSparkDrafter.from_pretrained(tmp_path)
+    (tmp_path / "elsewhere").rename(tmp_path / shard)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["markov_rank"] = 4  # the saved markov tensors now have the wrong rank
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        DraftFormatError, match=r"wrongly shaped tensor\(s\) for its config.json: confidence_head.proj.weight"
+    ):
+        DSparkDrafter.from_pretrained(tmp_path)
+    del config["block_size"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(DraftFormatError, match=r"config.json: missing DSpark key\(s\) block_size"):
+        DSparkDrafter.from_pretrained(tmp_path)
+
+
+def test_dspark_evaluate_decodes_losslessly_with_a_nemo_saved_sharded_draft(tmp_path):
+    from _helpers.recipe_assets import build_target_dir
+    from transformers import AutoModelForCausalLM
+
+    from nemo_automodel_dspark.cli import main
+
+    target_dir = build_target_dir(tmp_path / "target")
+    target = AutoModelForCausalLM.from_pretrained(target_dir)
+    nemo_saved_draft(target, tmp_path / "draft", sharded=True, markov_rank=8, confidence_alpha=1.0, layer_ids=[0, 1])
+    data = tmp_path / "prompts.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "w1 w2 w3"}]}) + "\n")
+    report = tmp_path / "report.json"
+    argv = ["evaluate", "--target", str(target_dir), "--draft", str(tmp_path / "draft"), "--data", str(data)]
+    argv += ["--max-new-tokens", "10", "--device", "cpu", "--output", str(report)]
+    assert main(argv) == 0
+    result = json.loads(report.read_text())
+    assert result["matches_target_greedy"] is True and result["rounds"] >= 1

@@ -81,6 +81,18 @@ def test_parsed_objects_are_frozen():
             obj.__setattr__("recipe" if obj is cfg else dataclasses.fields(obj)[0].name, None)
 
 
+def test_batching_keys_default_off_and_are_checked():
+    args = parse_config(_minimal()).recipe_args
+    assert args.packed_sequence_size == 0 and args.max_tokens_per_batch == 0
+    assert parse_config(_minimal(packed_sequence_size=4096)).recipe_args.packed_sequence_size == 4096
+    with pytest.raises(ConfigError, match=r"'recipe_args.packed_sequence_size' must be 0 \(off\) or >= seq_length=64"):
+        parse_config(_minimal(packed_sequence_size=32))
+    with pytest.raises(ConfigError, match=r"'recipe_args.max_tokens_per_batch' must be 0 \(off\) or >= seq_length"):
+        parse_config(_minimal(max_tokens_per_batch=-1))
+    with pytest.raises(ConfigError, match="'recipe_args.packed_sequence_size' and 'recipe_args.max_tokens_per_batch'"):
+        parse_config(_minimal(packed_sequence_size=128, max_tokens_per_batch=128))
+
+
 def test_unknown_key_suggests_nearest():
     did_you_mean = r"unknown config key 'recipe_args.blok_size'; did you mean 'recipe_args.block_size'"
     with pytest.raises(ConfigError, match=did_you_mean):
@@ -94,9 +106,9 @@ def test_unknown_key_suggests_nearest():
 
 
 def test_unimplemented_upstream_key_is_refused_unless_noop():
-    with pytest.raises(ConfigError, match="'recipe_args.packed_sequence_size' is an upstream .* does not implement"):
-        parse_config(_minimal(packed_sequence_size=4096))
-    parse_config(_minimal(packed_sequence_size=0, multimodal=False, num_workers=4))  # no-op values load
+    with pytest.raises(ConfigError, match="'recipe_args.multimodal' is an upstream .* does not implement"):
+        parse_config(_minimal(multimodal=True))
+    parse_config(_minimal(cached_target_path=None, multimodal=False, num_workers=4))  # no-op values load
     with pytest.raises(ConfigError, match="'checkpoint.save_consolidated' .* set it to True"):
         parse_config(_with("checkpoint", "save_consolidated", False))
     raw = _minimal()

@@ -94,7 +94,7 @@ def test_target_layer_ids_resolved_once_without_mutating_the_parsed_config(tiny_
     recipe = TrainDSparkRecipe(cfg)
     recipe.setup()
     assert recipe.config.draft.target_layer_ids is None  # the parsed config is untouched
-    assert recipe.draft_config.target_layer_ids == [1, 2]  # the even spread over the 3-layer tiny target
+    assert recipe.draft_config.target_layer_ids == [1]  # the servable default for the 3-layer tiny target
     assert recipe.draft.dspark is recipe.draft_config  # the drafter holds the resolved copy itself
 
 

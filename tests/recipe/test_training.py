@@ -149,3 +149,39 @@ def test_automodel_recipe_loader_runs_it(tmp_path, tiny_assets):
     torchrun(cfg_path, 2, "--recipe_args.max_steps=2", module="nemo_automodel.cli.app")
     assert [r["step"] for r in records(out)] == [1, 2]
     assert (out / "ckpt" / "epoch_0_step_2" / "model.safetensors").exists()
+
+
+PACKED = dict(packed_sequence_size=96, micro_batch_size=1)
+TOKEN_BUDGET = dict(max_tokens_per_batch=96)
+
+
+def checkpoint_at(out: Path, step: int) -> Path:
+    (path,) = (out / "ckpt").glob(f"epoch_*_step_{step}")
+    return path
+
+
+def last_weights(out: Path) -> tuple[int, dict]:
+    step = max(int(p.name.rsplit("_", 1)[1]) for p in (out / "ckpt").glob("epoch_*_step_*"))
+    return step, load_file(str(checkpoint_at(out, step) / "model.safetensors"))
+
+
+@pytest.mark.parametrize("mode", [PACKED, TOKEN_BUDGET], ids=["packed", "token_budget"])
+def test_batch_plans_resume_mid_epoch_exactly(tmp_path, tiny_assets, mode):
+    """Two epochs (plans of different lengths); a second run restored from the step-3 checkpoint ends identical."""
+    args = dict(num_epochs=2, ckpt_every_steps=3, **mode)
+    full = run(tmp_path, tiny_assets, "full", **args)
+    steps, final = last_weights(full)
+    assert steps >= 6 and {r["epoch"] for r in records(full)} == {0, 1}
+    out = tmp_path / "resumed"
+    cfg_path = write_config(base_config(tiny_assets, out, **args), tmp_path / "resumed.yaml")
+    torchrun(cfg_path, 1, f"--checkpoint.restore_from={checkpoint_at(full, 3)}")
+    assert last_weights(out)[0] == steps
+    assert_same_weights(last_weights(out)[1], final, tol=0.0)
+    assert_same_metrics(records(out), [r for r in records(full) if r["step"] > 3])
+
+
+def test_packed_two_ranks_equal_one_rank_with_accumulation(tmp_path, tiny_assets):
+    one = run(tmp_path, tiny_assets, "one", max_steps=2, grad_accumulation_steps=2, **PACKED)
+    two = run(tmp_path, tiny_assets, "two", nproc=2, max_steps=2, **PACKED)
+    assert_same_weights(last_weights(two)[1], last_weights(one)[1])
+    assert_same_metrics(records(two), records(one))

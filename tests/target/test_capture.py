@@ -1,14 +1,25 @@
 import pytest
 import torch
 
-from nemo_automodel_dspark.model.layer_ids import default_target_layer_ids, validate_target_layer_ids
+from nemo_automodel_dspark.model.layer_ids import default_target_layer_ids, unservable_ids, validate_target_layer_ids
 from nemo_automodel_dspark.target.capture import capture_target_features
 
 
-def test_default_spread():
-    assert default_target_layer_ids(28, 5) == [1, 8, 14, 20, 27]
-    assert default_target_layer_ids(28, 1) == [27]
-    assert default_target_layer_ids(4, 5) == [1, 2, 3]  # clamped and deduplicated
+def test_default_spread_is_even_and_servable():
+    assert default_target_layer_ids(28, 5) == [1, 7, 14, 20, 26]  # 1 + i·25/4, rounded
+    assert default_target_layer_ids(28, 1) == [26]
+    assert default_target_layer_ids(4, 1) == [2]  # the demo's target
+    assert default_target_layer_ids(4, 5) == [1, 2]  # deduplicated, never past n-2
+    assert default_target_layer_ids(2, 3) == [0] and default_target_layer_ids(3, 2) == [1]
+    for n in range(3, 65):
+        for f in range(1, 9):
+            ids = default_target_layer_ids(n, f)
+            assert unservable_ids(ids, n) == [] and min(ids) >= 1 and ids == sorted(set(ids)), (n, f)
+            assert ids[-1] == n - 2 and len(ids) == min(f, n - 2), (n, f)
+
+
+def test_unservable_ids_are_the_embeddings_and_the_final_norm():
+    assert unservable_ids([-1, 0, 5, 26, 27], 28) == [-1, 27]
 
 
 @pytest.mark.parametrize(
@@ -32,8 +43,7 @@ def test_capture_equals_hf_hidden_states(fixture, request):
     ids = torch.randint(0, 90, (2, 11), generator=torch.Generator().manual_seed(0))
     attn = torch.ones_like(ids)
     layer_ids = [-1, 1, 3]
-    with pytest.warns(UserWarning, match="serving engines"):
-        layer_ids = validate_target_layer_ids(layer_ids, 4)
+    layer_ids = validate_target_layer_ids(layer_ids, 4)
     cap = capture_target_features(target, ids, attn, layer_ids)
     with torch.no_grad():
         hs = target(input_ids=ids, attention_mask=attn, output_hidden_states=True).hidden_states

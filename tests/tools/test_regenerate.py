@@ -18,7 +18,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from nemo_automodel_dspark.cli import main
-from nemo_automodel_dspark.tools.chat_rows import RowError, parse_row, split_reasoning
+from nemo_automodel_dspark.data.chat import split_reasoning
+from nemo_automodel_dspark.data.sources import RowError
+from nemo_automodel_dspark.tools.chat_rows import parse_row
 from nemo_automodel_dspark.tools.regenerate import RegenerateConfig, is_up_to_date, regenerate, shards_dir
 from nemo_automodel_dspark.tools.stdlib_corpus import stdlib_chat_rows
 
@@ -62,7 +64,8 @@ def test_greedy_rows_equal_the_targets_own_generation(tiny_target, tmp_path, cap
         "{bad json",
         json.dumps(rows[1]),
         "",  # blank lines are not rows
-        json.dumps({"messages": [{"role": "user", "content": "no answer"}]}),
+        json.dumps({"messages": [{"role": "user", "content": "no answer"}]}),  # a prompt-only row is answered
+        json.dumps({"messages": [{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}]}),
         json.dumps(
             {
                 "conversations": [
@@ -85,23 +88,29 @@ def test_greedy_rows_equal_the_targets_own_generation(tiny_target, tmp_path, cap
     )
     summary = regenerate(config)
 
-    assert [(s["line"], s["reason"].split(":")[0]) for s in summary.skipped] == [
-        (2, "bad JSON"),
-        (5, "no assistant turn"),
+    assert [(s["line"], s["reason"]) for s in summary.skipped] == [
+        (2, "invalid JSON"),
+        (6, "no user turn before the final assistant turn"),
     ]
-    assert "line 2: bad JSON" in capsys.readouterr().out
+    assert "line 2: invalid JSON" in capsys.readouterr().out
     out = _read_jsonl(tmp_path / "out.jsonl")
-    prompts = [rows[0]["messages"][:1], rows[1]["messages"][:1], rows[2]["messages"][:1], multi_turn["messages"][:-1]]
-    prompts[3][-1] = {"role": "user", "content": "Continue this Python code from x.py:\n"}  # text parts → a string
-    assert summary.rows_in == 6 and summary.rows_out == len(out) == 4
+    prompts = [
+        rows[0]["messages"][:1],
+        rows[1]["messages"][:1],
+        [{"role": "user", "content": "no answer"}],
+        rows[2]["messages"][:1],
+        multi_turn["messages"][:-1],
+    ]
+    prompts[4][-1] = {"role": "user", "content": "Continue this Python code from x.py:\n"}  # text parts → a string
+    assert summary.rows_in == 7 and summary.rows_out == len(out) == 5
     for row, prompt in zip(out, prompts, strict=True):
         assert row["messages"][:-1] == prompt  # earlier turns untouched
         assert row["messages"][-1]["role"] == "assistant"
         text, prompt_ids, response_ids = _greedy_reference(tiny_target, prompt, max_new_tokens=12)
         assert row["messages"][-1]["content"] == text
         assert (row["prompt_ids"], row["response_ids"]) == (prompt_ids, response_ids)  # exactly what it read/wrote
-    assert out[3]["id"] == "mt" and "conversations" not in out[2]
-    assert out[3]["messages"][-1]["content"] != "the dataset's answer, to be replaced"
+    assert out[4]["id"] == "mt" and "conversations" not in out[3]
+    assert out[4]["messages"][-1]["content"] != "the dataset's answer, to be replaced"
 
 
 def _regenerate_argv(target: Path, data: Path, out: Path, *extra: str) -> list[str]:
@@ -123,6 +132,14 @@ def _regenerate_argv(target: Path, data: Path, out: Path, *extra: str) -> list[s
     ]
 
 
+def _recorded_shards(out: Path) -> int:
+    """Shards the manifest lists as complete (a shard file is renamed into place just before the manifest)."""
+    try:
+        return len(json.loads((shards_dir(out) / "manifest.json").read_text())["shards"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
 def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny_target, tmp_path, capsys):
     data = _write_jsonl(tmp_path / "in.jsonl", [json.dumps(r) for r in stdlib_chat_rows("held_out", 16, seed=1)])
     assert main(_regenerate_argv(tiny_target, data, tmp_path / "ref.jsonl")) == 0
@@ -133,7 +150,7 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny_target, tmp_path,
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first_shard = shards_dir(out) / "shard_00000.jsonl"
     deadline = time.monotonic() + 60
-    while not first_shard.exists() and proc.poll() is None and time.monotonic() < deadline:
+    while not _recorded_shards(out) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -251,7 +268,7 @@ def test_row_parsing_and_reasoning_split():
     assert parse_row(1, sharegpt).prompt == [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]
     with pytest.raises(RowError, match="no user turn"):
         parse_row(2, b'{"messages": [{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}]}')
-    with pytest.raises(RowError, match="bad JSON"):
+    with pytest.raises(RowError, match="invalid JSON"):
         parse_row(3, b"\xff\xfe")
     assert split_reasoning("<think>\nwhy\n</think>\n\nanswer") == ("why", "answer")
     assert split_reasoning("just an answer") == (None, "just an answer")

@@ -1,0 +1,161 @@
+"""Crash-consistent files: a torn metrics line, a full disk during a checkpoint or a metrics append, a damaged
+latest checkpoint and leftover temp folders each give one clear line, lose nothing earlier and never block a resume."""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from _helpers.recipe_assets import base_config
+from safetensors.torch import load_file
+
+from nemo_automodel_dspark.errors import ToolError
+from nemo_automodel_dspark.recipe import checkpoint as ckpt
+from nemo_automodel_dspark.recipe import metrics as metrics_module
+from nemo_automodel_dspark.recipe.guards import RunStopped
+from nemo_automodel_dspark.train_dspark import TrainDSparkRecipe
+
+DISK_FULL = OSError(errno.ENOSPC, "No space left on device")
+
+
+def train(cfg: dict) -> TrainDSparkRecipe:
+    recipe = TrainDSparkRecipe(cfg)
+    recipe.setup()
+    recipe.run_train_validation_loop()
+    return recipe
+
+
+def resume(cfg: dict, **args) -> dict:
+    return {
+        **cfg,
+        "recipe_args": {**cfg["recipe_args"], **args},
+        "checkpoint": {**cfg["checkpoint"], "restore_from": "LATEST"},
+    }
+
+
+def logged_steps(out: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (out / "dspark_train_metrics.jsonl").read_text().splitlines()]
+
+
+def weights(out: Path, step: int) -> dict:
+    return load_file(str(out / "ckpt" / f"epoch_0_step_{step}" / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def two_steps(tmp_path_factory, tiny_assets):
+    """A finished 2-step run with a checkpoint after each step, and an uninterrupted 3-step run to compare with."""
+    root = tmp_path_factory.mktemp("crash")
+    cfg = base_config(tiny_assets, root / "run", max_steps=3, ckpt_every_steps=1)
+    recipe = TrainDSparkRecipe(cfg)
+    recipe.setup()
+    recipe.total_steps = 2  # stop after step 2 of a 3-step schedule: the prefix of the reference run
+    recipe.run_train_validation_loop()
+    train(base_config(tiny_assets, root / "ref", max_steps=3, ckpt_every_steps=1))
+    return cfg, root / "ref"
+
+
+@pytest.fixture
+def copy(two_steps, tmp_path):
+    """A private copy of the 2-step run (config pointing at it) for a test to damage."""
+    cfg, _ = two_steps
+    out = tmp_path / "run"
+    shutil.copytree(cfg["recipe_args"]["output_dir"], out)
+    return {
+        **cfg,
+        "recipe_args": {**cfg["recipe_args"], "output_dir": str(out)},
+        "checkpoint": {**cfg["checkpoint"], "checkpoint_dir": str(out / "ckpt")},
+    }
+
+
+def test_torn_metrics_line_is_cut_off_on_resume_with_one_warning(copy, two_steps, capsys):
+    out = Path(copy["recipe_args"]["output_dir"])
+    metrics = out / "dspark_train_metrics.jsonl"
+    with open(metrics, "a") as f:
+        f.write('{"timestamp": 1.0, "step": 3, "loss": 1.2')  # the half line a full disk leaves
+    train(resume(copy, max_steps=3))
+    log = capsys.readouterr().out
+    assert f"warning: {metrics}: cut off the incomplete record at line 3" in log
+    assert logged_steps(out) == [1, 2, 3]
+    ref = weights(two_steps[1], 3)
+    assert all(torch.equal(ref[k], v) for k, v in weights(out, 3).items())
+
+
+def test_full_disk_during_a_checkpoint_is_one_line_and_the_run_resumes(copy, two_steps, monkeypatch):
+    out = Path(copy["recipe_args"]["output_dir"])
+    shutil.rmtree(out / "ckpt" / "epoch_0_step_2")
+    real_save = torch.save
+
+    def full_disk_save(obj, f, *args, **kwargs):
+        f.write(b"partial optimizer bytes")
+        raise DISK_FULL
+
+    monkeypatch.setattr(torch, "save", full_disk_save)
+    recipe = TrainDSparkRecipe(resume(copy, max_steps=3))
+    recipe.setup()
+    with pytest.raises(RunStopped) as info:
+        recipe.run_train_validation_loop()
+    monkeypatch.setattr(torch, "save", real_save)
+    assert str(info.value).startswith(
+        f"no space left on device writing {out / 'ckpt' / 'epoch_0_step_2'}; "
+        f"the last complete checkpoint is {out / 'ckpt' / 'epoch_0_step_1'}"
+    )
+    assert sorted(p.name for p in (out / "ckpt").iterdir()) == ["epoch_0_step_1"]  # no temp folder left behind
+    assert ckpt.verify(out / "ckpt" / "epoch_0_step_1") is None
+    train(resume(copy, max_steps=3))  # space is back: the run resumes from step 1 and finishes as if never stopped
+    ref = weights(two_steps[1], 3)
+    assert all(torch.equal(ref[k], v) for k, v in weights(out, 3).items())
+    assert logged_steps(out) == [1, 2, 3]
+
+
+def test_full_disk_during_a_metrics_append_rolls_the_line_back(copy, monkeypatch):
+    out = Path(copy["recipe_args"]["output_dir"])
+    before = (out / "dspark_train_metrics.jsonl").read_text()
+
+    def full_disk_append(path, text):
+        with open(path, "a") as f:
+            f.write(text[: len(text) // 2])
+        raise DISK_FULL
+
+    monkeypatch.setattr(metrics_module, "_append", full_disk_append)
+    recipe = TrainDSparkRecipe(resume(copy, max_steps=3))
+    recipe.setup()
+    with pytest.raises(RunStopped) as info:
+        recipe.run_train_validation_loop()
+    assert str(info.value).startswith(
+        f"no space left on device writing {out / 'dspark_train_metrics.jsonl'}; "
+        f"the last complete checkpoint is {out / 'ckpt' / 'epoch_0_step_2'}"
+    )
+    assert (out / "dspark_train_metrics.jsonl").read_text() == before  # the torn half line was rolled back
+
+
+def test_damaged_latest_checkpoint_falls_back_with_a_warning(copy, capsys):
+    out = Path(copy["recipe_args"]["output_dir"])
+    weights_file = out / "ckpt" / "epoch_0_step_2" / "model.safetensors"
+    size = weights_file.stat().st_size
+    with open(weights_file, "r+b") as f:
+        f.truncate(size // 2)
+    recipe = TrainDSparkRecipe(resume(copy, max_steps=3))
+    recipe.setup()
+    log = capsys.readouterr().out
+    assert (
+        f"checkpoint {out / 'ckpt' / 'epoch_0_step_2'} is damaged ({weights_file} has {size // 2} bytes, the "
+        f"manifest says {size}); falling back to the previous complete checkpoint" in log
+    )
+    assert recipe.step == 1 and logged_steps(out) == [1]
+    explicit = {**copy, "checkpoint": {**copy["checkpoint"], "restore_from": str(weights_file.parent)}}
+    with pytest.raises(ToolError, match=rf"restore_from: .*epoch_0_step_2 is damaged \({weights_file} has"):
+        TrainDSparkRecipe(explicit).setup()
+
+
+def test_leftover_temp_folders_are_removed_at_start(copy, capsys):
+    out = Path(copy["recipe_args"]["output_dir"])
+    leftover = out / "ckpt" / ".epoch_0_step_3.tmp"
+    leftover.mkdir()
+    (leftover / "model.safetensors").write_bytes(b"half")
+    TrainDSparkRecipe(resume(copy, max_steps=3)).setup()
+    assert not leftover.exists() and f"removed {leftover}" in capsys.readouterr().out
+    assert sorted(p.name for p in (out / "ckpt").iterdir()) == ["epoch_0_step_1", "epoch_0_step_2"]
