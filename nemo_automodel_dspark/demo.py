@@ -82,11 +82,10 @@ def train(opts: DemoOptions, target: Path, mask_token_id: int, train_data: Path,
         f"--recipe_args.val_data_path={heldout}",
         f"--recipe_args.output_dir={run_dir}",
         f"--recipe_args.mask_token_id={mask_token_id}",
-        f"--checkpoint.checkpoint_dir={run_dir / 'checkpoints'}",
         *([f"--recipe_args.num_epochs={opts.epochs}"] if opts.epochs else []),
+        "--recipe_args.overwrite_output_dir=true",  # a rerun moves the previous demo run aside, never mixes with it
         *opts.extra_overrides,
     ]
-    (run_dir / "dspark_train_metrics.jsonl").unlink(missing_ok=True)
     cmd = [
         sys.executable,
         "-m",

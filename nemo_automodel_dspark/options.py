@@ -159,7 +159,7 @@ def _typed(key: str, value: Any, hint: Any) -> Any:
     raise ConfigError(f"'{key}' must be {_describe(hint)}, got {value!r}")
 
 
-def _in_range(key: str, value: Any, spec: Spec) -> None:
+def _in_range(key: str, value: Any, spec: Spec, nullable: bool) -> None:
     numbers = value if isinstance(value, list | tuple) else [value]
     for number in numbers:
         if not isinstance(number, int | float) or isinstance(number, bool):
@@ -171,7 +171,8 @@ def _in_range(key: str, value: Any, spec: Spec) -> None:
             (spec.lt, lambda v, b: v < b, "<"),
         ):
             if bound is not None and not test(number, bound):
-                raise ConfigError(f"'{key}' must be {word} {bound}, got {value!r}")
+                alternative = " or null" if nullable else ""
+                raise ConfigError(f"'{key}' must be {word} {bound}{alternative}, got {value!r}")
 
 
 def check_value(key: str, value: Any, hint: Any, spec: Spec) -> Any:
@@ -182,7 +183,7 @@ def check_value(key: str, value: Any, hint: Any, spec: Spec) -> Any:
     if spec.choices is not None and value not in spec.choices:
         allowed = ", ".join(str(c) for c in spec.choices)
         raise ConfigError(f"'{key}' must be one of {allowed}; got {value!r}")
-    _in_range(key, value, spec)
+    _in_range(key, value, spec, nullable=type(None) in typing.get_args(hint))
     return value
 
 

@@ -36,7 +36,7 @@ from nemo_automodel_dspark.loss import flatten_sums, metrics_from_sums, unflatte
 from nemo_automodel_dspark.model.config import DSparkConfig
 from nemo_automodel_dspark.model.drafter import DSparkDrafter
 from nemo_automodel_dspark.model.families import family_for
-from nemo_automodel_dspark.recipe import batching
+from nemo_automodel_dspark.recipe import batching, resume, run_folder
 from nemo_automodel_dspark.recipe import checkpoint as ckpt
 from nemo_automodel_dspark.recipe.guards import (
     RunStopped,
@@ -82,12 +82,25 @@ class TrainDSparkRecipe(BaseRecipe):
         self.draft_config = self._check_target()
         self.info = D.init_distributed(self.config.dist_env.backend, self.config.dist_env.timeout_minutes)
         torch.manual_seed(args.shuffle_seed)
+        self._claim_folders()
         self._build_data()
         self._build_target()
         self._build_draft()
         self._build_optimizer()
         self._build_metrics()
         self._restore()
+
+    def _claim_folders(self) -> None:
+        """A new run never writes into folders holding another run (refused, or moved aside when asked)."""
+        args = self.config.recipe_args
+        self.ckpt_root = Path(self.config.checkpoint.checkpoint_dir or Path(args.output_dir) / "checkpoints")
+        if self.config.checkpoint.restore_from is None:
+            moves = run_folder.claim(
+                Path(args.output_dir), self.ckpt_root, overwrite=args.overwrite_output_dir, is_main=self.info.is_main
+            )
+            for old, new in moves:
+                self._log(f"recipe_args.overwrite_output_dir: moved the previous run {old} aside to {new}")
+            D.barrier()
 
     def _log(self, message: str) -> None:
         if self.info.is_main:
@@ -185,7 +198,6 @@ class TrainDSparkRecipe(BaseRecipe):
     def _build_metrics(self) -> None:
         args = self.config.recipe_args
         self.metrics = MetricsWriter(args.output_dir, enabled=self.info.is_main)
-        self.ckpt_root = Path(self.config.checkpoint.checkpoint_dir or Path(args.output_dir) / "checkpoints")
         self.step, self.epoch, self.skipped_steps = 0, 0, 0
         self._decode_prompts: list | None = None  # eval_decode prompts, loaded on first use
         self._rows: Iterator | None = (
@@ -205,10 +217,19 @@ class TrainDSparkRecipe(BaseRecipe):
             self._truncate_metrics(0)
             return
         state = ckpt.load_trainer_state(path)
-        ckpt.check_compatible(path, state["compat"], self._compat())
+        resume.check_compatible(path, state["compat"], self._compat())
         model_state, optim_state = ckpt.load_weights(path)  # every rank reads: checkpoint_dir is shared storage
-        D.load_full_state(self.model, self.optimizer, model_state, optim_state)
+        try:
+            D.load_full_state(self.model, self.optimizer, model_state, optim_state)
+        except (RuntimeError, KeyError, ValueError) as err:  # a checkpoint from before shape fields were recorded
+            raise resume.IncompatibleCheckpoint(
+                f"checkpoint {path} does not fit the configured draft ({str(err).splitlines()[0]}); resume with the "
+                "draft options it was trained with"
+            ) from err
         self.lr_scheduler.load_state_dict(state["scheduler"])
+        resume.apply_optimizer_changes(
+            state.get("optimizer"), self.config.optimizer, self.optimizer, self.lr_scheduler, self._log
+        )
         self.sampler.load_state_dict(state["sampler"])
         self.step, self.epoch = state["step"], state["epoch"]
         self.skipped_steps = state.get("skipped_steps", 0)
@@ -230,6 +251,17 @@ class TrainDSparkRecipe(BaseRecipe):
             "mask_token_id": self.draft_config.mask_token_id,
             "target_layer_ids": list(self.draft_config.target_layer_ids or []),
             "target_model_name_or_path": self.config.recipe_args.target_model_name_or_path,
+            **{
+                key: getattr(self.draft_config, key)
+                for key in (
+                    "draft_num_hidden_layers",
+                    "markov_rank",
+                    "markov_head_type",
+                    "enable_confidence_head",
+                    "confidence_head_with_markov",
+                    "freeze_embeddings",
+                )
+            },
         }
 
     # ------------------------------------------------------------------ loop
@@ -446,6 +478,7 @@ class TrainDSparkRecipe(BaseRecipe):
             "sampler": self.sampler.state_dict(),
             "scheduler": self.lr_scheduler.state_dict(),
             "compat": self._compat(),
+            "optimizer": resume.optimizer_record(self.config.optimizer),
             "window": window,
             "skipped_steps": self.skipped_steps,
         }
@@ -464,6 +497,8 @@ class TrainDSparkRecipe(BaseRecipe):
                 raise
             return disk_full_message(ckpt.step_dir(self.ckpt_root, epoch, self.step), self._last_good())
         self._log(f"saved checkpoint {path}")
+        for old in run_folder.prune(self.ckpt_root, self.config.checkpoint.keep_last_n):
+            self._log(f"checkpoint.keep_last_n: removed {old}")
         return None
 
 

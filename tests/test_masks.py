@@ -4,6 +4,7 @@ import torch
 from nemo_automodel_dspark.masks import (
     block_mask_predicate,
     build_eval_mask,
+    context_start,
     dense_block_mask,
     sample_anchors,
 )
@@ -99,3 +100,40 @@ def test_flex_attention_equals_sdpa_on_cpu():
     dense = dense_block_mask(anchors, keep, seq, k)
     out_sdpa = torch.nn.functional.scaled_dot_product_attention(q, kk, v, attn_mask=dense, enable_gqa=True)
     torch.testing.assert_close(out_flex, out_sdpa, atol=1e-5, rtol=1e-5)
+
+
+def test_packed_rows_block_sees_only_its_document_in_both_backends():
+    """Row 0 packs documents [0, 4) and [4, 9): the block anchored at 6 sees rows 4, 5 only; flex == SDPA."""
+    import torch.nn.attention.flex_attention as flex
+
+    position_ids = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4], [0, 1, 2, 3, 4, 5, 6, 7, 8]])
+    anchors = torch.tensor([[2, 6], [3, 5]])
+    keep = torch.ones(2, 2, dtype=torch.bool)
+    seq, k = 9, 2
+    start = context_start(anchors, position_ids)
+    assert start.tolist() == [[0, 4], [0, 0]]
+    dense = dense_block_mask(anchors, keep, seq, k, start)
+    assert dense[0, 0, 2, :seq].nonzero().flatten().tolist() == [4, 5]  # query of block 1: its document's rows < 6
+    assert dense[0, 0, 0, :seq].nonzero().flatten().tolist() == [0, 1]
+    assert torch.equal(dense[1], dense_block_mask(anchors, keep, seq, k)[1])  # one document: the unpacked mask
+    pred = block_mask_predicate(anchors, keep, seq, k, start)
+    q_idx, kv_idx = torch.arange(4).view(-1, 1), torch.arange(seq + 4).view(1, -1)
+    for b in range(2):
+        assert torch.equal(pred(torch.tensor(b), torch.tensor(0), q_idx, kv_idx), dense[b, 0])
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 4, 8, generator=g)
+    kk, v = torch.randn(2, 2, seq + 4, 8, generator=g), torch.randn(2, 2, seq + 4, 8, generator=g)
+    block = flex.create_block_mask(pred, 2, None, 4, seq + 4, device="cpu")
+    out_flex = flex.flex_attention(q, kk, v, block_mask=block, enable_gqa=True)
+    out_sdpa = torch.nn.functional.scaled_dot_product_attention(q, kk, v, attn_mask=dense, enable_gqa=True)
+    torch.testing.assert_close(out_flex, out_sdpa, atol=1e-5, rtol=1e-5)
+
+
+def test_packed_eval_mask_stops_at_the_document_end():
+    # documents [0, 5) and [5, 9); anchor 2 (positions 2..5 predict rows 3..6): rows 5, 6 belong to the next document
+    position_ids = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3]])
+    loss_mask = torch.ones(1, 9, dtype=torch.long)
+    anchors, keep = torch.tensor([[2, 5]]), torch.ones(1, 2, dtype=torch.bool)
+    packed = build_eval_mask(loss_mask, anchors, keep, 4, position_ids)
+    assert packed.tolist() == [[[True, True, False, False], [True, True, True, False]]]
+    assert build_eval_mask(loss_mask, anchors, keep, 4).tolist() == [[[True] * 4, [True, True, True, False]]]

@@ -26,7 +26,6 @@ from nemo_automodel_dspark.io import commit_dir, fsync_dir
 from nemo_automodel_dspark.model.serving import WEIGHTS_NAME, save_draft
 
 TRAINER_STATE, OPTIMIZER_STATE, MANIFEST = "trainer_state.json", "optimizer.pt", "manifest.json"
-COMPAT_FIELDS = ("block_size", "mask_token_id", "target_layer_ids", "target_model_name_or_path")
 _STEP_DIR = re.compile(r"^epoch_(\d+)_step_(\d+)$")
 _TMP_DIR = re.compile(r"^\.epoch_\d+_step_\d+\.tmp$")
 
@@ -78,16 +77,6 @@ def remove_temp_folders(root: str | Path) -> list[Path]:
             shutil.rmtree(child, ignore_errors=True)
             removed.append(child)
     return removed
-
-
-def check_compatible(path: Path, saved: dict, current: dict) -> None:
-    """Refuse a checkpoint whose block_size, mask_token_id, target_layer_ids or target differ from the config."""
-    for field in COMPAT_FIELDS:
-        if saved.get(field) != current.get(field):
-            raise ValueError(
-                f"checkpoint {path} was trained with {field}={saved.get(field)!r} but the config has "
-                f"{field}={current.get(field)!r}; resume with the same {field} or start a new checkpoint_dir"
-            )
 
 
 def _sha256(path: Path) -> str:

@@ -80,6 +80,7 @@ class RecipeArgs(Options):
     log_every_steps: int = option(10, ge=1)
     val_every_steps: int | None = option(None, ge=1, doc="also validate every N steps (always at each epoch end)")
     max_grad_norm: float | None = option(1.0, gt=0, doc="null: no clipping")
+    overwrite_output_dir: bool = option(False, doc="a new run into a folder holding a run moves the old one aside")
     max_skipped_steps: int = option(0, ge=0, doc="non-finite steps skipped (and counted) before the run stops")
     mask_reasoning_content: bool = option(False)
     chat_template: str | None = option(None, doc="Jinja template used instead of the tokenizer's")
@@ -131,6 +132,9 @@ class CheckpointConfig(Options):
     model_save_format: str = option("safetensors", choices=("safetensors",))
     ckpt_every_steps: int | None = option(None, ge=1, doc="null: only at the end of the run")
     restore_from: str | None = option(None, doc="a checkpoint folder, LATEST, or null")
+    keep_last_n: int | None = option(
+        None, ge=1, doc="keep the newest N checkpoints (pruned after a newer one); null: all"
+    )
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,0 +1,224 @@
+"""Padding and documents/s: padded rows vs packed rows vs token-budget micro-batches, measured side by side.
+
+Lengths are synthetic and seeded: log-normal with median ~900 and p90 ~3,000 tokens, capped at 4,096 (regenerated
+chat data). The padding fractions are computed on 20,000 such documents at full scale with the recipe's own plans
+(`data/packing.py`). Documents/s runs the recipe's train step (`DSparkStep.train_step`, one micro-batch per
+optimizer step, collation included) over the same documents in each mode, on a random Qwen3 target several times
+the draft's cost (the printed phase ratio); on CPU every length is divided by `--scale` (shape kept).
+
+    python benchmarks/packing.py                      # CPU defaults (a few minutes on 2 cores)
+    python benchmarks/packing.py --device cuda --scale 1 --hidden 2048 --layers 16 --vocab 151936 --docs 512
+
+Ends with one JSON line: padding_fraction_{padded,packed,token_budget} and
+docs_per_s_ratio_{packed,token_budget}_vs_padded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from types import SimpleNamespace
+
+import torch
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+from nemo_automodel_dspark import DSparkConfig, DSparkDrafter
+from nemo_automodel_dspark.data.packing import (
+    DEFAULT_BUFFER_ROWS,
+    PlanOptions,
+    epoch_permutation,
+    epoch_plan,
+    pack_rows,
+)
+from nemo_automodel_dspark.distributed import DistInfo
+from nemo_automodel_dspark.recipe import batching
+from nemo_automodel_dspark.recipe.config import OptimizerConfig
+from nemo_automodel_dspark.recipe.optim import build_optimizer, build_scheduler
+from nemo_automodel_dspark.recipe.step import DSparkStep
+
+FULL_SEQ, FULL_ANCHORS, MEDIAN, P90 = 4096, 512, 900.0, 3000.0
+MODES = ("padded", "packed", "token_budget")
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--scale", type=int, default=16, help="divide every length (and seq_length, anchors) by this")
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--vocab", type=int, default=1024)
+    p.add_argument("--draft-layers", type=int, default=1)
+    p.add_argument("--micro-batch", type=int, default=4, help="rows (padded) or packs (packed) per micro-batch")
+    p.add_argument("--docs", type=int, default=64, help="documents per timed pass")
+    p.add_argument("--rounds", type=int, default=2, help="timed passes per mode, interleaved across modes")
+    return p.parse_args()
+
+
+def lognormal_lengths(n: int, scale: int, seed: int = 0) -> list[int]:
+    """Median MEDIAN/scale, p90 P90/scale, clipped to [2, FULL_SEQ/scale]."""
+    sigma = math.log(P90 / MEDIAN) / 1.2816  # z of the 90th percentile
+    g = torch.Generator().manual_seed(seed)
+    x = torch.exp(math.log(MEDIAN / scale) + sigma * torch.randn(n, generator=g))
+    return x.round().clamp(2, FULL_SEQ // scale).long().tolist()
+
+
+def options(mode: str, seq: int, micro_batch: int) -> PlanOptions | None:
+    if mode == "padded":
+        return None
+    if mode == "packed":
+        return PlanOptions(packed_sequence_size=seq, packs_per_batch=micro_batch)
+    return PlanOptions(max_tokens=micro_batch * seq)
+
+
+def padding_fractions(lengths: list[int], seq: int, micro_batch: int) -> dict[str, float]:
+    """1 − document tokens / tokens the target processes, per mode, with the recipe's plans."""
+    real = sum(lengths)
+    packed = pack_rows(epoch_permutation(len(lengths), 0, 0), lengths, seq, DEFAULT_BUFFER_ROWS)
+    budget = epoch_plan(lengths, PlanOptions(max_tokens=micro_batch * seq), 0, 0)
+    budget_tokens = sum(len(mb) * max(lengths[r[0]] for r in mb) for mb in budget)
+    budget_real = sum(lengths[r[0]] for mb in budget for r in mb)
+    return {
+        "padded": 1 - real / (len(lengths) * seq),
+        "packed": 1 - real / (len(packed) * seq),
+        "token_budget": 1 - budget_real / budget_tokens,
+    }
+
+
+def build(a: argparse.Namespace, device: torch.device, seq: int, anchors: int):
+    config = Qwen3Config(
+        vocab_size=a.vocab,
+        hidden_size=a.hidden,
+        intermediate_size=3 * a.hidden,
+        num_hidden_layers=a.layers,
+        num_attention_heads=a.hidden // 64,
+        num_key_value_heads=2,
+        head_dim=64,
+        max_position_embeddings=max(4096, seq),
+    )
+    config.architectures = ["Qwen3ForCausalLM"]
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    target = Qwen3ForCausalLM(config).to(device, dtype).eval().requires_grad_(False)
+    dspark = DSparkConfig(
+        mask_token_id=a.vocab - 1,
+        draft_num_hidden_layers=a.draft_layers,
+        block_size=7,
+        num_anchors=anchors,
+        attention_backend="flex_attention" if device.type == "cuda" else "sdpa",
+    )
+    draft = DSparkDrafter.from_target(target, dspark).to(device)
+    args = SimpleNamespace(
+        loss_decay_gamma=4.0,
+        ce_loss_alpha=0.1,
+        l1_loss_alpha=0.9,
+        confidence_head_alpha=1.0,
+        shuffle_seed=0,
+        num_anchors=anchors,
+        seq_length=seq,
+        max_grad_norm=1.0,
+        max_tokens_per_batch=0,
+        packed_sequence_size=0,
+        micro_batch_size=a.micro_batch,
+    )
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=device)
+    step = DSparkStep(draft, draft, target, args, info, defer_fsdp_sync=False)
+    optimizer = build_optimizer(draft, OptimizerConfig(lr=1e-4))
+    return step, optimizer, build_scheduler(optimizer, OptimizerConfig(lr=1e-4), 100_000)
+
+
+def documents(a: argparse.Namespace, lengths: list[int]) -> list[dict]:
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for n in lengths:
+        mask = torch.zeros(n, dtype=torch.long)
+        mask[n // 4 :] = 1  # a prompt, then the response
+        out.append({"input_ids": torch.randint(0, a.vocab - 1, (n,), generator=g), "loss_mask": mask})
+    return out
+
+
+def micro_batches(mode: str, docs: list[dict], lengths: list[int], a, seq: int) -> list:
+    """Every micro-batch of one pass over `docs` in `mode` (collation is timed with the step, as in the recipe)."""
+    plan_options = options(mode, seq, a.micro_batch)
+    if plan_options is None:
+        order = epoch_permutation(len(docs), 0, 0)
+        return [("rows", order[i : i + a.micro_batch]) for i in range(0, len(order), a.micro_batch)]
+    return [("plan", mb) for mb in epoch_plan(lengths, plan_options, 0, 0)]
+
+
+def collate(item, docs: list[dict], step: DSparkStep, mode: str, seq: int):
+    kind, payload = item
+    if kind == "rows":
+        return batching.padded_micro_batches(
+            docs, payload, micro_batch_size=len(payload), seq_length=seq, pad_token_id=0
+        )
+    args = SimpleNamespace(packed_sequence_size=seq if mode == "packed" else 0)
+    return [batching.plan_micro_batch(docs, payload, args, 0)]
+
+
+def timed_pass(mode, docs, lengths, a, seq, step, optimizer, scheduler) -> tuple[float, int, float, dict]:
+    """(seconds, documents, Σ supervised slot weight, phase seconds) of one pass over the documents."""
+    items = micro_batches(mode, docs, lengths, a, seq)
+    step.timer.totals.clear()
+    weight, count = 0.0, 0
+    start = time.perf_counter()
+    for item in items:
+        batch = collate(item, docs, step, mode, seq)
+        sums, _ = step.train_step(batch, 0, optimizer, scheduler)
+        weight += float(sums["weight"])
+        count += len(batch[0].indices)
+    if step.info.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, count, weight, dict(step.timer.totals)
+
+
+def main() -> None:
+    a = parse()
+    device = torch.device(a.device)
+    full = padding_fractions(lognormal_lengths(20_000, 1), FULL_SEQ, a.micro_batch)
+    seq, anchors = FULL_SEQ // a.scale, max(1, FULL_ANCHORS // a.scale)
+    lengths = lognormal_lengths(a.docs, a.scale, seed=1)
+    docs = documents(a, lengths)
+    step, optimizer, scheduler = build(a, device, seq, anchors)
+    for mode in MODES:  # warm-up: allocator, kernels, every shape class once
+        item = micro_batches(mode, docs, lengths, a, seq)[0]
+        step.train_step(collate(item, docs, step, mode, seq), 0, optimizer, scheduler)
+    step.timer.enabled = True
+    totals = {m: [0.0, 0, 0.0] for m in MODES}
+    phases: dict[str, float] = {}
+    for _ in range(a.rounds):
+        for mode in MODES:  # interleaved, so that machine noise hits every mode alike
+            seconds, count, weight, phase = timed_pass(mode, docs, lengths, a, seq, step, optimizer, scheduler)
+            totals[mode] = [totals[mode][0] + seconds, totals[mode][1] + count, totals[mode][2] + weight]
+            if mode == "padded":
+                phases = {k: phases.get(k, 0.0) + v for k, v in phase.items()}
+    rate = {m: totals[m][1] / totals[m][0] for m in MODES}
+    cost = phases.get("target_forward", 0.0) / max(phases.get("draft_forward_backward", 0.0), 1e-9)
+    print(f"device={device} scale=1/{a.scale} seq={seq} anchors={anchors} docs/pass={a.docs} rounds={a.rounds}")
+    print(f"target forward / draft forward+backward time (padded): {cost:.1f}x")
+    slots = {m: totals[m][2] / totals[m][0] for m in MODES}  # supervised slot weight per second
+    header = (
+        ("padding (4096)", 16),
+        ("docs/s", 10),
+        ("vs padded", 11),
+        ("slot weight/doc", 17),
+        ("slots/s vs padded", 19),
+    )
+    print(f"{'mode':<14}" + "".join(f"{name:>{width}}" for name, width in header))
+    for m in MODES:
+        per_doc = totals[m][2] / max(totals[m][1], 1)
+        ratio, slot_ratio = rate[m] / rate["padded"], slots[m] / slots["padded"]
+        print(f"{m:<14}{full[m]:>16.2%}{rate[m]:>10.2f}{ratio:>10.2f}x{per_doc:>17.1f}{slot_ratio:>18.2f}x")
+    figures = {
+        "padding_fraction_padded": round(full["padded"], 4),
+        "padding_fraction_packed": round(full["packed"], 4),
+        "padding_fraction_token_budget": round(full["token_budget"], 4),
+        "docs_per_s_ratio_packed_vs_padded": round(rate["packed"] / rate["padded"], 3),
+        "docs_per_s_ratio_token_budget_vs_padded": round(rate["token_budget"] / rate["padded"], 3),
+    }
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
