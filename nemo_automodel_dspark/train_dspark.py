@@ -24,6 +24,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from nemo_automodel.recipes.base_recipe import BaseRecipe
@@ -47,6 +48,7 @@ from nemo_automodel_dspark.recipe.guards import (
 )
 from nemo_automodel_dspark.recipe.metrics import MetricsWriter, console_line, peak_memory_gib
 from nemo_automodel_dspark.recipe.optim import build_optimizer, build_scheduler
+from nemo_automodel_dspark.recipe.serving_checks import check_serving, warning_text
 from nemo_automodel_dspark.recipe.step import DSparkStep, MicroBatch
 from nemo_automodel_dspark.target.loading import load_target, load_tokenizer
 
@@ -79,9 +81,10 @@ class TrainDSparkRecipe(BaseRecipe):
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         args = self.config.recipe_args
-        self.draft_config = self._check_target()
+        target_config, self.draft_config = self._check_target()
         self.info = D.init_distributed(self.config.dist_env.backend, self.config.dist_env.timeout_minutes)
         torch.manual_seed(args.shuffle_seed)
+        self._check_serving(target_config)
         self._claim_folders()
         self._build_data()
         self._build_target()
@@ -106,8 +109,8 @@ class TrainDSparkRecipe(BaseRecipe):
         if self.info.is_main:
             tqdm.write(message)
 
-    def _check_target(self) -> DSparkConfig:
-        """Read only the target's config.json: the draft options checked against it, with layer ids resolved."""
+    def _check_target(self) -> tuple[Any, DSparkConfig]:
+        """Read only the target's config.json: (its HF config, the draft options checked against it, ids resolved)."""
         from transformers import AutoConfig
 
         args = self.config.recipe_args
@@ -121,7 +124,13 @@ class TrainDSparkRecipe(BaseRecipe):
             family.check_supported(text)
         except (OSError, ValueError) as err:
             raise ConfigError(f"{key} {args.target_model_name_or_path}: {str(err).splitlines()[0]}") from err
-        return self.config.draft.for_target(text.num_hidden_layers, text.vocab_size)
+        return target_config, self.config.draft.for_target(text.num_hidden_layers, text.vocab_size)
+
+    def _check_serving(self, target_config) -> None:
+        """Engine rules that need the target's depth and family (config.json only), before data or weights load."""
+        message = warning_text(check_serving(self.config, target_config, error=ToolError))  # one line, no traceback
+        if message:
+            self._log(message)
 
     def _build_data(self) -> None:
         args = self.config.recipe_args

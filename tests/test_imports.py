@@ -30,6 +30,7 @@ LAYERS = {
     "errors": CORE,
     "options": CORE,
     "draft_checks": CORE,
+    "export": CORE,
     "recipe": MIDDLE,
     "inference": MIDDLE,
     "train_dspark": MIDDLE,

@@ -28,6 +28,7 @@ import yaml
 from nemo_automodel_dspark.loss.config import LossConfig
 from nemo_automodel_dspark.model.config import DSparkConfig
 from nemo_automodel_dspark.options import ConfigError, Options, build, option, rule
+from nemo_automodel_dspark.recipe.serving_checks import check_serving
 
 __all__ = [
     "CheckpointConfig",
@@ -80,6 +81,7 @@ class RecipeArgs(Options):
     log_every_steps: int = option(10, ge=1)
     val_every_steps: int | None = option(None, ge=1, doc="also validate every N steps (always at each epoch end)")
     max_grad_norm: float | None = option(1.0, gt=0, doc="null: no clipping")
+    serve_with: list[str] | None = option(None, doc="engines the draft must load in (export/engines.py); null: warn")
     overwrite_output_dir: bool = option(False, doc="a new run into a folder holding a run moves the old one aside")
     max_skipped_steps: int = option(0, ge=0, doc="non-finite steps skipped (and counted) before the run stops")
     mask_reasoning_content: bool = option(False)
@@ -389,10 +391,12 @@ def parse_config(cfg: Any) -> DSparkRecipeConfig:
     _check_top_level(raw)
     args_values = _as_dict(raw["recipe_args"], "recipe_args")
     args_every = args_values.pop("ckpt_every_steps", None)
+    if isinstance(args_values.get("serve_with"), str):  # `serve_with: vllm` means [vllm]
+        args_values["serve_with"] = [args_values["serve_with"]]
     parts = _split("recipe_args", args_values)
     loss = build(LossConfig, parts[LossConfig])
     draft = build(DSparkConfig, parts[DSparkConfig], enable_confidence_head=loss.confidence_head_alpha > 0)
-    return DSparkRecipeConfig(
+    config = DSparkRecipeConfig(
         recipe_args=build(RecipeArgs, parts[RecipeArgs]),
         draft=draft,
         loss=loss,
@@ -405,6 +409,8 @@ def parse_config(cfg: Any) -> DSparkRecipeConfig:
         ),
         recipe=raw.get("recipe"),
     )
+    check_serving(config, error=ConfigError)  # the option-only engine rules; the target's depth is checked at setup
+    return config
 
 
 def exit_with_error(err: Exception) -> NoReturn:

@@ -1,0 +1,1 @@
+"""Serving engines: what each can serve (`engines`) and the checkpoint dialect each reads (`dialects`)."""
