@@ -22,7 +22,7 @@ import time
 from types import SimpleNamespace
 
 import torch
-from transformers import Qwen3Config, Qwen3ForCausalLM
+from transformers import Qwen3ForCausalLM
 
 from nemo_automodel_dspark import DSparkConfig, DSparkDrafter
 from nemo_automodel_dspark.data.packing import (
@@ -33,10 +33,12 @@ from nemo_automodel_dspark.data.packing import (
     pack_rows,
 )
 from nemo_automodel_dspark.distributed import DistInfo
+from nemo_automodel_dspark.loss import LossConfig
 from nemo_automodel_dspark.recipe import batching
 from nemo_automodel_dspark.recipe.config import OptimizerConfig
 from nemo_automodel_dspark.recipe.optim import build_optimizer, build_scheduler
 from nemo_automodel_dspark.recipe.step import DSparkStep
+from nemo_automodel_dspark.target.tiny import tiny_config
 
 FULL_SEQ, FULL_ANCHORS, MEDIAN, P90 = 4096, 512, 900.0, 3000.0
 MODES = ("padded", "packed", "token_budget")
@@ -87,7 +89,8 @@ def padding_fractions(lengths: list[int], seq: int, micro_batch: int) -> dict[st
 
 
 def build(a: argparse.Namespace, device: torch.device, seq: int, anchors: int):
-    config = Qwen3Config(
+    config = tiny_config(
+        "qwen3",
         vocab_size=a.vocab,
         hidden_size=a.hidden,
         intermediate_size=3 * a.hidden,
@@ -97,7 +100,6 @@ def build(a: argparse.Namespace, device: torch.device, seq: int, anchors: int):
         head_dim=64,
         max_position_embeddings=max(4096, seq),
     )
-    config.architectures = ["Qwen3ForCausalLM"]
     torch.manual_seed(0)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     target = Qwen3ForCausalLM(config).to(device, dtype).eval().requires_grad_(False)
@@ -110,12 +112,7 @@ def build(a: argparse.Namespace, device: torch.device, seq: int, anchors: int):
     )
     draft = DSparkDrafter.from_target(target, dspark).to(device)
     args = SimpleNamespace(
-        loss_decay_gamma=4.0,
-        ce_loss_alpha=0.1,
-        l1_loss_alpha=0.9,
-        confidence_head_alpha=1.0,
         shuffle_seed=0,
-        num_anchors=anchors,
         seq_length=seq,
         max_grad_norm=1.0,
         max_tokens_per_batch=0,
@@ -123,7 +120,7 @@ def build(a: argparse.Namespace, device: torch.device, seq: int, anchors: int):
         micro_batch_size=a.micro_batch,
     )
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=device)
-    step = DSparkStep(draft, draft, target, args, info, defer_fsdp_sync=False)
+    step = DSparkStep(draft, draft, target, args, LossConfig(), info, defer_fsdp_sync=False)
     optimizer = build_optimizer(draft, OptimizerConfig(lr=1e-4))
     return step, optimizer, build_scheduler(optimizer, OptimizerConfig(lr=1e-4), 100_000)
 

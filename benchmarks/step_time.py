@@ -15,7 +15,7 @@ import time
 from types import SimpleNamespace
 
 import torch
-from transformers import Qwen3Config, Qwen3ForCausalLM
+from transformers import Qwen3ForCausalLM
 
 from nemo_automodel_dspark import DSparkConfig, DSparkDrafter
 from nemo_automodel_dspark.data import collate
@@ -24,6 +24,7 @@ from nemo_automodel_dspark.loss import LossConfig
 from nemo_automodel_dspark.recipe.config import OptimizerConfig
 from nemo_automodel_dspark.recipe.optim import build_optimizer, build_scheduler
 from nemo_automodel_dspark.recipe.step import DSparkStep, MicroBatch
+from nemo_automodel_dspark.target.tiny import tiny_config
 
 
 def parse() -> argparse.Namespace:
@@ -43,7 +44,8 @@ def parse() -> argparse.Namespace:
 
 
 def build(a: argparse.Namespace, device: torch.device):
-    config = Qwen3Config(
+    config = tiny_config(
+        "qwen3",
         vocab_size=a.vocab,
         hidden_size=a.hidden,
         intermediate_size=3 * a.hidden,
@@ -53,7 +55,6 @@ def build(a: argparse.Namespace, device: torch.device):
         head_dim=64,
         max_position_embeddings=max(4096, a.seq),
     )
-    config.architectures = ["Qwen3ForCausalLM"]
     torch.manual_seed(0)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     target = Qwen3ForCausalLM(config).to(device, dtype).eval().requires_grad_(False)

@@ -163,7 +163,29 @@ def _run_schedule(args: argparse.Namespace) -> int:
     return run(args)
 
 
+# ---- plan -------------------------------------------------------------------------------------------------------
+
+
+def _add_plan(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", "--config", required=True, help="recipe YAML")
+    parser.add_argument("--gpus", type=int, required=True, help="GPUs in the run (ranks)")
+    parser.add_argument("--gpu-memory", default="80GiB", help="per GPU: 80GiB, 141GB, ... (default: %(default)s)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser.epilog = "Overrides as in training follow the flags: --recipe_args.num_anchors=256 ..."
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    from nemo_automodel_dspark.recipe.plan import run_plan_command
+
+    return run_plan_command(args)
+
+
 COMMANDS: dict[str, Command] = {
+    "plan": Command(
+        "per-GPU memory of a training run from the target's config.json: does it fit, and what to change",
+        _add_plan,
+        _run_plan,
+    ),
     "build-tiny-target": Command(
         "train a tiny Qwen3 target + tokenizer on the Python stdlib", _add_build_tiny_target, _run_build_tiny_target
     ),
@@ -201,7 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from nemo_automodel_dspark.errors import ToolError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, overrides = parser.parse_known_args(argv)
+    if overrides and args.command != "plan":
+        parser.error(f"unrecognized arguments: {' '.join(overrides)}")
+    args.overrides = overrides
     try:
         return COMMANDS[args.command].run(args)
     except ToolError as err:

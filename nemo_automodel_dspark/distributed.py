@@ -1,7 +1,9 @@
 """Everything that touches `torch.distributed`: process group, FSDP2/DDP wrapping, reductions, full state dicts.
 
-Order of wrapping (torchtitan style): each backbone layer is `fully_shard`-ed, then the root. On GPU the FSDP2
-policy computes in bf16 with fp32 master parameters and fp32 gradient reduction; under DDP the recipe autocasts.
+Order of wrapping (torchtitan style): activation checkpointing of the backbone layers, then each layer is
+`fully_shard`-ed, then the root. On GPU the FSDP2 policy computes in bf16 with fp32 master parameters and fp32
+gradient reduction; under DDP the recipe autocasts. A frozen target can be sharded too (`shard_frozen_target`):
+per decoder layer, the decoder, the root, in its own dtype, forward only; its weights come from rank 0.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ class DistInfo:
     world_size: int
     local_rank: int
     device: torch.device
+    local_world_size: int = 1  # ranks on this node (they share its host memory)
 
     @property
     def is_main(self) -> bool:
@@ -41,11 +44,22 @@ def init_distributed(backend: str, timeout_minutes: int) -> DistInfo:
         chosen = backend if cuda else "gloo"
         dist.init_process_group(chosen, timeout=datetime.timedelta(minutes=timeout_minutes))
     rank = dist.get_rank() if dist.is_initialized() else 0
-    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device, local_world_size=local_world)
 
 
-def wrap_draft(model: nn.Module, strategy: str, info: DistInfo) -> nn.Module:
+def checkpoint_layers(layers: nn.ModuleList) -> None:
+    """Recompute each layer's forward in backward instead of keeping its activations (non-reentrant)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
+
+    for i, layer in enumerate(layers):
+        layers[i] = checkpoint_wrapper(layer, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+
+
+def wrap_draft(model: nn.Module, strategy: str, info: DistInfo, activation_checkpointing: bool = False) -> nn.Module:
     """Wrap the draft for data parallelism; a single process gets the bare module."""
+    if activation_checkpointing:
+        checkpoint_layers(cast(nn.ModuleList, model.layers))
     if info.world_size == 1:
         return model
     if strategy == "ddp":
@@ -60,6 +74,56 @@ def wrap_draft(model: nn.Module, strategy: str, info: DistInfo) -> nn.Module:
         fully_shard(layer, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
     return model
+
+
+def shard_frozen_target(target: nn.Module, layers: nn.ModuleList, decoder: nn.Module) -> None:
+    """FSDP2 over a frozen target: each decoder layer, the decoder (which capture calls directly), then the root.
+
+    No mixed-precision policy (the target computes in the dtype it was loaded in) and `reshard_after_forward`, so
+    between forwards each rank keeps only its 1/world of every weight; there are no gradients or optimizer state.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in layers:
+        fully_shard(layer, reshard_after_forward=True)
+    fully_shard(decoder, reshard_after_forward=True)
+    if decoder is not target:
+        fully_shard(target, reshard_after_forward=True)
+
+
+def load_from_rank0(model: nn.Module, source: nn.Module | None, device: torch.device) -> None:
+    """Fill a sharded meta-device `model` from rank 0's full `source` (None elsewhere), one tensor at a time.
+
+    Parameters and persistent buffers travel as each rank's shard (`broadcast_from_rank0`); non-persistent buffers
+    (RoPE frequencies) are broadcast whole. Only rank 0 ever holds a full copy.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    model.to_empty(device=device)
+    full = source.state_dict() if source is not None else {}
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True)
+    set_model_state_dict(model, full, options=options)
+    own = dict(source.named_buffers()) if source is not None else {}
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if source is not None:
+                buffer.copy_(own[name])
+            dist.broadcast(buffer, src=0)
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a sharded (DTensor) parameter, gathered on every rank; plain tensors as they are."""
+    gather = getattr(tensor, "full_tensor", None)
+    return gather() if gather is not None else tensor
+
+
+def local_bytes(module: nn.Module) -> int:
+    """Bytes of parameters this rank holds (its shard of a DTensor, the whole of a plain tensor)."""
+    total = 0
+    for p in module.parameters():
+        local = p.to_local() if hasattr(p, "to_local") else p
+        total += local.numel() * local.element_size()
+    return total
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -181,7 +181,7 @@ def check_value(key: str, value: Any, hint: Any, spec: Spec) -> Any:
     if value is None:
         return value
     if spec.choices is not None and value not in spec.choices:
-        allowed = ", ".join(str(c) for c in spec.choices)
+        allowed = ", ".join(str(c).lower() if isinstance(c, bool) else str(c) for c in spec.choices)
         raise ConfigError(f"'{key}' must be one of {allowed}; got {value!r}")
     _in_range(key, value, spec, nullable=type(None) in typing.get_args(hint))
     return value

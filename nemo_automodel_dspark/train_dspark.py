@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from nemo_automodel.recipes.base_recipe import BaseRecipe
@@ -37,6 +37,7 @@ from nemo_automodel_dspark.loss import flatten_sums, metrics_from_sums, unflatte
 from nemo_automodel_dspark.model.config import DSparkConfig
 from nemo_automodel_dspark.model.drafter import DSparkDrafter
 from nemo_automodel_dspark.model.families import family_for
+from nemo_automodel_dspark.model.warm_start import load_warm_start
 from nemo_automodel_dspark.recipe import batching, resume, run_folder
 from nemo_automodel_dspark.recipe import checkpoint as ckpt
 from nemo_automodel_dspark.recipe.guards import (
@@ -48,9 +49,15 @@ from nemo_automodel_dspark.recipe.guards import (
 )
 from nemo_automodel_dspark.recipe.metrics import MetricsWriter, console_line, peak_memory_gib
 from nemo_automodel_dspark.recipe.optim import build_optimizer, build_scheduler
+from nemo_automodel_dspark.recipe.plan import (
+    MemoryPlan,
+    device_memory_gib,
+    load_target_config,
+    plan_for_config,
+)
 from nemo_automodel_dspark.recipe.serving_checks import check_serving, warning_text
 from nemo_automodel_dspark.recipe.step import DSparkStep, MicroBatch
-from nemo_automodel_dspark.target.loading import load_target, load_tokenizer
+from nemo_automodel_dspark.target.loading import load_target, load_tokenizer, target_skeleton
 
 
 @dataclass
@@ -172,24 +179,76 @@ class TrainDSparkRecipe(BaseRecipe):
         return dataset
 
     def _build_target(self) -> None:
+        """The frozen target, replicated or FSDP2-sharded as the memory plan decides (printed once at start-up)."""
         args = self.config.recipe_args
         dtype = torch.bfloat16 if self.info.device.type == "cuda" else torch.float32
-        self.frozen = FrozenTarget(
-            load_target(
+        self.plan = self._memory_plan()
+        self._log(self.plan.table())
+        self._log(self._sharding_line())
+        if self.plan.target_sharded and args.eval_decode is not None:
+            raise ValueError(
+                "recipe_args.eval_decode decodes on rank 0 alone and needs a replicated target, but the target is "
+                "sharded; set recipe_args.shard_dense_target: false (or remove eval_decode)"
+            )
+        source = args.target_model_name_or_path
+        if self.plan.target_sharded:
+            model = self._load_sharded_target(dtype)
+        else:
+            model = load_target(source, dtype=dtype, device=self.info.device, trust_remote_code=args.trust_remote_code)
+        self.frozen = FrozenTarget(model)
+
+    def _load_sharded_target(self, dtype: torch.dtype) -> torch.nn.Module:
+        """Meta-device skeleton → FSDP2 shards → rank 0 reads the weights and sends each rank its shard."""
+        args = self.config.recipe_args
+        config = load_target_config(args.target_model_name_or_path, args.trust_remote_code)
+        model = target_skeleton(config, dtype)
+        parts = family_for(config).decoder_parts(model)
+        D.shard_frozen_target(model, parts.layers, parts.base_model)
+        source = None
+        if self.info.is_main:
+            source = load_target(
                 args.target_model_name_or_path,
                 dtype=dtype,
-                device=self.info.device,
+                device=torch.device("cpu"),
                 trust_remote_code=args.trust_remote_code,
             )
+        D.load_from_rank0(model, source, self.info.device)
+        return model  # rank 0's full copy is dropped here, once every shard has been sent
+
+    def _memory_plan(self) -> MemoryPlan:
+        args = self.config.recipe_args
+        device = "cuda" if self.info.device.type == "cuda" else "cpu"
+        budget = args.memory_budget_gib or device_memory_gib(self.info.device, self.info.local_world_size)
+        target_config = load_target_config(args.target_model_name_or_path, args.trust_remote_code)
+        return plan_for_config(self.config, target_config, self.info.world_size, budget, device)
+
+    def _sharding_line(self) -> str:
+        plan, setting = self.plan, str(self.config.recipe_args.shard_dense_target).lower()
+        chosen = f"sharded over {self.info.world_size} ranks" if plan.target_sharded else "replicated"
+        if self.info.world_size == 1:
+            return f"shard_dense_target: {setting} -> {chosen} (one process)"
+        verdict = "fits" if plan.replicated_gib <= plan.budget_gib else "does not fit"
+        return (
+            f"shard_dense_target: {setting} -> {chosen} (replicated plan {plan.replicated_gib:.4g} GiB {verdict} "
+            f"in {plan.budget_gib:.4g} GiB per device)"
         )
 
     def _build_draft(self) -> None:
         args = self.config.recipe_args
         if self.draft_config.attention_backend == "flex_attention" and self.info.device.type != "cuda":
             self._log("attention_backend: flex_attention needs CUDA; using SDPA with a dense block mask on CPU")
+        parts = family_for(self.frozen.model.config).decoder_parts(self.frozen.model)
+        embed = D.full_tensor(cast(torch.Tensor, parts.embed_tokens.weight))  # gathered when the target is sharded
+        lm_head = D.full_tensor(cast(torch.Tensor, parts.lm_head.weight))
         torch.manual_seed(args.shuffle_seed)  # identical initial draft on every rank and every world size
-        self.draft = DSparkDrafter.from_target(self.frozen.model, self.draft_config).to(self.info.device)
-        self.model = D.wrap_draft(self.draft, self.config.distributed.strategy, self.info)
+        draft = DSparkDrafter.from_embeddings(self.frozen.model.config, self.draft_config, embed, lm_head)
+        del embed, lm_head
+        if args.draft_weights_path:
+            load_warm_start(draft, args.draft_weights_path)
+            self._log(f"draft_weights_path: started from {args.draft_weights_path}")
+        self.draft = draft.to(self.info.device)
+        dist = self.config.distributed
+        self.model = D.wrap_draft(self.draft, dist.strategy, self.info, dist.activation_checkpointing)
         self.runner = DSparkStep(
             self.model,
             self.draft,
@@ -197,7 +256,7 @@ class TrainDSparkRecipe(BaseRecipe):
             args,
             self.config.loss,
             self.info,
-            defer_fsdp_sync=self.config.distributed.defer_fsdp_grad_sync,
+            defer_fsdp_sync=dist.defer_fsdp_grad_sync,
         )
 
     def _build_optimizer(self) -> None:

@@ -1,4 +1,4 @@
-"""Tiny random targets built from transformers config classes (no downloads)."""
+"""Tiny random targets (built by `nemo_automodel_dspark.target.tiny`, no downloads) and the gpu marker."""
 
 from __future__ import annotations
 
@@ -20,28 +20,14 @@ def pytest_collection_modifyitems(config, items) -> None:
 
 
 def tiny_qwen3(moe: bool = False, layers: int = 4, seed: int = 0):
-    from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+    """The shared tiny Qwen3 (or Qwen3-MoE, every layer sparse) of the model/loss tests: vocabulary 96."""
+    from nemo_automodel_dspark.target.tiny import tiny_target
 
-    common = dict(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=128,
+    extra = {"decoder_sparse_step": 1} if moe else {}
+    family = "qwen3_moe" if moe else "qwen3"
+    return tiny_target(
+        family, seed=seed, vocab_size=VOCAB, num_hidden_layers=layers, max_position_embeddings=128, **extra
     )
-    torch.manual_seed(seed)
-    if moe:
-        config = Qwen3MoeConfig(
-            **common, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1
-        )
-        config.architectures = ["Qwen3MoeForCausalLM"]
-        return Qwen3MoeForCausalLM(config).eval()
-    config = Qwen3Config(**common)
-    config.architectures = ["Qwen3ForCausalLM"]
-    return Qwen3ForCausalLM(config).eval()
 
 
 @pytest.fixture(scope="session")

@@ -101,11 +101,17 @@ class DSparkDrafter(nn.Module):
     @classmethod
     def from_target(cls, target: nn.Module, dspark: DSparkConfig) -> DSparkDrafter:
         """A fresh draft for `target`, with the target's `embed_tokens` and `lm_head` copied in (frozen by default)."""
-        draft = cls(target.config, dspark)
-        parts = draft.family.decoder_parts(target)
+        parts = family_for(target.config).decoder_parts(target)
+        embed, lm_head = cast(Tensor, parts.embed_tokens.weight), cast(Tensor, parts.lm_head.weight)
+        return cls.from_embeddings(target.config, dspark, embed, lm_head)
+
+    @classmethod
+    def from_embeddings(cls, target_config, dspark: DSparkConfig, embed: Tensor, lm_head: Tensor) -> DSparkDrafter:
+        """A fresh draft with the given target embedding [V, H] and LM head [V, H] copied in."""
+        draft = cls(target_config, dspark)
         with torch.no_grad():
-            draft.embed_tokens.weight.copy_(cast(Tensor, parts.embed_tokens.weight))
-            draft.lm_head.weight.copy_(cast(Tensor, parts.lm_head.weight))
+            draft.embed_tokens.weight.copy_(embed)
+            draft.lm_head.weight.copy_(lm_head)
         return draft
 
     # ------------------------------------------------------------------ forward pieces

@@ -87,6 +87,11 @@ class RecipeArgs(Options):
     mask_reasoning_content: bool = option(False)
     chat_template: str | None = option(None, doc="Jinja template used instead of the tokenizer's")
     eval_decode: EvalDecodeConfig | None = option(None)
+    shard_dense_target: bool | str = option(
+        "auto", choices=(True, False, "auto"), doc="auto: shard the target when the replicated plan does not fit"
+    )
+    memory_budget_gib: float | None = option(None, gt=0, doc="per device, for the plan and `auto`; null: the device's")
+    draft_weights_path: str | None = option(None, doc="warm-start from a servable draft folder")
     packed_sequence_size: int = option(0, doc="> 0: pack whole documents into rows of this many tokens")
     max_tokens_per_batch: int = option(0, doc="> 0: micro-batches of similar-length rows, rows x longest <= this")
 
@@ -102,6 +107,11 @@ class RecipeArgs(Options):
                 f"'{self.key(name)}' must be 0 (off) or >= seq_length={self.seq_length} so that every row fits, "
                 f"got {value}",
             )
+        rule(
+            not (self.shard_dense_target is True and self.eval_decode is not None),
+            f"'{self.key('eval_decode')}' decodes on rank 0 alone and needs a replicated target; "
+            f"set {self.key('shard_dense_target')}: false (or remove eval_decode)",
+        )
         rule(
             not (self.packed_sequence_size and self.max_tokens_per_batch),
             f"'{self.key('packed_sequence_size')}' and '{self.key('max_tokens_per_batch')}' exclude each other; "
@@ -153,6 +163,7 @@ class DistributedConfig(Options):
 
     strategy: str = option("fsdp2", choices=("fsdp2", "ddp"))
     defer_fsdp_grad_sync: bool = option(True)
+    activation_checkpointing: bool = option(False, doc="recompute the draft backbone layers in backward")
 
 
 @dataclass(frozen=True)
@@ -189,7 +200,6 @@ _UPSTREAM_NOOPS: dict[str, dict[str, Any]] = {
         "multimodal": False,
         "target_force_hf": False,
         "target_attn_implementation": None,
-        "shard_dense_target": False,
         "target_num_hidden_layers": None,
         "target_attn_backend": None,
         "target_dispatcher": None,
@@ -197,10 +207,8 @@ _UPSTREAM_NOOPS: dict[str, dict[str, Any]] = {
         "target_enable_fsdp_optimizations": None,
         "confidence_head_stop_gradient": False,
         "save_checkpoint_every_epoch": False,
-        "draft_weights_path": None,
     },
     "distributed": {
-        "activation_checkpointing": False,
         "cp_size": 1,
         "tp_size": 1,
         "pp_size": 1,

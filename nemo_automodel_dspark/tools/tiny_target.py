@@ -235,11 +235,14 @@ def train_tokenizer(vocab_size: int, max_chars: int):
 
 
 def _new_model(spec: TinyTargetSpec, tokenizer):
-    from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
+    from transformers import GenerationConfig, Qwen3ForCausalLM
+
+    from nemo_automodel_dspark.target.tiny import tiny_config
 
     if len(tokenizer) > spec.vocab_size:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens, more than vocab_size={spec.vocab_size}")
-    config = Qwen3Config(
+    config = tiny_config(
+        "qwen3",
         vocab_size=spec.vocab_size,
         hidden_size=spec.hidden_size,
         intermediate_size=spec.intermediate_size,

@@ -14,26 +14,23 @@ def tiny_target(vocab: int = 64, *, layers: int = 3, seed: int = 0, context: flo
     Scaling every attention/MLP output by `context` scales how much the prediction depends on earlier tokens:
     at 0 the residual stream is the current token's embedding, so p_t(· | prefix) = p_t(· | last token).
     """
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from nemo_automodel_dspark.target.tiny import tiny_target as build
 
-    config = Qwen3Config(
+    target = build(
+        "qwen3",
+        seed=seed,
         vocab_size=vocab,
         hidden_size=16,
         intermediate_size=32,
         num_hidden_layers=layers,
         num_attention_heads=2,
         num_key_value_heads=1,
-        head_dim=8,
-        max_position_embeddings=256,
         initializer_range=0.5,
         tie_word_embeddings=False,
         eos_token_id=eos,
         pad_token_id=None,
         bos_token_id=None,
     )
-    config.architectures = ["Qwen3ForCausalLM"]
-    torch.manual_seed(seed)
-    target = Qwen3ForCausalLM(config).eval()
     with torch.no_grad():
         for layer in target.model.layers:
             layer.self_attn.o_proj.weight.mul_(context)

@@ -6,7 +6,6 @@ import json
 import random
 from pathlib import Path
 
-import torch
 import yaml
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|mask|>"]
@@ -19,40 +18,9 @@ TEMPLATE = (
 
 def tiny_model(family: str, eos: int, seed: int = 0):
     """A tiny random target of one family (vocab 64, hidden 32, 3 layers), ready to save."""
-    import transformers
+    from nemo_automodel_dspark.target.tiny import tiny_target
 
-    common = dict(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=256,
-        eos_token_id=eos,
-        pad_token_id=0,
-    )
-    if family == "qwen3_moe":
-        config = transformers.Qwen3MoeConfig(**common, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2)
-        cls = transformers.Qwen3MoeForCausalLM
-    elif family == "gemma4":
-        text = transformers.Gemma4TextConfig(
-            **common,
-            hidden_size_per_layer_input=0,
-            global_head_dim=16,
-            num_global_key_value_heads=1,
-            layer_types=["sliding_attention", "full_attention", "full_attention"],
-            sliding_window=8,
-            final_logit_softcapping=30.0,
-            bos_token_id=None,
-        )
-        config, cls = transformers.Gemma4Config(text_config=text), transformers.Gemma4ForConditionalGeneration
-    else:
-        config, cls = transformers.Qwen3Config(**common), transformers.Qwen3ForCausalLM
-    config.architectures = [cls.__name__]
-    torch.manual_seed(seed)
-    return cls(config)
+    return tiny_target(family, seed=seed, eos_token_id=eos, pad_token_id=0)
 
 
 def build_target_dir(out: Path, seed: int = 0, family: str = "qwen3") -> Path:

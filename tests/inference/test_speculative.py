@@ -138,34 +138,16 @@ def test_greedy_output_equals_target_generate(target, weak_context_target, head,
 
 def test_greedy_on_a_sliding_window_target():
     """Gemma4 caches of sliding layers are cropped after each rejection; prompts run past the window of 4."""
-    import transformers
+    from nemo_automodel_dspark.target.tiny import tiny_target
 
-    try:
-        from nemo_automodel_dspark.model.families import family_for
-
-        text = transformers.Gemma4TextConfig(
-            vocab_size=64,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=8,
-            global_head_dim=16,
-            num_global_key_value_heads=1,
-            layer_types=["sliding_attention", "full_attention"],
-            sliding_window=4,
-            final_logit_softcapping=0.5,
-            max_position_embeddings=128,
-            attention_k_eq_v=True,
-            hidden_size_per_layer_input=0,
-        )
-        text.architectures = ["Gemma4ForCausalLM"]
-        family_for(text)
-    except (AttributeError, TypeError, ValueError) as err:
-        pytest.skip(f"no Gemma4 support here: {err}")
-    torch.manual_seed(0)
-    target = transformers.Gemma4ForCausalLM(text).eval()
+    target = tiny_target(
+        "gemma4_causal",
+        num_hidden_layers=2,
+        sliding_window=4,
+        final_logit_softcapping=0.5,
+        max_position_embeddings=128,
+        attention_k_eq_v=True,
+    )
     draft = random_draft(target, block_size=3, layer_ids=(0,))
     for prompt in PROMPTS:
         state = SpeculativeDecoder(target, draft).generate(prompt, 12, gen())

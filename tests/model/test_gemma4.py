@@ -18,6 +18,7 @@ from nemo_automodel_dspark import DSparkConfig, DSparkDrafter, capture_target_fe
 from nemo_automodel_dspark.model.families import family_for
 from nemo_automodel_dspark.model.families.gemma4 import Gemma4DraftLayer, draft_text_config
 from nemo_automodel_dspark.model.layers import RotaryEmbedding, rope_inv_freq
+from nemo_automodel_dspark.target.tiny import tiny_config, tiny_target
 
 VOCAB, MASK_ID, SOFTCAP = 96, 95, 0.5
 # Sliding layers: head_dim 8, 2 kv heads, default RoPE. Full layers: head_dim 16, proportional RoPE on a quarter of it,
@@ -41,30 +42,17 @@ TEXT = dict(
 
 
 def text_config(kind: str = "conditional", **overrides):
-    import transformers
-
-    unified = kind == "unified"
-    fields = {**TEXT, "attention_k_eq_v": True, **({} if unified else {"hidden_size_per_layer_input": 0}), **overrides}
-    return (transformers.Gemma4UnifiedTextConfig if unified else transformers.Gemma4TextConfig)(**fields)
+    """The text config of a tiny Gemma4 (`kind` unified: the Unified variant's)."""
+    family = "gemma4_unified" if kind == "unified" else "gemma4_causal"
+    config = tiny_config(family, **{**TEXT, "attention_k_eq_v": True, **overrides})
+    return config.text_config if kind == "unified" else config
 
 
 def tiny_gemma4(kind: str = "conditional", seed: int = 0, **overrides):
     """kind: conditional (Gemma4ForConditionalGeneration), causal (Gemma4ForCausalLM) or unified."""
-    import transformers
-
-    text = text_config(kind, **overrides)
-    if kind == "causal":
-        config, cls = text, transformers.Gemma4ForCausalLM
-    elif kind == "unified":
-        config, cls = (
-            transformers.Gemma4UnifiedConfig(text_config=text),
-            transformers.Gemma4UnifiedForConditionalGeneration,
-        )
-    else:
-        config, cls = transformers.Gemma4Config(text_config=text), transformers.Gemma4ForConditionalGeneration
-    config.architectures = [cls.__name__]
-    torch.manual_seed(seed)
-    model = cls(config).eval()
+    family = {"conditional": "gemma4", "causal": "gemma4_causal", "unified": "gemma4_unified"}[kind]
+    model = tiny_target(family, seed=seed, **{**TEXT, "attention_k_eq_v": True, **overrides})
+    config = model.config
     with torch.no_grad():  # random norm weights and layer scalars, so that copying or skipping one shows
         for name, param in model.named_parameters():
             if "norm" in name:
