@@ -1,4 +1,4 @@
-"""Checks a tool runs on a saved draft before it works with it: the draft's weights are finite."""
+"""Checks a tool runs on a saved draft before it works with it: finite weights, built for the given target."""
 
 from __future__ import annotations
 
@@ -33,4 +33,42 @@ def require_finite_draft(directory: str | os.PathLike, flag: str = "--draft") ->
         raise ToolError(
             f"{flag} {directory}: non-finite weights in {shown}; the run that wrote it diverged, use an earlier "
             "checkpoint"
+        )
+
+
+def require_draft_fits_target(directory: str | os.PathLike, target_config, target: str, flag: str = "--draft") -> None:
+    """Before any weights load: the draft was built for this target (family, hidden size, vocabulary, layers)."""
+    import json
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from nemo_automodel_dspark.model.families import family_for
+    from nemo_automodel_dspark.model.serving import CONFIG_NAME, read_serving_config
+
+    draft_text, dspark = read_serving_config(directory)  # a folder that is no DSpark draft is a one-line error here
+    try:
+        family = family_for(target_config)
+    except ValueError as err:
+        raise ToolError(f"--target {target}: {err}") from err
+    text = family.text_config(target_config)
+    raw = json.loads((Path(directory) / CONFIG_NAME).read_text())
+    problems = []
+    try:
+        draft_family = family_for(SimpleNamespace(architectures=raw.get("architectures"))).name
+    except ValueError:
+        draft_family = None
+    if draft_family is not None and draft_family != family.name:
+        problems.append(f"family {draft_family} vs {family.name}")
+    for key in ("hidden_size", "vocab_size"):
+        if getattr(draft_text, key, None) != getattr(text, key, None):
+            problems.append(f"{key} {getattr(draft_text, key, None)} vs {getattr(text, key, None)}")
+    layers = text.num_hidden_layers
+    if getattr(draft_text, "num_hidden_layers", None) != layers:
+        problems.append(f"target layers {getattr(draft_text, 'num_hidden_layers', None)} vs {layers}")
+    outside = [i for i in dspark.target_layer_ids or [] if not -1 <= i < layers]
+    if outside:
+        problems.append(f"target_layer_ids {outside} outside the target's {layers} layers")
+    if problems:
+        raise ToolError(
+            f"{flag} {directory} was not trained for --target {target} (draft vs target: {'; '.join(problems)})"
         )

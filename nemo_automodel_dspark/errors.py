@@ -25,3 +25,25 @@ def require_draft_dir(path: str | os.PathLike, flag: str = "--draft") -> Path:
             "OUTPUT_DIR/checkpoints/epoch_E_step_S"
         )
     return Path(path)
+
+
+def require_output_file(path: str | os.PathLike | None, flag: str) -> None:
+    """Before any work: `path` (when given) must be a file name we can create, not a folder or under a read-only one."""
+    if path is None:
+        return
+    target = Path(path)
+    if target.is_dir() or str(path).endswith(os.sep):
+        raise ToolError(f"{flag} {path}: is a directory; pass a file name")
+    parent = target.parent
+    while not parent.exists():  # the writer creates missing folders; the nearest existing one must be writable
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise ToolError(f"{flag} {path}: cannot write there ({parent} is not a writable folder)")
+    if target.exists() and not os.access(target, os.W_OK):
+        raise ToolError(f"{flag} {path}: the file is not writable")
+
+
+def require_count(value: int | None, flag: str, minimum: int = 1) -> None:
+    """A count flag (rows, prompts, tokens, bins) must be at least `minimum` when given."""
+    if value is not None and value < minimum:
+        raise ToolError(f"{flag} {value}: must be >= {minimum}")

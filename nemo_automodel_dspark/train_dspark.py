@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from nemo_automodel_dspark import distributed as D
 from nemo_automodel_dspark.data import DSparkChatDataset, ResumableSampler
+from nemo_automodel_dspark.data.sources import check_data_path
 from nemo_automodel_dspark.errors import ToolError
 from nemo_automodel_dspark.loss import flatten_sums, metrics_from_sums, unflatten_sums
 from nemo_automodel_dspark.model.config import DSparkConfig
@@ -57,7 +58,7 @@ from nemo_automodel_dspark.recipe.plan import (
 )
 from nemo_automodel_dspark.recipe.serving_checks import check_serving, warning_text
 from nemo_automodel_dspark.recipe.step import DSparkStep, MicroBatch
-from nemo_automodel_dspark.target.loading import load_target, load_tokenizer, target_skeleton
+from nemo_automodel_dspark.target.loading import check_model_path, load_target, load_tokenizer, target_skeleton
 
 
 @dataclass
@@ -92,6 +93,7 @@ class TrainDSparkRecipe(BaseRecipe):
         self.info = D.init_distributed(self.config.dist_env.backend, self.config.dist_env.timeout_minutes)
         torch.manual_seed(args.shuffle_seed)
         self._check_serving(target_config)
+        self._check_inputs()
         self._claim_folders()
         self._build_data()
         self._build_target()
@@ -99,6 +101,32 @@ class TrainDSparkRecipe(BaseRecipe):
         self._build_optimizer()
         self._build_metrics()
         self._restore()
+
+    def _check_inputs(self) -> None:
+        """Data paths that cannot work are one line naming the key, before anything loads or any folder is touched."""
+        args = self.config.recipe_args
+        check_data_path(args.train_data_path, "recipe_args.train_data_path")
+        if args.val_data_path:
+            check_data_path(args.val_data_path, "recipe_args.val_data_path")
+        if args.eval_decode is not None:
+            check_data_path(args.eval_decode.data_path, "recipe_args.eval_decode.data_path")
+
+    def _load_decode_prompts(self) -> list | None:
+        """The eval_decode prompts, read at setup so a bad file fails before training, not at the first decode."""
+        from nemo_automodel_dspark.inference.prompts import load_prompts
+
+        decode = self.config.recipe_args.eval_decode
+        if decode is None:
+            return None
+        try:
+            return load_prompts(
+                decode.data_path,
+                self.tokenizer,
+                decode.num_prompts,
+                chat_template=self.config.recipe_args.chat_template,
+            )
+        except ValueError as err:
+            raise ToolError(f"recipe_args.eval_decode.data_path: {err}") from err
 
     def _claim_folders(self) -> None:
         """A new run never writes into folders holding another run (refused, or moved aside when asked)."""
@@ -121,6 +149,7 @@ class TrainDSparkRecipe(BaseRecipe):
         from transformers import AutoConfig
 
         args = self.config.recipe_args
+        check_model_path(args.target_model_name_or_path, "recipe_args.target_model_name_or_path")
         key = "'recipe_args.target_model_name_or_path'"
         try:
             target_config = AutoConfig.from_pretrained(
@@ -158,6 +187,7 @@ class TrainDSparkRecipe(BaseRecipe):
             )
         total = sum(self._steps_in_epoch(epoch) for epoch in range(args.num_epochs))
         self.total_steps = min(total, args.max_steps) if args.max_steps else total
+        self._decode_prompts = self._load_decode_prompts()
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
     def _steps_in_epoch(self, epoch: int) -> int:
@@ -267,7 +297,6 @@ class TrainDSparkRecipe(BaseRecipe):
         args = self.config.recipe_args
         self.metrics = MetricsWriter(args.output_dir, enabled=self.info.is_main)
         self.step, self.epoch, self.skipped_steps = 0, 0, 0
-        self._decode_prompts: list | None = None  # eval_decode prompts, loaded on first use
         self._rows: Iterator | None = (
             None  # this epoch's sampler iterator (rows or micro-batch plans; resumes mid-epoch)
         )

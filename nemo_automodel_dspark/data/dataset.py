@@ -31,6 +31,7 @@ from nemo_automodel_dspark.data.render import resolve_chat_template
 from nemo_automodel_dspark.data.sources import RowError, has_token_ids, normalize_messages, open_rows
 
 _PROGRESS_MIN_ROWS = 1000
+EMPTY_ANSWERS_WARNING = 0.9  # the report warns when at least this share of the used rows have an empty answer
 
 
 class DSparkChatDataset(torch.utils.data.Dataset):
@@ -54,6 +55,7 @@ class DSparkChatDataset(torch.utils.data.Dataset):
         self.first_skipped: dict[str, int] = {}  # reason -> first line/row number with it
         self.num_truncated = 0
         self.num_token_ids = 0  # rows used as the target's own ids (`prompt_ids` + `response_ids`)
+        self.num_empty_answers = 0  # used rows whose final assistant answer is empty (nothing but the end token)
         self._unit = "line" if path_or_id.endswith(".jsonl") else "row"
         self._mask_token_id = mask_token_id
         template = resolve_chat_template(tokenizer, chat_template)
@@ -81,6 +83,7 @@ class DSparkChatDataset(torch.utils.data.Dataset):
         if isinstance(row, RowError):
             raise row
         messages = normalize_messages(row)
+        empty_answer = not str(messages[-1].get("content") or "").strip()
         if has_token_ids(row):
             tokenized = tokenize_token_ids(
                 row,
@@ -91,14 +94,16 @@ class DSparkChatDataset(torch.utils.data.Dataset):
                 mask_token_id=self._mask_token_id,
             )
             self.num_token_ids += 1
-            return tokenized
-        return tokenize_conversation(
-            messages,
-            tokenizer,
-            self.seq_length,
-            chat_template=template,
-            mask_reasoning_content=mask_reasoning_content,
-        )
+        else:
+            tokenized = tokenize_conversation(
+                messages,
+                tokenizer,
+                self.seq_length,
+                chat_template=template,
+                mask_reasoning_content=mask_reasoning_content,
+            )
+        self.num_empty_answers += empty_answer  # counted for used rows only (a skipped row raised above)
+        return tokenized
 
     def _skip(self, reason: str, number: int) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
@@ -128,6 +133,11 @@ class DSparkChatDataset(torch.utils.data.Dataset):
             text += f", {self.num_token_ids} as the target's own token ids"
         if self.num_truncated:
             text += f", {self.num_truncated} truncated to seq_length={self.seq_length}"
+        if self.num_empty_answers >= EMPTY_ANSWERS_WARNING * len(self):
+            text += (
+                f"; warning: {self.num_empty_answers} of {len(self)} answers are empty (the draft would learn "
+                "little but the end token; regenerate or check the data)"
+            )
         return text
 
     def __len__(self) -> int:

@@ -67,6 +67,35 @@ def open_rows(path_or_id: str, *, split: str = "train") -> tuple[int, Iterator[R
     return _dataset_rows(datasets.load_dataset(path_or_id, split=split))
 
 
+def check_data_path(path_or_id: str, key: str) -> None:
+    """Before any work: a local data path exists and is data, not a model folder; one line naming `key`.
+
+    A name that is neither a local path nor a path-like string is left for the Hub to resolve.
+    """
+    from nemo_automodel_dspark.errors import ToolError
+
+    path = os.path.expanduser(path_or_id)
+    if os.path.isdir(path):
+        if _is_model_folder(path):
+            raise ToolError(
+                f"{key} {path_or_id}: a model folder (config.json and weights), not data; pass a .jsonl, .json or "
+                ".parquet file of chat rows or a saved datasets folder"
+            )
+        return
+    if os.path.isfile(path):
+        if not path.endswith(_LOCAL_SUFFIXES):
+            raise ToolError(f"{key} {path_or_id}: unsupported data file (expected .jsonl, .json or .parquet)")
+        return
+    if path.endswith(_LOCAL_SUFFIXES) or path.startswith(("/", "./", "../", "~")):
+        raise ToolError(f"{key} {path_or_id}: no such file")
+
+
+def _is_model_folder(path: str) -> bool:
+    names = set(os.listdir(path))
+    weights = any(n.endswith((".safetensors", ".bin", ".safetensors.index.json")) for n in names)
+    return "config.json" in names and weights and not names & set(_SAVED_DATASET_FILES)
+
+
 def iter_rows(path_or_id: str, *, split: str = "train") -> Iterator[Row]:
     """Yield (1-based line/row number, row dict or RowError) for every row of a local file, folder or Hub dataset."""
     return open_rows(path_or_id, split=split)[1]
@@ -94,7 +123,7 @@ def parse_line(line: bytes) -> dict[str, Any] | RowError:
 
 
 def _json_rows(path: str) -> tuple[int, Iterator[Row]]:
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # a UTF-8 BOM is accepted (JSONL lines are read as bytes: same)
         try:
             data = json.load(f)
         except json.JSONDecodeError as err:
@@ -123,6 +152,8 @@ def _parquet_rows(path: str) -> tuple[int, Iterator[Row]]:
 def _load_directory(path: str, split: str) -> Any:
     import datasets
 
+    if _is_model_folder(path):
+        raise ValueError(f"{path}: a model folder (config.json and weights), not data")
     if any(os.path.exists(os.path.join(path, name)) for name in _SAVED_DATASET_FILES):
         loaded = datasets.load_from_disk(path)
         return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded

@@ -136,7 +136,7 @@ ROUND_KEYS = ("verify_len", "num_accepted", "confidence_logits")
 def read_rounds(path: str | Path) -> list[dict]:
     """Rows of `dspark evaluate --save-rounds`; a line that is not one is a ValueError naming it."""
     rows = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # a UTF-8 BOM is accepted, as by every reader of this package
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -179,9 +179,12 @@ add_arguments = add_calibrate_arguments
 
 def run(args: argparse.Namespace) -> int:
     from nemo_automodel_dspark.draft_checks import require_finite_draft
-    from nemo_automodel_dspark.errors import require_draft_dir
+    from nemo_automodel_dspark.errors import require_count, require_draft_dir
+    from nemo_automodel_dspark.model.serving import read_serving_config
 
     require_draft_dir(args.draft)
+    require_count(args.bins, "--bins")
+    read_serving_config(args.draft)  # a folder that is no DSpark draft is one line, before anything is fitted
     require_finite_draft(args.draft)
     table = read_rounds_table(args.rounds, "--rounds")
     temperatures = fit_sts(table, bins=args.bins)

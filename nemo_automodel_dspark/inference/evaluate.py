@@ -234,16 +234,31 @@ def format_summary(report: dict) -> str:
 add_arguments = add_evaluate_arguments  # `dspark evaluate` flags (torch-free module, for a fast --help)
 
 
+def _check_inputs(args: argparse.Namespace) -> None:
+    """Every input checked before a weight loads or a token is decoded: each mistake is one line naming the flag."""
+    from nemo_automodel_dspark.draft_checks import require_draft_fits_target, require_finite_draft
+    from nemo_automodel_dspark.errors import require_count, require_draft_dir, require_file, require_output_file
+    from nemo_automodel_dspark.target.loading import load_target_config
+
+    require_draft_dir(args.draft)
+    for value, flag in ((args.output, "--output"), (args.save_generations, "--save-generations")):
+        require_output_file(value, flag)
+    require_output_file(args.save_rounds, "--save-rounds")
+    for value, flag in ((args.num_prompts, "--num-prompts"), (args.max_new_tokens, "--max-new-tokens")):
+        require_count(value, flag)
+    require_count(args.verify_len, "--verify-len")
+    require_file(args.data, "--data")
+    require_draft_fits_target(args.draft, load_target_config(args.target, "--target"), args.target)
+    require_finite_draft(args.draft)
+
+
 def run(args: argparse.Namespace) -> int:
-    from nemo_automodel_dspark.draft_checks import require_finite_draft
-    from nemo_automodel_dspark.errors import ToolError, require_draft_dir, require_file
+    from nemo_automodel_dspark.errors import ToolError
     from nemo_automodel_dspark.io import atomic_write_bytes
     from nemo_automodel_dspark.model.drafter import DSparkDrafter
     from nemo_automodel_dspark.target.loading import load_target, load_tokenizer
 
-    require_draft_dir(args.draft)
-    require_finite_draft(args.draft)
-    require_file(args.data, "--data")
+    _check_inputs(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -6,10 +6,42 @@ meta device, the recipe FSDP2-shards it, rank 0 alone reads the weights and each
 
 from __future__ import annotations
 
+import os
+import re
+
 import torch
 from torch import nn
 
+from nemo_automodel_dspark.errors import ToolError
 from nemo_automodel_dspark.model.families import family_for
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # `name` or `org/name`
+
+
+def check_model_path(path: str, key: str) -> None:
+    """A model given as a local path must be a folder with config.json; a path that cannot be a Hub id must exist.
+
+    One line naming `key`, before anything loads (instead of transformers' "Repo id must be in the form ...").
+    """
+    local = os.path.expanduser(path)
+    if os.path.exists(local):
+        if not os.path.isfile(os.path.join(local, "config.json")):
+            raise ToolError(f"{key} {path}: not a model folder (no config.json)")
+        return
+    if not _HUB_ID.match(path) or path.startswith((".", "~")):
+        raise ToolError(f"{key} {path}: no such folder")
+
+
+def load_target_config(path: str, key: str, trust_remote_code: bool = False):
+    """The target's HF config, or one line naming `key` when it is neither a local model folder nor on the Hub."""
+    from transformers import AutoConfig
+
+    check_model_path(path, key)
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ToolError(f"{key} {path}: not a local model folder and not loadable from the Hub ({first})") from err
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):

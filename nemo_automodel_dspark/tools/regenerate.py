@@ -18,8 +18,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from nemo_automodel_dspark.errors import ToolError
+from nemo_automodel_dspark.errors import ToolError, require_count
 from nemo_automodel_dspark.io import atomic_path, atomic_write_json, atomic_write_jsonl
+from nemo_automodel_dspark.target.loading import check_model_path
 from nemo_automodel_dspark.tools.chat_rows import PromptRow, RowError, output_row, parse_row
 from nemo_automodel_dspark.tools.generators import Generation, SamplingConfig
 
@@ -78,6 +79,11 @@ class RegenerateConfig:
             raise ToolError("--chat-template applies to local generation (--target); a server renders with its own")
         if self.shard_size < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
             raise ToolError("shard_size, batch_size and max_new_tokens must be >= 1")
+        for value, flag in ((self.num_rows, "--num-rows"), (self.concurrency, "--concurrency")):
+            require_count(value, flag)
+        require_count(self.max_retries, "--max-retries", minimum=0)
+        if self.target is not None and self.server is None:
+            check_model_path(self.target, "--target")
 
     def identity(self) -> dict:
         """The output-deciding fields, paths made absolute: what the manifest stores and resume compares."""

@@ -76,17 +76,16 @@ def test_too_little_data_for_one_step_names_the_file(tiny_assets, tmp_path):
     [
         (dict(target_layer_ids=[0, 7]), r"'recipe_args.target_layer_ids': id 7 is out of range .* valid ids are -1..2"),
         (dict(mask_token_id=64), r"'recipe_args.mask_token_id' must be in \[0, 64\) for this target, got 64"),
-        (dict(target_model_name_or_path="/nonexistent/target"), r"'recipe_args.target_model_name_or_path'"),
     ],
 )
 def test_target_dependent_options_fail_before_data_or_weights(tiny_assets, tmp_path, recipe_args, match):
-    """Checked right after reading the target's config.json: the missing data file is never reached."""
-    cfg = base_config(tiny_assets, tmp_path / "bad", train_data_path=str(tmp_path / "no_such_data.jsonl"))
+    """Checked right after reading the target's config.json: no data, tokenizer or weights are loaded."""
+    cfg = base_config(tiny_assets, tmp_path / "bad")
     cfg["recipe_args"].update(recipe_args)
     recipe = TrainDSparkRecipe(cfg)
     with pytest.raises(ConfigError, match=match):
         recipe.setup()
-    assert not hasattr(recipe, "train_set") and not hasattr(recipe, "frozen")
+    assert not any(hasattr(recipe, name) for name in ("info", "tokenizer", "train_set", "frozen"))
 
 
 def test_target_layer_ids_resolved_once_without_mutating_the_parsed_config(tiny_assets, tmp_path):
