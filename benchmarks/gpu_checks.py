@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -215,7 +216,7 @@ def check_flex_vs_sdpa(device: torch.device, p: Problem) -> dict:
     target = build_target(p.target, device, dtype)
     sdpa = build_draft(target, p, "sdpa").to(device)
     flex = copy.deepcopy(sdpa)
-    flex.dspark.attention_backend = "flex_attention"
+    flex.dspark = dataclasses.replace(flex.dspark, attention_backend="flex_attention")  # options are frozen
     mode = _eager_flex_on_cpu(flex, device)
     batch, backward = make_batch(p, device), device.type == "cuda"
     loss_s, grads_s, logits_s = loss_and_grads(build_step(sdpa, sdpa, target, p, device), batch)
@@ -243,7 +244,7 @@ def check_bf16_step_vs_fp32_cpu(device: torch.device, p: Problem) -> dict:
     draft32 = build_draft(target32, p, "sdpa")
     backend = "flex_attention" if device.type == "cuda" else "sdpa"  # the recipe's choice per device
     draft16 = copy.deepcopy(draft32).to(device)
-    draft16.dspark.attention_backend = backend
+    draft16.dspark = dataclasses.replace(draft16.dspark, attention_backend=backend)
     target16 = copy.deepcopy(target32).to(device, torch.bfloat16)
     ref_loss, ref_grads, _ = loss_and_grads(build_step(draft32, draft32, target32, p, cpu), make_batch(p, cpu))
     step16 = build_step(draft16, draft16, target16, p, device)
