@@ -102,9 +102,12 @@ def bound(name: str, device: torch.device) -> float:
 # ------------------------------------------------------------------------------------------------ builders
 def build_target(shape: TargetShape, device: torch.device, dtype: torch.dtype, *, init_range: float = 0.02):
     """A random Qwen3 target of `shape` (seed 0), built directly on `device` in `dtype`, frozen."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from transformers import Qwen3ForCausalLM
 
-    config = Qwen3Config(
+    from nemo_automodel_dspark.target.tiny import tiny_config
+
+    config = tiny_config(
+        "qwen3",
         vocab_size=shape.vocab,
         hidden_size=shape.hidden,
         intermediate_size=shape.intermediate,
@@ -119,7 +122,6 @@ def build_target(shape: TargetShape, device: torch.device, dtype: torch.dtype, *
         eos_token_id=None,
         pad_token_id=None,
     )
-    config.architectures = ["Qwen3ForCausalLM"]
     torch.manual_seed(0)
     with torch.device(device):
         target = Qwen3ForCausalLM(config)

@@ -29,6 +29,7 @@ LAYERS = {
     "io": CORE,
     "errors": CORE,
     "options": CORE,
+    "quiet": CORE,
     "draft_checks": CORE,
     "export": CORE,
     "recipe": MIDDLE,
