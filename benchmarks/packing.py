@@ -183,7 +183,10 @@ def main() -> None:
     docs = documents(a, lengths)
     step, optimizer, scheduler = build(a, device, seq, anchors)
     for mode in MODES:  # warm-up: allocator, kernels, every shape class once
-        item = micro_batches(mode, docs, lengths, a, seq)[0]
+        items = micro_batches(mode, docs, lengths, a, seq)
+        if not items:
+            raise SystemExit(f"--docs {a.docs} fill no {mode} micro-batch of {a.micro_batch}; use more documents")
+        item = items[0]
         step.train_step(collate(item, docs, step, mode, seq), 0, optimizer, scheduler)
     step.timer.enabled = True
     totals = {m: [0.0, 0, 0.0] for m in MODES}

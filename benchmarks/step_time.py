@@ -102,6 +102,16 @@ def micro_batches(a: argparse.Namespace, data: list[dict], step: int) -> list[Mi
     return out
 
 
+PHASES = ("target_forward", "draft_forward_backward", "optimizer", "other")
+
+
+def phase_shares(totals: dict[str, float], total: float) -> dict[str, float]:
+    """Each phase's share of `total` wall time; "other" is whatever the timed phases do not cover."""
+    phases = dict(totals)
+    phases["other"] = total - sum(phases.values()) + phases.pop("other", 0.0)
+    return {name: phases.get(name, 0.0) / total for name in PHASES}
+
+
 def main() -> None:
     a = parse()
     device = torch.device(a.device)
@@ -117,15 +127,14 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
     total = time.perf_counter() - start
-    phases = dict(step.timer.totals)
-    phases["other"] = total - sum(phases.values()) + phases.pop("other", 0.0)
+    shares = phase_shares(dict(step.timer.totals), total)
     print(
         f"device={device} steps={a.steps} step_time={total / a.steps * 1000:.1f} ms "
         f"(micro_batch={a.micro_batch} x accum={a.accum}, seq={a.seq}, anchors={a.anchors}, vocab={a.vocab})"
     )
-    for name in ("target_forward", "draft_forward_backward", "optimizer", "other"):
-        print(f"  {name:<24} {phases.get(name, 0.0) / total:6.1%}")
-    share = phases["other"] / total
+    for name, value in shares.items():
+        print(f"  {name:<24} {value:6.1%}")
+    share = shares["other"]
     print(f"everything else: {share:.1%} of the step (limit 15%) -> {'PASS' if share <= 0.15 else 'FAIL'}")
 
 

@@ -163,6 +163,29 @@ def _run_schedule(args: argparse.Namespace) -> int:
     return run(args)
 
 
+# ---- export ------------------------------------------------------------------------------------------------------
+
+
+def _add_export(parser: argparse.ArgumentParser) -> None:
+    from nemo_automodel_dspark.export.dialects import FORMATS
+
+    parser.add_argument(
+        "checkpoint", metavar="CKPT", help="saved draft folder (ours or NeMo AutoModel's, any sharding)"
+    )
+    parser.add_argument("--format", required=True, choices=FORMATS, help="the engine whose checkpoint dialect to write")
+    parser.add_argument("--out", required=True, help="folder to write config.json + model.safetensors to")
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from nemo_automodel_dspark.errors import require_draft_dir
+    from nemo_automodel_dspark.export.dialects import export_draft
+
+    require_draft_dir(args.checkpoint, "CKPT")
+    out = export_draft(args.checkpoint, args.format, args.out)
+    print(f"[dspark] {args.format} draft written to {out}")
+    return 0
+
+
 # ---- plan -------------------------------------------------------------------------------------------------------
 
 
@@ -202,6 +225,11 @@ COMMANDS: dict[str, Command] = {
         "fit Sequential Temperature Scaling on evaluate rounds; writes confidence_temperatures",
         _add_calibrate,
         _run_calibrate,
+    ),
+    "export": Command(
+        "write a saved draft in the checkpoint dialect of vLLM, SGLang, SpecForge, speculators or Model-Optimizer",
+        _add_export,
+        _run_export,
     ),
     "schedule": Command(
         "simulate the confidence scheduler (Algorithm 1) on evaluate rounds and an SPS table",

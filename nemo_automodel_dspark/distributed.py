@@ -65,10 +65,15 @@ def wrap_draft(model: nn.Module, strategy: str, info: DistInfo, activation_check
     if strategy == "ddp":
         ids = [info.device.index] if info.device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    return fully_shard_draft(model, info.device)
+
+
+def fully_shard_draft(model: nn.Module, device: torch.device) -> nn.Module:
+    """FSDP2 over the initialized process group: each backbone layer, then the root (any world size, even 1)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy()
-    if info.device.type == "cuda":
+    if device.type == "cuda":
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for layer in cast(nn.ModuleList, model.layers):
         fully_shard(layer, mp_policy=policy)

@@ -39,8 +39,9 @@ from nemo_automodel_dspark.recipe.plan import (
     plan_for_config,
 )
 from nemo_automodel_dspark.recipe.serving_checks import check_serving, warning_text
+from nemo_automodel_dspark.recipe.sharded_target import load_sharded_target
 from nemo_automodel_dspark.recipe.step import DSparkStep, MicroBatch
-from nemo_automodel_dspark.target.loading import load_target, load_tokenizer, target_skeleton
+from nemo_automodel_dspark.target.loading import load_target, load_tokenizer
 
 
 @dataclass
@@ -156,28 +157,10 @@ class TrainDSparkRecipe(BaseRecipe):
             )
         source = args.target_model_name_or_path
         if self.plan.target_sharded:
-            model = self._load_sharded_target(dtype)
+            model = load_sharded_target(source, dtype=dtype, info=self.info, trust_remote_code=args.trust_remote_code)
         else:
             model = load_target(source, dtype=dtype, device=self.info.device, trust_remote_code=args.trust_remote_code)
         self.frozen = FrozenTarget(model)
-
-    def _load_sharded_target(self, dtype: torch.dtype) -> torch.nn.Module:
-        """Meta-device skeleton → FSDP2 shards → rank 0 reads the weights and sends each rank its shard."""
-        args = self.config.recipe_args
-        config = load_target_config(args.target_model_name_or_path, args.trust_remote_code)
-        model = target_skeleton(config, dtype)
-        parts = family_for(config).decoder_parts(model)
-        D.shard_frozen_target(model, parts.layers, parts.base_model)
-        source = None
-        if self.info.is_main:
-            source = load_target(
-                args.target_model_name_or_path,
-                dtype=dtype,
-                device=torch.device("cpu"),
-                trust_remote_code=args.trust_remote_code,
-            )
-        D.load_from_rank0(model, source, self.info.device)
-        return model  # rank 0's full copy is dropped here, once every shard has been sent
 
     def _memory_plan(self) -> MemoryPlan:
         args = self.config.recipe_args
@@ -259,7 +242,7 @@ class TrainDSparkRecipe(BaseRecipe):
         resume.apply_optimizer_changes(
             state.get("optimizer"), self.config.optimizer, self.optimizer, self.lr_scheduler, self._log
         )
-        self.sampler.load_state_dict(state["sampler"])
+        batching.restore_position(self.sampler, state["sampler"], path)
         self.step, self.epoch = state["step"], state["epoch"]
         self.skipped_steps = state.get("skipped_steps", 0)
         if self.info.is_main and state.get("window") is not None:

@@ -31,31 +31,45 @@ def _masked_fp32(logits: Tensor, keep: Tensor) -> Tensor:
     return torch.where(keep[:, None], logits.float(), 0.0)
 
 
-def _softmax_(z: Tensor) -> Tensor:
-    """In-place softmax of a fresh fp32 `[r, V]` tensor (`z` is overwritten and returned)."""
-    return z.sub_(torch.logsumexp(z, dim=-1, keepdim=True)).exp_()
+def _softmax_(z: Tensor) -> tuple[Tensor, Tensor]:
+    """In-place softmax of a fresh fp32 `[r, V]` tensor (`z` is overwritten and returned) and its `logsumexp [r, 1]`.
+
+    Max-subtract, exp and normalise in place: `torch.logsumexp` would allocate an `[r, V]` temporary.
+    """
+    top = z.amax(dim=-1, keepdim=True)
+    total = z.sub_(top).exp_().sum(dim=-1, keepdim=True)
+    return z.div_(total), top + total.log()
 
 
-def _chunk_forward(logits: Tensor, teacher: Tensor, labels: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
-    """`ce [r]` and `l1 [r]` of one chunk; at most three fp32 `[r, V]` temporaries live at once."""
-    z = _masked_fp32(logits, keep)
-    lse = torch.logsumexp(z, dim=-1, keepdim=True)
-    ce = (lse - z.gather(1, labels[:, None])).squeeze(1)
-    p = z.sub_(lse).exp_()
-    q = _softmax_(_masked_fp32(teacher, keep))
-    l1 = p.sub_(q).abs_().sum(dim=-1)
+def _ce_l1_(z: Tensor, t: Tensor, labels: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
+    """`ce [r]` and `l1 [r]` from fp32 scratch logits `z`, `t` (`[r, V]`, dropped rows already 0; both overwritten)."""
+    picked = z.gather(1, labels[:, None])
+    p, lse = _softmax_(z)
+    ce = (lse - picked).squeeze(1)
+    l1 = p.sub_(_softmax_(t)[0]).abs_().sum(dim=-1)
     return torch.where(keep, ce, 0.0), torch.where(keep, l1, 0.0)
 
 
-def _chunk_grad(logits: Tensor, teacher: Tensor, labels: Tensor, keep: Tensor, g_ce: Tensor, g_l1: Tensor) -> Tensor:
-    """fp32 gradient `[r, V]` of `Σ g_ce·ce + g_l1·l1` with respect to one chunk of draft logits."""
-    p = _softmax_(_masked_fp32(logits, keep))
-    s = _softmax_(_masked_fp32(teacher, keep)).sub_(p).neg_().sign_()  # sign(p − q), reusing q's storage
+def _ce_l1_grad_(z: Tensor, t: Tensor, labels: Tensor, keep: Tensor, g_ce: Tensor, g_l1: Tensor) -> Tensor:
+    """fp32 gradient `[r, V]` of `Σ g_ce·ce + g_l1·l1` with respect to `z`, from scratch `z`, `t` as in `_ce_l1_`."""
+    p = _softmax_(z)[0]
+    s = _softmax_(t)[0].sub_(p).neg_().sign_()  # sign(p − q), in q's storage
     s_dot_p = torch.bmm(s.unsqueeze(1), p.unsqueeze(2)).reshape(-1, 1)  # ⟨s, p⟩ without an [r, V] product
     # grad = p ⊙ (g_l1·(s − ⟨s,p⟩) + g_ce) − g_ce·onehot(label), built in s's storage.
     grad = s.sub_(s_dot_p).mul_(g_l1[:, None]).add_(g_ce[:, None]).mul_(p)
     grad.scatter_add_(1, labels[:, None], -g_ce[:, None])
     return grad.masked_fill_(~keep[:, None], 0.0)
+
+
+def _chunk_forward(logits: Tensor, teacher: Tensor, labels: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
+    """`ce [r]` and `l1 [r]` of one chunk; two fp32 `[r, V]` temporaries live at once."""
+    return _ce_l1_(_masked_fp32(logits, keep), _masked_fp32(teacher, keep), labels, keep)
+
+
+def _chunk_grad(logits: Tensor, teacher: Tensor, labels: Tensor, keep: Tensor, g_ce: Tensor, g_l1: Tensor) -> Tensor:
+    """fp32 gradient `[r, V]` of `Σ g_ce·ce + g_l1·l1` with respect to one chunk of draft logits."""
+    z, t = _masked_fp32(logits, keep), _masked_fp32(teacher, keep)
+    return _ce_l1_grad_(z, t, labels, keep, g_ce, g_l1)
 
 
 class _ChunkedRowCEL1(torch.autograd.Function):

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from nemo_automodel_dspark.loss.chunked import _chunk_forward, _chunk_grad, default_chunk_rows, reference_row_ce_l1
+from nemo_automodel_dspark.loss.chunked import _ce_l1_, _ce_l1_grad_, default_chunk_rows, reference_row_ce_l1
 
 
 def _softcap(u: Tensor, cap: float | None) -> Tensor:
@@ -68,13 +68,29 @@ class _Chunk:
     keep: Tensor  # [r] bool
 
 
-def _chunk_logits(c: _Chunk, w: Tensor, w2: Tensor | None, cap: float | None) -> tuple[Tensor, Tensor, Tensor]:
-    """(draft logits Z, capped base logits cap(u), teacher logits), each `[r, V]` in the compute dtype."""
-    base = _softcap(c.hidden.to(w.dtype) @ w.T, cap)
-    z = base if c.markov is None or w2 is None else base + c.markov.to(w2.dtype) @ w2.T
-    with torch.no_grad():
-        teacher = _softcap(c.teacher.to(w.dtype) @ w.T, cap)
-    return z, base, teacher
+def _chunk_logits(
+    c: _Chunk, w: Tensor, w2: Tensor | None, cap: float | None, slope: bool
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Fresh `[r, V]` draft logits Z and teacher logits in the compute dtype (callers may overwrite both), and with
+    `slope` the softcap's derivative `1 − tanh²(u/c)` at the draft rows (None without a cap).
+
+    Draft and teacher rows go through the LM head in one matmul, so the `[V, H]` weight is read once per chunk.
+    """
+    rows = c.hidden.shape[0]
+    both = torch.cat([c.hidden, c.teacher]).to(w.dtype) @ w.T  # [2r, V]
+    d_cap = None
+    if cap:  # c·tanh(u/c), in place, rounded as the unfused `torch.tanh(u / c) * c`
+        tanh = both.div_(cap).tanh_()
+        d_cap = 1 - tanh[:rows].square() if slope else None
+        both = tanh.mul_(cap)
+    z, teacher = both[:rows], both[rows:]
+    if c.markov is not None and w2 is not None:
+        m = c.markov.to(w2.dtype)
+        if z.dtype == torch.float32:
+            z.addmm_(m, w2.T)  # + b without a chunk-sized temporary
+        else:
+            z.add_(m @ w2.T)  # low precision: rounded like the unfused `u + b`
+    return z, teacher, d_cap
 
 
 def _accumulate(acc: Tensor | None, a: Tensor, b: Tensor) -> None:
@@ -85,6 +101,38 @@ def _accumulate(acc: Tensor | None, a: Tensor, b: Tensor) -> None:
         acc.addmm_(a, b)
     else:
         acc.add_(a @ b)
+
+
+@dataclass
+class _Grads:
+    """Gradient buffers of one backward (None where no gradient is needed); weight gradients accumulate in fp32."""
+
+    hidden: Tensor | None  # [R, H]
+    markov: Tensor | None  # [R, r]
+    weight: Tensor | None  # [V, H] fp32
+    markov_weight: Tensor | None  # [V, r] fp32
+
+
+def _forward_chunk(c: _Chunk, w: Tensor, w2: Tensor | None, cap: float | None) -> tuple[Tensor, Tensor]:
+    """`ce [r]`, `l1 [r]` of one chunk; its `[r, V]` tensors are freed on return, before the next chunk's exist."""
+    z, t, _ = _chunk_logits(c, w, w2, cap, slope=False)
+    return _ce_l1_(z.float(), t.float(), c.labels, c.keep)
+
+
+def _backward_chunk(
+    c: _Chunk, sl: slice, w: Tensor, w2: Tensor | None, cap: float | None, g_ce: Tensor, g_l1: Tensor, grads: _Grads
+) -> None:
+    """Rebuild one chunk's logits and add its share of every gradient into `grads`."""
+    z, t, d_cap = _chunk_logits(c, w, w2, cap, slope=True)
+    dz = _ce_l1_grad_(z.float(), t.float(), c.labels, c.keep, g_ce[sl], g_l1[sl]).to(w.dtype)  # [r, V]
+    if c.markov is not None and w2 is not None:
+        if grads.markov is not None:
+            grads.markov[sl] = dz @ w2
+        _accumulate(grads.markov_weight, dz.T, c.markov.to(w.dtype))
+    du = dz if d_cap is None else dz.mul_(d_cap)  # dU = dZ ⊙ (1 − tanh²(u/c))
+    if grads.hidden is not None:
+        grads.hidden[sl] = du @ w
+    _accumulate(grads.weight, du.T, c.hidden.to(w.dtype))
 
 
 class _HeadRowCEL1(torch.autograd.Function):
@@ -98,8 +146,7 @@ class _HeadRowCEL1(torch.autograd.Function):
         with torch.autocast(weight.device.type, enabled=False), torch.no_grad():
             w, w2 = weight.to(dtype), None if markov_weight is None else markov_weight.to(dtype)
             for sl, chunk in _chunks(hidden, markov, teacher, labels, keep, chunk_rows):
-                z, _, t = _chunk_logits(chunk, w, w2, cap)
-                ce[sl], l1[sl] = _chunk_forward(z, t, chunk.labels, chunk.keep)
+                ce[sl], l1[sl] = _forward_chunk(chunk, w, w2, cap)
         ctx.save_for_backward(hidden, markov, teacher, labels, keep, weight, markov_weight)
         ctx.options = (cap, chunk_rows, dtype)
         return ce, l1
@@ -109,28 +156,19 @@ class _HeadRowCEL1(torch.autograd.Function):
         hidden, markov, teacher, labels, keep, weight, markov_weight = ctx.saved_tensors
         cap, chunk_rows, dtype = ctx.options
         need = ctx.needs_input_grad
-        g_ce, g_l1 = g_ce.float(), g_l1.float()
-        d_hidden = torch.zeros_like(hidden) if need[0] else None
-        d_markov = torch.zeros_like(markov) if need[1] else None
-        d_w = torch.zeros_like(weight, dtype=torch.float32) if need[5] else None
-        d_w2 = torch.zeros_like(markov_weight, dtype=torch.float32) if need[6] else None
+        grads = _Grads(
+            hidden=torch.zeros_like(hidden) if need[0] else None,
+            markov=torch.zeros_like(markov) if need[1] else None,
+            weight=torch.zeros_like(weight, dtype=torch.float32) if need[5] else None,
+            markov_weight=torch.zeros_like(markov_weight, dtype=torch.float32) if need[6] else None,
+        )
         with torch.autocast(weight.device.type, enabled=False), torch.no_grad():
             w, w2 = weight.to(dtype), None if markov_weight is None else markov_weight.to(dtype)
             for sl, chunk in _chunks(hidden, markov, teacher, labels, keep, chunk_rows):
-                z, base, t = _chunk_logits(chunk, w, w2, cap)
-                dz = _chunk_grad(z, t, chunk.labels, chunk.keep, g_ce[sl], g_l1[sl]).to(dtype)  # [r, V]
-                del z, t
-                if chunk.markov is not None and w2 is not None:
-                    if d_markov is not None:
-                        d_markov[sl] = dz @ w2
-                    _accumulate(d_w2, dz.T, chunk.markov.to(dtype))
-                du = dz if not cap else dz.mul_(1 - (base / cap).square_())  # d cap(u)/du = 1 − tanh²(u/c)
-                if d_hidden is not None:
-                    d_hidden[sl] = du @ w
-                _accumulate(d_w, du.T, chunk.hidden.to(dtype))
-        d_w = None if d_w is None else d_w.to(weight.dtype)
-        d_w2 = None if d_w2 is None else d_w2.to(markov_weight.dtype)
-        return d_hidden, d_markov, None, None, None, d_w, d_w2, None, None, None
+                _backward_chunk(chunk, sl, w, w2, cap, g_ce.float(), g_l1.float(), grads)
+        d_w = None if grads.weight is None else grads.weight.to(weight.dtype)
+        d_w2 = None if grads.markov_weight is None else grads.markov_weight.to(markov_weight.dtype)
+        return grads.hidden, grads.markov, None, None, None, d_w, d_w2, None, None, None
 
 
 def _kept(rows: Tensor, keep: Tensor) -> Tensor:

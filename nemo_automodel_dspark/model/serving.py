@@ -69,10 +69,8 @@ def save_draft(draft, directory: str | os.PathLike, state_dict: dict[str, torch.
     return out
 
 
-def read_serving_config(directory: str | os.PathLike) -> tuple[object, DSparkConfig]:
-    """Rebuild (target text config, DSparkConfig) from a saved draft's config.json (ours or NeMo AutoModel's)."""
-    from transformers import AutoConfig
-
+def read_config_fields(directory: str | os.PathLike) -> dict:
+    """A saved draft's config.json (ours or NeMo AutoModel's), every DSpark key present (NeMo's omissions filled)."""
     path = Path(directory) / CONFIG_NAME
     fields = json.loads(path.read_text())
     for key, default in _NEMO_OMITTED_DEFAULTS.items():
@@ -80,6 +78,15 @@ def read_serving_config(directory: str | os.PathLike) -> tuple[object, DSparkCon
     missing = [key for key in _REQUIRED_KEYS if key not in fields]
     if missing:
         raise DraftFormatError(f"{path}: missing DSpark key(s) {', '.join(missing)}; is this a DSpark draft?")
+    return fields
+
+
+def read_serving_config(directory: str | os.PathLike) -> tuple[object, DSparkConfig]:
+    """Rebuild (target text config, DSparkConfig) from a saved draft's config.json (ours or NeMo AutoModel's)."""
+    from transformers import AutoConfig
+
+    path = Path(directory) / CONFIG_NAME
+    fields = read_config_fields(directory)
     try:
         dspark = DSparkConfig(
             draft_num_hidden_layers=fields.pop("num_hidden_layers"),

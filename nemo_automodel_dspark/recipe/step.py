@@ -20,7 +20,7 @@ from torch import Tensor
 from nemo_automodel_dspark import distributed as D
 from nemo_automodel_dspark.loss import dspark_head_loss, slot_weights
 from nemo_automodel_dspark.masks import build_eval_mask, pack_anchor_count, sample_anchors, sample_pack_anchors
-from nemo_automodel_dspark.target.capture import capture_target_features
+from nemo_automodel_dspark.target.capture import capture_target_features, is_right_padded
 
 _TRAIN, _VAL = 0, 1
 
@@ -112,6 +112,9 @@ class DSparkStep:
         return torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
 
     def _to_device(self, batch: MicroBatch) -> MicroBatch:
+        if not is_right_padded(batch.attention_mask):  # a CPU batch from the loader: no device sync
+            raise ValueError("micro-batch rows must be right-padded: the target forward runs without a padding mask")
+
         def move(t: Tensor) -> Tensor:
             return t.to(self.info.device, non_blocking=True)
 
@@ -127,10 +130,12 @@ class DSparkStep:
 
     def _forward_loss(self, batch: MicroBatch, anchors: Tensor, keep: Tensor):
         with self.timer("target_forward"):
+            # Rows are right-padded (checked in `_to_device`): causal attention keeps padding away from every real
+            # token, so the target runs without a padding mask and can use fused causal kernels.
             captured = capture_target_features(
                 self.target,
                 batch.input_ids,
-                batch.attention_mask,
+                None,
                 self.draft.dspark.target_layer_ids,
                 position_ids=batch.position_ids,
             )

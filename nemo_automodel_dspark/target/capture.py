@@ -50,6 +50,11 @@ def hidden_state_hooks(target: nn.Module, layer_ids: list[int]) -> Iterator[dict
             handle.remove()
 
 
+def is_right_padded(attention_mask: Tensor) -> bool:
+    """Every row [B, S] is real tokens followed only by padding (1…1 0…0). Host-side check, on CPU batches."""
+    return bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
+
+
 @torch.no_grad()
 def capture_target_features(
     target: nn.Module,
@@ -61,7 +66,9 @@ def capture_target_features(
     """One forward of the frozen target's decoder (no LM head); hooks are removed even if the forward raises.
 
     With `position_ids` the padding mask is not passed: transformers then reads the packed format from the
-    positions and masks every layer (sliding-window ones included) to the token's own document.
+    positions and masks every layer (sliding-window ones included) to the token's own document. Right-padded rows
+    (`is_right_padded`) need no mask either: under causal attention padding comes after every real token and cannot
+    change it, so callers pass `attention_mask=None` and the target can use fused causal kernels.
     """
     parts = family_for(target.config).decoder_parts(target)
     last = len(parts.layers) - 1

@@ -10,6 +10,7 @@ import json
 
 import pytest
 import torch
+from _helpers.nemo_drafts import nemo_saved_draft
 from conftest import tiny_qwen3
 from nemo_automodel.components.speculative.dspark.common import sample_anchor_positions
 from nemo_automodel.components.speculative.dspark.draft_qwen3 import Qwen3DSparkModel
@@ -143,37 +144,6 @@ def test_rmsnorm_rounds_like_transformers_in_bf16():
 
 
 # ------------------------------------------------------------------------------------- drafts NeMo's code writes
-def nemo_saved_draft(target, directory, *, sharded: bool, markov_rank: int, confidence_alpha: float, layer_ids):
-    """A draft built and saved by NeMo AutoModel's own code (its `build_draft_config` omits the keys of an off head)."""
-    from nemo_automodel.components.config.loader import ConfigNode
-    from nemo_automodel.components.speculative.dspark.config import build_draft_config
-
-    args: dict = dict(
-        num_draft_layers=2,
-        target_layer_ids=list(layer_ids),
-        confidence_head_alpha=confidence_alpha,
-        markov_rank=markov_rank,
-        block_size=4,
-        mask_token_id=target.config.vocab_size - 1,
-        num_anchors=6,
-    )
-    if confidence_alpha > 0:
-        args["confidence_head_with_markov"] = markov_rank > 0
-    if markov_rank > 0:
-        args["markov_head_type"] = "gated"
-    config = build_draft_config(target.config, ConfigNode(args))
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(5)
-    nemo = Qwen3DSparkModel(config).eval()
-    nemo.initialize_embeddings_and_head(embed_tokens=target.model.embed_tokens, lm_head=target.lm_head)
-    with torch.no_grad():
-        for name, p in nemo.named_parameters():
-            if name.endswith("norm.weight"):
-                p.add_(torch.randn_like(p) * 0.3)
-    nemo.save_pretrained(directory, max_shard_size="40KB" if sharded else "1GB")
-    return nemo
-
-
 @pytest.mark.parametrize("sharded", [False, True], ids=["single-file", "sharded"])
 @pytest.mark.parametrize(
     "rank, alpha", [(8, 1.0), (0, 1.0), (8, 0.0), (0, 0.0)], ids=["heads-on", "no-markov", "no-confidence", "none"]

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from nemo_automodel_dspark.model.layer_ids import default_target_layer_ids, unservable_ids, validate_target_layer_ids
-from nemo_automodel_dspark.target.capture import capture_target_features
+from nemo_automodel_dspark.target.capture import capture_target_features, is_right_padded
+from nemo_automodel_dspark.target.tiny import tiny_target
 
 
 def test_default_spread_is_even_and_servable():
@@ -60,3 +61,29 @@ def test_hooks_removed_when_forward_raises(qwen3_target):
     with pytest.raises(IndexError):  # token id outside the vocabulary fails inside the target forward
         capture_target_features(qwen3_target, torch.full((1, 4), 10_000), None, [-1, 1])
     assert [dict(m._forward_hooks) for m in modules] == before
+
+
+@pytest.mark.parametrize("family", ["qwen3", "qwen3_moe", "gemma4"])
+def test_right_padding_needs_no_mask(family):
+    """Causal attention: right padding cannot reach a real token, so the target runs without a padding mask and the
+    captured features of every real token are those of the masked forward (Gemma4: its sliding window of 8 is
+    shorter than the rows, so the sliding layers' own mask is exercised too)."""
+    target = tiny_target(family, pad_token_id=0)
+    lengths = [24, 13, 9]
+    ids = torch.randint(2, 60, (3, 24), generator=torch.Generator().manual_seed(0))
+    mask = (torch.arange(24) < torch.tensor(lengths)[:, None]).long()
+    ids = torch.where(mask.bool(), ids, 0)  # pad id 0
+    assert is_right_padded(mask)
+    layer_ids = [0, 1]
+    masked = capture_target_features(target, ids, mask, layer_ids)
+    unmasked = capture_target_features(target, ids, None, layer_ids)
+    real = mask.bool()
+    torch.testing.assert_close(unmasked.features[real], masked.features[real], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(unmasked.last_hidden[real], masked.last_hidden[real], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(unmasked.last_hidden[~real], masked.last_hidden[~real])  # only padding differs
+
+
+def test_is_right_padded():
+    assert is_right_padded(torch.tensor([[1, 1, 0], [1, 0, 0], [0, 0, 0], [1, 1, 1]]))
+    assert not is_right_padded(torch.tensor([[1, 1, 0], [0, 1, 1]]))  # left padding
+    assert not is_right_padded(torch.tensor([[1, 0, 1]]))  # a hole

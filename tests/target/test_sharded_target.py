@@ -1,0 +1,71 @@
+"""A target sharded over 2 gloo ranks: the same hidden states as the replicated target, half the bytes per rank."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from _helpers.recipe_assets import build_target_dir
+
+pytestmark = pytest.mark.slow  # two processes, three families
+
+FAMILIES = ("qwen3", "qwen3_moe", "gemma4")
+LAYER_IDS = [0, 1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, dirs: dict[str, str], out: str) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+    )
+    torch.set_num_threads(1)
+    from nemo_automodel_dspark import distributed as D
+    from nemo_automodel_dspark.recipe.sharded_target import load_sharded_target
+    from nemo_automodel_dspark.target.capture import capture_target_features
+    from nemo_automodel_dspark.target.loading import load_target
+
+    info = D.init_distributed("gloo", 5)
+    report = {}
+    for family, path in dirs.items():
+        replicated = load_target(path, dtype=torch.float32, device=info.device)
+        sharded = load_sharded_target(path, dtype=torch.float32, info=info)
+        ids = torch.randint(4, 60, (2, 16), generator=torch.Generator().manual_seed(rank))
+        mask = torch.ones_like(ids)
+        mask[1, 12:] = 0  # a padded row too
+        a = capture_target_features(replicated, ids, mask, LAYER_IDS)
+        b = capture_target_features(sharded, ids, mask, LAYER_IDS)
+        report[family] = {
+            "features_equal": torch.equal(a.features, b.features),
+            "last_hidden_equal": torch.equal(a.last_hidden, b.last_hidden),
+            "replicated_bytes": D.local_bytes(replicated),
+            "sharded_bytes": D.local_bytes(sharded),
+            "frozen": not any(p.requires_grad for p in sharded.parameters()),
+        }
+    Path(out, f"rank{rank}.json").write_text(json.dumps(report))
+    D.destroy()
+
+
+def test_sharded_capture_equals_replicated_with_half_the_bytes(tmp_path):
+    dirs = {f: str(build_target_dir(tmp_path / f, family=f)) for f in FAMILIES}
+    mp.spawn(_worker, args=(2, _free_port(), dirs, str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        report = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        for family, r in report.items():
+            assert r["features_equal"] and r["last_hidden_equal"], (rank, family)
+            assert r["frozen"], family
+            assert r["sharded_bytes"] / r["replicated_bytes"] == pytest.approx(0.5, abs=0.05), (rank, family)
