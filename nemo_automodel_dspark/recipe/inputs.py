@@ -7,12 +7,6 @@ from typing import Any
 from nemo_automodel_dspark.data.sources import check_data_path
 from nemo_automodel_dspark.errors import ToolError
 from nemo_automodel_dspark.recipe.config import RecipeArgs
-from nemo_automodel_dspark.target.loading import check_model_path
-
-
-def check_target(args: RecipeArgs) -> None:
-    """A local target path exists and is a model folder (first: the serving checks read its config)."""
-    check_model_path(args.target_model_name_or_path, "recipe_args.target_model_name_or_path")
 
 
 def check_data(args: RecipeArgs) -> None:
