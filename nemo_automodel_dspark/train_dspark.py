@@ -6,13 +6,25 @@
 
 from __future__ import annotations
 
-import os
 import sys
+
+from nemo_automodel_dspark.recipe.config import (
+    ConfigError,
+    DSparkRecipeConfig,
+    config_or_exit,
+    exit_with_error,
+    parse_config,
+)
+
+if __name__ == "__main__":  # `python -m ...train_dspark`: check every option before torch and NeMo AutoModel load
+    config_or_exit(sys.argv[1:])
+
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import torch
 from nemo_automodel.recipes.base_recipe import BaseRecipe
@@ -23,12 +35,12 @@ from nemo_automodel_dspark.data import DSparkChatDataset, ResumableSampler
 from nemo_automodel_dspark.data.sources import check_data_path
 from nemo_automodel_dspark.errors import ToolError
 from nemo_automodel_dspark.loss import flatten_sums, metrics_from_sums, unflatten_sums
+from nemo_automodel_dspark.model.config import DSparkConfig
 from nemo_automodel_dspark.model.drafter import DSparkDrafter
 from nemo_automodel_dspark.model.families import family_for
 from nemo_automodel_dspark.model.warm_start import load_warm_start
 from nemo_automodel_dspark.recipe import batching, resume, run_folder
 from nemo_automodel_dspark.recipe import checkpoint as ckpt
-from nemo_automodel_dspark.recipe.config import DSparkRecipeConfig, parse_config
 from nemo_automodel_dspark.recipe.guards import (
     RunStopped,
     disk_full_message,
@@ -41,7 +53,6 @@ from nemo_automodel_dspark.recipe.optim import build_optimizer, build_scheduler
 from nemo_automodel_dspark.recipe.plan import (
     MemoryPlan,
     device_memory_gib,
-    draft_options,
     load_target_config,
     plan_for_config,
 )
@@ -79,10 +90,11 @@ class TrainDSparkRecipe(BaseRecipe):
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         args = self.config.recipe_args
-        self.info = D.init_distributed(self.config.dist.backend, self.config.dist.timeout_minutes)
+        target_config, self.draft_config = self._check_target()
+        self.info = D.init_distributed(self.config.dist_env.backend, self.config.dist_env.timeout_minutes)
         torch.manual_seed(args.shuffle_seed)
+        self._check_serving(target_config)
         self._check_inputs()
-        self._check_serving()
         self._claim_folders()
         self._build_data()
         self._build_target()
@@ -92,9 +104,8 @@ class TrainDSparkRecipe(BaseRecipe):
         self._restore()
 
     def _check_inputs(self) -> None:
-        """Paths that cannot work are one line naming the key, before anything loads or any folder is touched."""
+        """Data paths that cannot work are one line naming the key, before anything loads or any folder is touched."""
         args = self.config.recipe_args
-        check_model_path(args.target_model_name_or_path, "recipe_args.target_model_name_or_path")
         check_data_path(args.train_data_path, "recipe_args.train_data_path")
         if args.val_data_path:
             check_data_path(args.val_data_path, "recipe_args.val_data_path")
@@ -134,15 +145,27 @@ class TrainDSparkRecipe(BaseRecipe):
         if self.info.is_main:
             tqdm.write(message)
 
-    def _check_serving(self) -> None:
-        """Engine rules that need the target's depth and family (config.json only), before data or weights load."""
+    def _check_target(self) -> tuple[Any, DSparkConfig]:
+        """Read only the target's config.json: (its HF config, the draft options checked against it, ids resolved)."""
         from transformers import AutoConfig
 
         args = self.config.recipe_args
-        target_config = AutoConfig.from_pretrained(
-            args.target_model_name_or_path, trust_remote_code=args.trust_remote_code
-        )
-        message = warning_text(check_serving(args, target_config, error=ToolError))  # one line, no traceback
+        check_model_path(args.target_model_name_or_path, "recipe_args.target_model_name_or_path")
+        key = "'recipe_args.target_model_name_or_path'"
+        try:
+            target_config = AutoConfig.from_pretrained(
+                args.target_model_name_or_path, trust_remote_code=args.trust_remote_code
+            )
+            family = family_for(target_config)
+            text = family.text_config(target_config)
+            family.check_supported(text)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"{key} {args.target_model_name_or_path}: {str(err).splitlines()[0]}") from err
+        return target_config, self.config.draft.for_target(text.num_hidden_layers, text.vocab_size)
+
+    def _check_serving(self, target_config) -> None:
+        """Engine rules that need the target's depth and family (config.json only), before data or weights load."""
+        message = warning_text(check_serving(self.config, target_config, error=ToolError))  # one line, no traceback
         if message:
             self._log(message)
 
@@ -159,7 +182,7 @@ class TrainDSparkRecipe(BaseRecipe):
                 if batching.plan_options(args)
                 else ("rows (ranks x micro_batch_size x grad_accumulation_steps)")
             )
-            raise ValueError(
+            raise ConfigError(
                 f"{args.train_data_path}: {len(self.train_set)} usable rows cannot fill one optimizer "
                 f"step of {self.per_step * self.info.world_size} {unit}"
             )
@@ -180,7 +203,7 @@ class TrainDSparkRecipe(BaseRecipe):
             split=split,
             chat_template=args.chat_template,
             mask_reasoning_content=args.mask_reasoning_content,
-            mask_token_id=args.mask_token_id,
+            mask_token_id=self.draft_config.mask_token_id,
             show_progress=self.info.is_main,
         )
         self._log(dataset.report())
@@ -225,28 +248,26 @@ class TrainDSparkRecipe(BaseRecipe):
 
     def _build_draft(self) -> None:
         args = self.config.recipe_args
-        backend = args.attention_backend
-        if backend == "flex_attention" and self.info.device.type != "cuda":
+        if self.draft_config.attention_backend == "flex_attention" and self.info.device.type != "cuda":
             self._log("attention_backend: flex_attention needs CUDA; using SDPA with a dense block mask on CPU")
-            backend = "sdpa"
-        dspark = draft_options(args, backend)
         parts = family_for(self.frozen.model.config).decoder_parts(self.frozen.model)
         embed = D.full_tensor(cast(torch.Tensor, parts.embed_tokens.weight))  # gathered when the target is sharded
         lm_head = D.full_tensor(cast(torch.Tensor, parts.lm_head.weight))
         torch.manual_seed(args.shuffle_seed)  # identical initial draft on every rank and every world size
-        draft = DSparkDrafter.from_embeddings(self.frozen.model.config, dspark, embed, lm_head)
+        draft = DSparkDrafter.from_embeddings(self.frozen.model.config, self.draft_config, embed, lm_head)
         del embed, lm_head
         if args.draft_weights_path:
             load_warm_start(draft, args.draft_weights_path)
             self._log(f"draft_weights_path: started from {args.draft_weights_path}")
         self.draft = draft.to(self.info.device)
-        dist = self.config.dist
+        dist = self.config.distributed
         self.model = D.wrap_draft(self.draft, dist.strategy, self.info, dist.activation_checkpointing)
         self.runner = DSparkStep(
             self.model,
             self.draft,
             self.frozen.model,
             args,
+            self.config.loss,
             self.info,
             defer_fsdp_sync=dist.defer_fsdp_grad_sync,
         )
@@ -305,14 +326,13 @@ class TrainDSparkRecipe(BaseRecipe):
             self._log(warning)
 
     def _compat(self) -> dict:
-        args = self.config.recipe_args
         return {
-            "block_size": args.block_size,
-            "mask_token_id": args.mask_token_id,
-            "target_layer_ids": list(self.draft.dspark.target_layer_ids or []),
-            "target_model_name_or_path": args.target_model_name_or_path,
+            "block_size": self.draft_config.block_size,
+            "mask_token_id": self.draft_config.mask_token_id,
+            "target_layer_ids": list(self.draft_config.target_layer_ids or []),
+            "target_model_name_or_path": self.config.recipe_args.target_model_name_or_path,
             **{
-                key: getattr(self.draft.dspark, key)
+                key: getattr(self.draft_config, key)
                 for key in (
                     "draft_num_hidden_layers",
                     "markov_rank",
@@ -420,16 +440,10 @@ class TrainDSparkRecipe(BaseRecipe):
             return
         sums, grad_norm, tokens, mem = self._reduced_window()
         elapsed = time.perf_counter() - self.window.start
-        args = self.config.recipe_args
         record = {
             "step": self.step,
             "epoch": epoch,
-            **metrics_from_sums(
-                sums,
-                ce_loss_alpha=args.ce_loss_alpha,
-                l1_loss_alpha=args.l1_loss_alpha,
-                confidence_head_alpha=args.confidence_head_alpha,
-            ),
+            **metrics_from_sums(sums, self.config.loss),
             "lr": self.runner.last_lr,
             "grad_norm": grad_norm,
             "tokens_per_s": tokens / max(elapsed, 1e-9),
@@ -449,12 +463,7 @@ class TrainDSparkRecipe(BaseRecipe):
         )
         sums = self.runner.eval_sums(self._micro_batches(val_set, sampler.indices()))
         flat = D.all_reduce_sum(flatten_sums(sums).to(self.info.device))
-        metrics = metrics_from_sums(
-            unflatten_sums(flat.cpu(), sums),
-            ce_loss_alpha=args.ce_loss_alpha,
-            l1_loss_alpha=args.l1_loss_alpha,
-            confidence_head_alpha=args.confidence_head_alpha,
-        )
+        metrics = metrics_from_sums(unflatten_sums(flat.cpu(), sums), self.config.loss)
         record = {"step": self.step, "epoch": epoch, **{f"val/{k}": v for k, v in metrics.items()}}
         self._write_metrics(record)
         self._log(console_line(record))
@@ -574,14 +583,18 @@ class TrainDSparkRecipe(BaseRecipe):
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m nemo_automodel_dspark.train_dspark -c cfg.yaml [--section.key=value ...]` (under torchrun)."""
-    from nemo_automodel.components.config._arg_parser import parse_args_and_load_config
+    """`python -m nemo_automodel_dspark.train_dspark -c cfg.yaml [--section.key=value ...]` (under torchrun).
 
-    cfg = parse_args_and_load_config(argv=argv)
-    recipe = TrainDSparkRecipe(cfg)
+    A user error (a bad option, or one the target's config.json refutes) prints one line and exits with status 2
+    on every rank, without a traceback.
+    """
+    config = config_or_exit(sys.argv[1:] if argv is None else argv)
+    recipe = TrainDSparkRecipe(config)
     try:
         recipe.setup()
         recipe.run_train_validation_loop()
+    except ConfigError as err:
+        exit_with_error(err)
     except ToolError as err:  # a user-facing stop: one line on rank 0, non-zero exit on every rank, no traceback
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"dspark train: error: {err}", file=sys.stderr, flush=True)
