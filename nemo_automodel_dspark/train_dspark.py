@@ -49,6 +49,7 @@ from nemo_automodel_dspark.recipe.serving_checks import check_serving, warning_t
 from nemo_automodel_dspark.recipe.sharded_target import load_sharded_target
 from nemo_automodel_dspark.recipe.step import DSparkStep, MicroBatch
 from nemo_automodel_dspark.target.loading import check_model_path, load_target, load_tokenizer
+from nemo_automodel_dspark.target.loading import load_target_config as read_target_config
 
 
 @dataclass
@@ -136,12 +137,9 @@ class TrainDSparkRecipe(BaseRecipe):
 
     def _check_serving(self) -> None:
         """Engine rules that need the target's depth and family (config.json only), before data or weights load."""
-        from transformers import AutoConfig
-
         args = self.config.recipe_args
-        target_config = AutoConfig.from_pretrained(
-            args.target_model_name_or_path, trust_remote_code=args.trust_remote_code
-        )
+        key = "recipe_args.target_model_name_or_path"
+        target_config = read_target_config(args.target_model_name_or_path, key, args.trust_remote_code)
         message = warning_text(check_serving(args, target_config, error=ToolError))  # one line, no traceback
         if message:
             self._log(message)
