@@ -9,6 +9,7 @@ checkpointing overridden. Each recipe is driven through its own `setup()` + `run
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import random
@@ -77,6 +78,14 @@ def recipe_args(plan: BenchPlan, assets: dict[str, Path], out: Path) -> dict:
 
 def optimizer_section() -> dict:
     return dict(yaml.safe_load(SHIPPED_YAML.read_text())["optimizer"])
+
+
+def warm_imports() -> None:
+    """Import both recipes before any section's clock starts; a failure is recorded later, by `run_theirs`."""
+    import nemo_automodel_dspark.train_dspark  # noqa: F401
+
+    with contextlib.suppress(Exception):
+        import nemo_automodel.recipes.llm.train_dspark  # noqa: F401
 
 
 # ------------------------------------------------------------------------------------------------ assets
@@ -318,3 +327,32 @@ def run_throughput(device: torch.device, plan: BenchPlan, workdir: Path) -> dict
         "theirs": theirs,
         "comparison": compare(ours, theirs),
     }
+
+
+def preflight(plan: BenchPlan, workdir: Path) -> dict:
+    """CPU, real sizes, no training: our recipe's setup() accepts the plan and their data path reads the same rows."""
+    from nemo_automodel.components.config.loader import ConfigNode
+
+    from nemo_automodel_dspark.train_dspark import TrainDSparkRecipe
+
+    cpu = torch.device("cpu")
+    assets = build_assets(workdir, plan, cpu)
+    cfg = {
+        "recipe": "nemo_automodel_dspark.train_dspark.TrainDSparkRecipe",
+        "dist_env": {"backend": "gloo"},
+        "recipe_args": recipe_args(plan, assets, workdir / "ours"),
+        "optimizer": optimizer_section(),
+        "checkpoint": {"enabled": False},
+    }
+    recipe = TrainDSparkRecipe(ConfigNode(cfg))
+    recipe.setup()
+    ours = {
+        "rows": len(recipe.train_set),
+        "tokens_per_row": statistics.mean(len(recipe.train_set[i]["input_ids"]) for i in range(len(recipe.train_set))),
+        "rows_per_step": recipe.per_step,
+        "steps": recipe.total_steps,
+        "target_layer_ids": list(recipe.draft.dspark.target_layer_ids or []),
+    }
+    del recipe
+    theirs = their_data(their_config(plan, assets, workdir, cpu), assets)
+    return {"passed": ours["tokens_per_row"] == theirs["tokens_per_row"], "ours": ours, "theirs_data": theirs}

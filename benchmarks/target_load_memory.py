@@ -60,9 +60,12 @@ class PeakSampler:
 
 
 def save_target(folder: Path, hidden: int, layers: int, vocab: int) -> int:
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from transformers import Qwen3ForCausalLM
 
-    config = Qwen3Config(
+    from nemo_automodel_dspark.target.tiny import tiny_config
+
+    config = tiny_config(
+        "qwen3",
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=3 * hidden,
@@ -71,7 +74,6 @@ def save_target(folder: Path, hidden: int, layers: int, vocab: int) -> int:
         num_key_value_heads=4,
         head_dim=hidden // 8,
         tie_word_embeddings=False,
-        architectures=["Qwen3ForCausalLM"],
     )
     torch.manual_seed(0)
     model = Qwen3ForCausalLM(config).to(torch.bfloat16)  # saved in bf16, as hub checkpoints are
