@@ -70,8 +70,13 @@ def resume(cfg: dict) -> dict:
     return {**cfg, "checkpoint": {**cfg["checkpoint"], "restore_from": "LATEST"}}
 
 
+def step_folder(out: Path, step: int) -> Path | None:
+    return next((out / "ckpt").glob(f"epoch_*_step_{step}"), None)
+
+
 def final_state(out: Path, step: int = STEPS) -> tuple[dict, dict]:
-    folder = out / "ckpt" / f"epoch_0_step_{step}"
+    folder = step_folder(out, step)
+    assert folder is not None, f"{out}: no checkpoint of step {step}"
     return load_file(str(folder / "model.safetensors")), torch.load(folder / "optimizer.pt", weights_only=True)
 
 
@@ -137,7 +142,7 @@ def kills(assets: dict, root: Path, count: int, nproc: int, seed: int) -> list[R
     ref = launch(cmd, write_config(run_config(assets, root / "kill_ref", **KILL_ARGS), root / "kill_ref.yaml"))
     wait_for_new_record(ref, root / "kill_ref" / "dspark_train_metrics.jsonl")
     first = time.perf_counter()
-    while ref.poll() is None and not (root / "kill_ref" / "ckpt" / f"epoch_0_step_{KILL_STEPS}").exists():
+    while ref.poll() is None and step_folder(root / "kill_ref", KILL_STEPS) is None:
         time.sleep(0.01)
     train_s = time.perf_counter() - first  # from a launch's first record to its last checkpoint
     ref.wait()
@@ -152,7 +157,7 @@ def kills(assets: dict, root: Path, count: int, nproc: int, seed: int) -> list[R
         with contextlib.suppress(ProcessLookupError):  # it may have exited this instant
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        if (out / "ckpt" / f"epoch_0_step_{KILL_STEPS}").exists():
+        if step_folder(out, KILL_STEPS) is not None:
             break  # the run completed before this kill landed: not a kill
         in_write = any((out / "ckpt").glob(".epoch_*_step_*.tmp"))
         during_write += in_write
