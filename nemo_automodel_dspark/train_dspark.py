@@ -23,7 +23,6 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, cast
 
 import torch
@@ -32,7 +31,6 @@ from tqdm import tqdm
 
 from nemo_automodel_dspark import distributed as D
 from nemo_automodel_dspark.data import DSparkChatDataset, ResumableSampler
-from nemo_automodel_dspark.data.sources import check_data_path
 from nemo_automodel_dspark.errors import ToolError
 from nemo_automodel_dspark.loss import flatten_sums, metrics_from_sums, unflatten_sums
 from nemo_automodel_dspark.model.config import DSparkConfig
@@ -41,14 +39,9 @@ from nemo_automodel_dspark.model.families import family_for
 from nemo_automodel_dspark.model.warm_start import load_warm_start
 from nemo_automodel_dspark.recipe import batching, resume, run_folder
 from nemo_automodel_dspark.recipe import checkpoint as ckpt
-from nemo_automodel_dspark.recipe.guards import (
-    RunStopped,
-    disk_full_message,
-    divergence_message,
-    is_disk_full,
-    non_finite_tensors,
-)
-from nemo_automodel_dspark.recipe.metrics import MetricsWriter, console_line
+from nemo_automodel_dspark.recipe.guards import RunStopped, divergence_message, non_finite_tensors
+from nemo_automodel_dspark.recipe.inputs import check_data, load_decode_prompts
+from nemo_automodel_dspark.recipe.metrics import console_line
 from nemo_automodel_dspark.recipe.optim import build_optimizer, build_scheduler
 from nemo_automodel_dspark.recipe.plan import (
     MemoryPlan,
@@ -100,52 +93,16 @@ class TrainDSparkRecipe(BaseRecipe):
         self.info = D.init_distributed(self.config.dist_env.backend, self.config.dist_env.timeout_minutes)
         torch.manual_seed(args.shuffle_seed)
         self._check_serving(target_config)
-        self._check_inputs()
-        self._claim_folders()
+        check_data(args)
+        self.files = run_folder.RunFiles(args.output_dir, self.config.checkpoint, self.info.is_main, self._log)
+        self.files.claim(args.overwrite_output_dir)
+        D.barrier()
         self._build_data()
         self._build_target()
         self._build_draft()
         self._build_optimizer()
         self._build_metrics()
         self._restore()
-
-    def _check_inputs(self) -> None:
-        """Data paths that cannot work are one line naming the key, before anything loads or any folder is touched."""
-        args = self.config.recipe_args
-        check_data_path(args.train_data_path, "recipe_args.train_data_path")
-        if args.val_data_path:
-            check_data_path(args.val_data_path, "recipe_args.val_data_path")
-        if args.eval_decode is not None:
-            check_data_path(args.eval_decode.data_path, "recipe_args.eval_decode.data_path")
-
-    def _load_decode_prompts(self) -> list | None:
-        """The eval_decode prompts, read at setup so a bad file fails before training, not at the first decode."""
-        from nemo_automodel_dspark.inference.prompts import load_prompts
-
-        decode = self.config.recipe_args.eval_decode
-        if decode is None:
-            return None
-        try:
-            return load_prompts(
-                decode.data_path,
-                self.tokenizer,
-                decode.num_prompts,
-                chat_template=self.config.recipe_args.chat_template,
-            )
-        except ValueError as err:
-            raise ToolError(f"recipe_args.eval_decode.data_path: {err}") from err
-
-    def _claim_folders(self) -> None:
-        """A new run never writes into folders holding another run (refused, or moved aside when asked)."""
-        args = self.config.recipe_args
-        self.ckpt_root = Path(self.config.checkpoint.checkpoint_dir or Path(args.output_dir) / "checkpoints")
-        if self.config.checkpoint.restore_from is None:
-            moves = run_folder.claim(
-                Path(args.output_dir), self.ckpt_root, overwrite=args.overwrite_output_dir, is_main=self.info.is_main
-            )
-            for old, new in moves:
-                self._log(f"recipe_args.overwrite_output_dir: moved the previous run {old} aside to {new}")
-            D.barrier()
 
     def _log(self, message: str) -> None:
         if self.info.is_main:
@@ -194,7 +151,7 @@ class TrainDSparkRecipe(BaseRecipe):
             )
         total = sum(self._steps_in_epoch(epoch) for epoch in range(args.num_epochs))
         self.total_steps = min(total, args.max_steps) if args.max_steps else total
-        self._decode_prompts = self._load_decode_prompts()
+        self._decode_prompts = load_decode_prompts(args, self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
     def _steps_in_epoch(self, epoch: int) -> int:
@@ -283,24 +240,20 @@ class TrainDSparkRecipe(BaseRecipe):
         self.lr_scheduler = build_scheduler(self.optimizer, self.config.optimizer, self.total_steps)
 
     def _build_metrics(self) -> None:
-        args = self.config.recipe_args
-        self.metrics = MetricsWriter(args.output_dir, enabled=self.info.is_main)
+        self.files.open()
         self.progress = Progress()
         self._rows: Iterator | None = (
             None  # this epoch's sampler iterator (rows or micro-batch plans; resumes mid-epoch)
         )
         self.window = MetricsWindow()
-        if self.info.is_main:
-            for leftover in ckpt.remove_temp_folders(self.ckpt_root):
-                self._log(f"removed {leftover}, the temp folder of a checkpoint write that never finished")
 
     def _restore(self) -> None:
         """Resume from `checkpoint.restore_from` (path or LATEST): weights, optimizer, schedule, data position."""
-        path = ckpt.resolve_restore(self.config.checkpoint.restore_from, self.ckpt_root, warn=self._log)
+        path = ckpt.resolve_restore(self.config.checkpoint.restore_from, self.files.ckpt_root, warn=self._log)
         if path is None:
             if self.config.checkpoint.restore_from:
-                self._log(f"restore_from: no checkpoint under {self.ckpt_root} yet; starting from scratch")
-            self._truncate_metrics(0)
+                self._log(f"restore_from: no checkpoint under {self.files.ckpt_root} yet; starting from scratch")
+            self.files.truncate_metrics(0)
             return
         state = ckpt.load_trainer_state(path)
         resume.check_compatible(path, state["compat"], self._compat())
@@ -319,13 +272,8 @@ class TrainDSparkRecipe(BaseRecipe):
         batching.restore_position(self.sampler, state["sampler"], path)
         self.progress.load_state_dict(state)
         self.window.load_state_dict(state.get("window"), self.info)
-        self._truncate_metrics(self.step)
+        self.files.truncate_metrics(self.step)
         self._log(f"resumed from {path} at step {self.step} (epoch {self.epoch})")
-
-    def _truncate_metrics(self, step: int) -> None:
-        warning = self.metrics.truncate_after(step)
-        if warning:
-            self._log(warning)
 
     def _compat(self) -> dict:
         return {
@@ -413,12 +361,9 @@ class TrainDSparkRecipe(BaseRecipe):
         self.skipped_steps += 1
         allowed = self.config.recipe_args.max_skipped_steps
         if self.skipped_steps > allowed:
-            raise RunStopped(divergence_message(self.step + 1, self.skipped_steps, allowed, self._last_good()))
+            raise RunStopped(divergence_message(self.step + 1, self.skipped_steps, allowed, self.files.last_good()))
         count = f"{self.skipped_steps}/{allowed}"
         self._log(f"step {self.step + 1}: non-finite loss or gradient norm; step skipped ({count})")
-
-    def _last_good(self) -> Path | None:
-        return ckpt.find_latest(self.ckpt_root) if self.config.checkpoint.enabled else None
 
     def _log_window(self, epoch: int) -> None:
         if self.window.sums is None:
@@ -492,14 +437,7 @@ class TrainDSparkRecipe(BaseRecipe):
 
     def _write_metrics(self, record: dict | None) -> None:
         """Rank 0 appends `record`; every rank calls this, so a full disk stops every rank with the same line."""
-        failure = None
-        if self.info.is_main and record is not None:
-            try:
-                self.metrics.write(record)
-            except OSError as err:
-                if not is_disk_full(err):
-                    raise
-                failure = disk_full_message(self.metrics.path, self._last_good())
+        failure = self.files.write_metrics(record) if self.info.is_main and record is not None else None
         self._stop_if(failure)
 
     def _stop_if(self, failure: str | None) -> None:
@@ -515,7 +453,7 @@ class TrainDSparkRecipe(BaseRecipe):
         if float(D.all_reduce_sum(torch.tensor([float(len(bad))], device=self.info.device))) > 0:
             raise RunStopped(
                 f"step {self.step}: the draft has non-finite weights ({', '.join(bad[:3]) or 'on rank 0'}); "
-                f"no checkpoint was written; the last good checkpoint is {self._last_good() or 'none'}"
+                f"no checkpoint was written; the last good checkpoint is {self.files.last_good() or 'none'}"
             )
         state = self._trainer_state()  # every rank joins the window's reduction
         failure = None
@@ -536,24 +474,14 @@ class TrainDSparkRecipe(BaseRecipe):
 
     def _write_checkpoint(self, epoch: int, model_state: dict, optim_state: dict, state: dict) -> str | None:
         """Rank 0: write the checkpoint; a full disk is returned as the one line to stop with (nothing half-written)."""
-        try:
-            path = ckpt.save_checkpoint(
-                self.ckpt_root,
-                epoch,
-                self.step,
-                draft=self.draft,
-                model_state=model_state,
-                optimizer_state=optim_state,
-                trainer_state=state,
-            )
-        except Exception as err:
-            if not is_disk_full(err):
-                raise
-            return disk_full_message(ckpt.step_dir(self.ckpt_root, epoch, self.step), self._last_good())
-        self._log(f"saved checkpoint {path}")
-        for old in run_folder.prune(self.ckpt_root, self.config.checkpoint.keep_last_n):
-            self._log(f"checkpoint.keep_last_n: removed {old}")
-        return None
+        return self.files.write_checkpoint(
+            epoch,
+            self.step,
+            draft=self.draft,
+            model_state=model_state,
+            optimizer_state=optim_state,
+            trainer_state=state,
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
