@@ -10,14 +10,15 @@ cache shared by all processes on the node and are reported apart.
     python benchmarks/target_load_memory.py                 # ~1 minute on 2 cores
     python benchmarks/target_load_memory.py --hidden 1024 --layers 16
 
-RSS is sampled every 2 ms from just before loading until after one forward (which touches every weight). Ends
-with one JSON line: per mode and rank the RSS growth (peak and after), the parameter bytes held, and the
-sharded / replicated ratios.
+Private memory is read right after loading, after one forward (which touches every weight) and after
+`malloc_trim` (glibc keeps freed all-gather buffers); the peak is sampled every 2 ms. Ends with one JSON line:
+per mode and rank those figures, the parameter bytes held, and the sharded / replicated ratios.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import socket
@@ -100,11 +101,16 @@ def _worker(rank: int, port: int, mode: str, path: str, out: str) -> None:
     else:
         model = load_target(path, dtype=torch.float32, device=info.device)
     D.barrier()
+    loaded = rss_mib() - before
     # one forward touches every weight (safetensors may map pages lazily until then)
     capture_target_features(model, torch.ones(1, 32, dtype=torch.long), None, [0])
     D.barrier()
     peak = sampler.stop()
+    after_forward = rss_mib() - before
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand back what glibc keeps from freed gather buffers
     report = {
+        "loaded_mib": loaded,
+        "after_forward_mib": after_forward,
         "rss_growth_mib": rss_mib() - before,
         "peak_rss_growth_mib": peak - before,
         "param_mib": D.local_bytes(model) / MIB,
@@ -133,17 +139,20 @@ def main() -> None:
             mp.spawn(_worker, args=(_free_port(), mode, str(Path(tmp) / "target"), tmp), nprocs=2, join=True)
             results[mode] = [json.loads(Path(tmp, f"{mode}{r}.json").read_text()) for r in range(2)]
     print(f"target: {params / 1e6:.1f}M parameters, {params * 4 / MIB:.0f} MiB in fp32; 2 CPU ranks (gloo)")
-    print("private = RssAnon growth from just before loading to after one forward; peak sampled every 2 ms")
-    print(f"{'mode':<11} {'rank':>4} {'private growth':>15} {'peak growth':>12} {'param MiB':>10} {'page cache':>11}")
+    print(
+        "private memory (RssAnon) growth from just before loading: right after loading, after one forward, after "
+        "malloc_trim; peak sampled every 2 ms"
+    )
+    columns = ["mode", "rank", "loaded", "after fwd", "trimmed", "peak", "param MiB", "page cache"]
+    print("  ".join(f"{c:>10}" for c in columns))
     for mode, ranks in results.items():
         for rank, r in enumerate(ranks):
-            print(
-                f"{mode:<11} {rank:>4} {r['rss_growth_mib']:>14.0f}M {r['peak_rss_growth_mib']:>11.0f}M "
-                f"{r['param_mib']:>10.1f} {r['page_cache_mib']:>10.0f}M"
-            )
+            keys = ("loaded_mib", "after_forward_mib", "rss_growth_mib", "peak_rss_growth_mib")
+            cells = [mode, str(rank), *(f"{r[k]:.0f}M" for k in keys), f"{r['param_mib']:.1f}"]
+            print("  ".join(f"{c:>10}" for c in [*cells, f"{r['page_cache_mib']:.0f}M"]))
     ratios = {
         f"{key}_ratio_rank{rank}": results["sharded"][rank][key] / max(results["replicated"][rank][key], 1e-9)
-        for key in ("rss_growth_mib", "peak_rss_growth_mib", "param_mib")
+        for key in ("loaded_mib", "rss_growth_mib", "peak_rss_growth_mib", "param_mib")
         for rank in range(2)
     }
     for name, value in ratios.items():
