@@ -34,9 +34,10 @@ from itertools import accumulate
 from typing import Any
 
 import jinja2
+import numpy as np
 
 from nemo_automodel_dspark.data.render import render_text, resolve_chat_template
-from nemo_automodel_dspark.data.sources import TOKEN_ID_KEYS, RowError, token_id_list
+from nemo_automodel_dspark.data.sources import TOKEN_ID_KEYS, RowError, has_token_ids, normalize_messages, token_id_list
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 _THINK_BLOCK = re.compile(re.escape(THINK_OPEN) + r".*?(?:" + re.escape(THINK_CLOSE) + r"\s*|\Z)", re.DOTALL)
@@ -52,6 +53,59 @@ class TokenizedRow:
     input_ids: list[int]
     loss_mask: list[int]
     truncated: bool = False
+
+
+# Facts about one used row, as bits of `RowTokens.flags` (the dataset's accounting sums them).
+TRUNCATED, TOKEN_IDS, EMPTY_ANSWER, MASK_TOKEN_HIT = 1, 2, 4, 8
+
+
+@dataclass(frozen=True)
+class RowOptions:
+    """Everything besides the row and the tokenizer that decides a row's tokens (and the tokenised cache's key)."""
+
+    template: str  # the resolved chat template text
+    seq_length: int
+    mask_reasoning_content: bool = False
+    mask_token_id: int | None = None
+
+
+@dataclass(frozen=True)
+class RowTokens:
+    input_ids: np.ndarray  # [L] int32
+    loss_mask: np.ndarray  # [L] int8, 1 on supervised tokens
+    flags: int  # TRUNCATED | TOKEN_IDS | EMPTY_ANSWER | MASK_TOKEN_HIT
+
+
+def tokenize_row(row: dict[str, Any], tokenizer: Any, options: RowOptions) -> RowTokens:
+    """One chat row → its tokens: the target's own ids when it carries them, else the rendered conversation.
+
+    A row that cannot be used raises RowError (the caller counts it as skipped); a supervised `mask_token_id` is
+    only flagged (MASK_TOKEN_HIT), since that is an error of the whole dataset, not of the row.
+    """
+    messages = normalize_messages(row)
+    flags = EMPTY_ANSWER if not str(messages[-1].get("content") or "").strip() else 0
+    if has_token_ids(row):
+        tokenized = tokenize_token_ids(
+            row,
+            messages,
+            tokenizer,
+            options.seq_length,
+            mask_reasoning_content=options.mask_reasoning_content,
+            mask_token_id=options.mask_token_id,
+        )
+        flags |= TOKEN_IDS
+    else:
+        tokenized = tokenize_conversation(
+            messages,
+            tokenizer,
+            options.seq_length,
+            chat_template=options.template,
+            mask_reasoning_content=options.mask_reasoning_content,
+        )
+    ids, mask = np.asarray(tokenized.input_ids, np.int32), np.asarray(tokenized.loss_mask, np.int8)
+    if options.mask_token_id is not None and bool(((ids == options.mask_token_id) & (mask != 0)).any()):
+        flags |= MASK_TOKEN_HIT
+    return RowTokens(ids, mask, flags | (TRUNCATED if tokenized.truncated else 0))
 
 
 def has_generation_tags(template: str) -> bool:

@@ -62,6 +62,9 @@ class RecipeArgs:
     draft_weights_path: str | None = None  # warm-start from a servable draft folder
     packed_sequence_size: int = 0  # > 0: pack whole documents into rows of this many tokens (recipe/batching.py)
     max_tokens_per_batch: int = 0  # > 0: micro-batches of similar-length rows, rows × longest ≤ this
+    tokenized_cache: bool = True  # tokenise once into a memory-mapped Arrow cache (data/cache.py), reused by restarts
+    tokenized_cache_dir: str | None = None  # default: data.cache.default_cache_root() ($DSPARK_CACHE_DIR, ~/.cache/…)
+    tokenize_num_proc: int = 4  # worker processes that build the cache
 
 
 @dataclass
@@ -221,7 +224,14 @@ def _parse_recipe_args(values: dict) -> RecipeArgs:
         _require("recipe_args.eval_decode", block, ["every_steps", "data_path"])
         kept["eval_decode"] = _typed("recipe_args.eval_decode", EvalDecodeConfig, block)
     args = _typed("recipe_args", RecipeArgs, kept)
-    for key in ("seq_length", "micro_batch_size", "grad_accumulation_steps", "num_epochs", "log_every_steps"):
+    for key in (
+        "seq_length",
+        "micro_batch_size",
+        "grad_accumulation_steps",
+        "num_epochs",
+        "log_every_steps",
+        "tokenize_num_proc",
+    ):
         if getattr(args, key) < 1:
             raise ConfigError(f"'recipe_args.{key}' must be >= 1, got {getattr(args, key)}")
     for key in ("max_steps", "val_every_steps", "ckpt_every_steps"):
