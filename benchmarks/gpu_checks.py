@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -20,6 +21,7 @@ from torch import Tensor, nn
 from nemo_automodel_dspark import DSparkConfig, DSparkDrafter
 from nemo_automodel_dspark import distributed as D
 from nemo_automodel_dspark.inference.speculative import SpeculativeDecoder
+from nemo_automodel_dspark.loss import LossConfig
 from nemo_automodel_dspark.masks import flex_block_mask
 from nemo_automodel_dspark.model import layers
 from nemo_automodel_dspark.recipe.step import DSparkStep, MicroBatch
@@ -100,9 +102,12 @@ def bound(name: str, device: torch.device) -> float:
 # ------------------------------------------------------------------------------------------------ builders
 def build_target(shape: TargetShape, device: torch.device, dtype: torch.dtype, *, init_range: float = 0.02):
     """A random Qwen3 target of `shape` (seed 0), built directly on `device` in `dtype`, frozen."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from transformers import Qwen3ForCausalLM
 
-    config = Qwen3Config(
+    from nemo_automodel_dspark.target.tiny import tiny_config
+
+    config = tiny_config(
+        "qwen3",
         vocab_size=shape.vocab,
         hidden_size=shape.hidden,
         intermediate_size=shape.intermediate,
@@ -117,7 +122,6 @@ def build_target(shape: TargetShape, device: torch.device, dtype: torch.dtype, *
         eos_token_id=None,
         pad_token_id=None,
     )
-    config.architectures = ["Qwen3ForCausalLM"]
     torch.manual_seed(0)
     with torch.device(device):
         target = Qwen3ForCausalLM(config)
@@ -141,17 +145,9 @@ def build_draft(target: nn.Module, p: Problem, backend: str, *, draft_layers: in
 
 def build_step(model: nn.Module, draft: DSparkDrafter, target: nn.Module, p: Problem, device) -> DSparkStep:
     """The recipe's step object (its autocast choice included) with the shipped loss options."""
-    args = SimpleNamespace(
-        loss_decay_gamma=4.0,
-        ce_loss_alpha=0.1,
-        l1_loss_alpha=0.9,
-        confidence_head_alpha=1.0,
-        shuffle_seed=0,
-        num_anchors=p.anchors,
-        max_grad_norm=1.0,
-    )
+    args = SimpleNamespace(shuffle_seed=0, seq_length=p.seq, max_grad_norm=1.0)
     info = D.DistInfo(rank=0, world_size=1, local_rank=0, device=device)
-    return DSparkStep(model, draft, target, args, info, defer_fsdp_sync=False)
+    return DSparkStep(model, draft, target, args, LossConfig(), info, defer_fsdp_sync=False)
 
 
 def make_batch(p: Problem, device: torch.device, seed: int = 2) -> MicroBatch:
@@ -222,7 +218,7 @@ def check_flex_vs_sdpa(device: torch.device, p: Problem) -> dict:
     target = build_target(p.target, device, dtype)
     sdpa = build_draft(target, p, "sdpa").to(device)
     flex = copy.deepcopy(sdpa)
-    flex.dspark.attention_backend = "flex_attention"
+    flex.dspark = dataclasses.replace(flex.dspark, attention_backend="flex_attention")  # options are frozen
     mode = _eager_flex_on_cpu(flex, device)
     batch, backward = make_batch(p, device), device.type == "cuda"
     loss_s, grads_s, logits_s = loss_and_grads(build_step(sdpa, sdpa, target, p, device), batch)
@@ -250,7 +246,7 @@ def check_bf16_step_vs_fp32_cpu(device: torch.device, p: Problem) -> dict:
     draft32 = build_draft(target32, p, "sdpa")
     backend = "flex_attention" if device.type == "cuda" else "sdpa"  # the recipe's choice per device
     draft16 = copy.deepcopy(draft32).to(device)
-    draft16.dspark.attention_backend = backend
+    draft16.dspark = dataclasses.replace(draft16.dspark, attention_backend=backend)
     target16 = copy.deepcopy(target32).to(device, torch.bfloat16)
     ref_loss, ref_grads, _ = loss_and_grads(build_step(draft32, draft32, target32, p, cpu), make_batch(p, cpu))
     step16 = build_step(draft16, draft16, target16, p, device)

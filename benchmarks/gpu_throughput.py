@@ -318,3 +318,32 @@ def run_throughput(device: torch.device, plan: BenchPlan, workdir: Path) -> dict
         "theirs": theirs,
         "comparison": compare(ours, theirs),
     }
+
+
+def preflight(plan: BenchPlan, workdir: Path) -> dict:
+    """CPU, real sizes, no training: our recipe's setup() accepts the plan and their data path reads the same rows."""
+    from nemo_automodel.components.config.loader import ConfigNode
+
+    from nemo_automodel_dspark.train_dspark import TrainDSparkRecipe
+
+    cpu = torch.device("cpu")
+    assets = build_assets(workdir, plan, cpu)
+    cfg = {
+        "recipe": "nemo_automodel_dspark.train_dspark.TrainDSparkRecipe",
+        "dist_env": {"backend": "gloo"},
+        "recipe_args": recipe_args(plan, assets, workdir / "ours"),
+        "optimizer": optimizer_section(),
+        "checkpoint": {"enabled": False},
+    }
+    recipe = TrainDSparkRecipe(ConfigNode(cfg))
+    recipe.setup()
+    ours = {
+        "rows": len(recipe.train_set),
+        "tokens_per_row": statistics.mean(len(recipe.train_set[i]["input_ids"]) for i in range(len(recipe.train_set))),
+        "rows_per_step": recipe.per_step,
+        "steps": recipe.total_steps,
+        "target_layer_ids": list(recipe.draft.dspark.target_layer_ids or []),
+    }
+    del recipe
+    theirs = their_data(their_config(plan, assets, workdir, cpu), assets)
+    return {"passed": ours["tokens_per_row"] == theirs["tokens_per_row"], "ours": ours, "theirs_data": theirs}

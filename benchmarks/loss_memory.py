@@ -33,9 +33,9 @@ import sys
 
 import torch
 
-from nemo_automodel_dspark.loss import LogitHead, default_chunk_rows, dspark_head_loss, dspark_loss
+from nemo_automodel_dspark.loss import LogitHead, LossConfig, default_chunk_rows, dspark_head_loss, dspark_loss
 
-OPTIONS = {"loss_decay_gamma": 4.0, "ce_loss_alpha": 0.1, "l1_loss_alpha": 0.9, "confidence_head_alpha": 1.0}
+LOSS = LossConfig(loss_decay_gamma=4.0, ce_loss_alpha=0.1, l1_loss_alpha=0.9, confidence_head_alpha=1.0)
 BLOCK_SIZE = 7
 MAX_RATIO, MAX_LOSS_REL = 0.10, 1e-4
 VOCABS = (151_936, 262_144)
@@ -67,10 +67,10 @@ def _current_rss_bytes() -> int:
 def _loss_and_backward(inputs: tuple, mode: str) -> float:
     head, h, m, t, ids, mask, conf = inputs
     if mode == "fused":
-        out = dspark_head_loss(head, h, m, t, ids, mask, conf, **OPTIONS)
+        out = dspark_head_loss(head, h, m, t, ids, mask, conf, LOSS)
     else:
         logits, teacher = head.draft_logits(h, m), head.teacher_logits(t)
-        out = dspark_loss(logits, teacher, ids, mask, conf, chunk_rows=0 if mode == "unfused" else None, **OPTIONS)
+        out = dspark_loss(logits, teacher, ids, mask, conf, LOSS, chunk_rows=0 if mode == "unfused" else None)
     out.loss.backward()
     return out.loss.item()
 

@@ -33,6 +33,7 @@ from nemo_automodel_dspark.data.packing import (
     pack_rows,
 )
 from nemo_automodel_dspark.distributed import DistInfo
+from nemo_automodel_dspark.loss import LossConfig
 from nemo_automodel_dspark.recipe import batching
 from nemo_automodel_dspark.recipe.config import OptimizerConfig
 from nemo_automodel_dspark.recipe.optim import build_optimizer, build_scheduler
@@ -111,12 +112,7 @@ def build(a: argparse.Namespace, device: torch.device, seq: int, anchors: int):
     )
     draft = DSparkDrafter.from_target(target, dspark).to(device)
     args = SimpleNamespace(
-        loss_decay_gamma=4.0,
-        ce_loss_alpha=0.1,
-        l1_loss_alpha=0.9,
-        confidence_head_alpha=1.0,
         shuffle_seed=0,
-        num_anchors=anchors,
         seq_length=seq,
         max_grad_norm=1.0,
         max_tokens_per_batch=0,
@@ -124,7 +120,7 @@ def build(a: argparse.Namespace, device: torch.device, seq: int, anchors: int):
         micro_batch_size=a.micro_batch,
     )
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=device)
-    step = DSparkStep(draft, draft, target, args, info, defer_fsdp_sync=False)
+    step = DSparkStep(draft, draft, target, args, LossConfig(), info, defer_fsdp_sync=False)
     optimizer = build_optimizer(draft, OptimizerConfig(lr=1e-4))
     return step, optimizer, build_scheduler(optimizer, OptimizerConfig(lr=1e-4), 100_000)
 
@@ -183,7 +179,10 @@ def main() -> None:
     docs = documents(a, lengths)
     step, optimizer, scheduler = build(a, device, seq, anchors)
     for mode in MODES:  # warm-up: allocator, kernels, every shape class once
-        item = micro_batches(mode, docs, lengths, a, seq)[0]
+        items = micro_batches(mode, docs, lengths, a, seq)
+        if not items:
+            raise SystemExit(f"--docs {a.docs} fill no {mode} micro-batch of {a.micro_batch}; use more documents")
+        item = items[0]
         step.train_step(collate(item, docs, step, mode, seq), 0, optimizer, scheduler)
     step.timer.enabled = True
     totals = {m: [0.0, 0, 0.0] for m in MODES}

@@ -20,6 +20,7 @@ from transformers import Qwen3ForCausalLM
 from nemo_automodel_dspark import DSparkConfig, DSparkDrafter
 from nemo_automodel_dspark.data import collate
 from nemo_automodel_dspark.distributed import DistInfo
+from nemo_automodel_dspark.loss import LossConfig
 from nemo_automodel_dspark.recipe.config import OptimizerConfig
 from nemo_automodel_dspark.recipe.optim import build_optimizer, build_scheduler
 from nemo_automodel_dspark.recipe.step import DSparkStep, MicroBatch
@@ -67,17 +68,9 @@ def build(a: argparse.Namespace, device: torch.device):
             attention_backend="flex_attention" if device.type == "cuda" else "sdpa",
         ),
     ).to(device)
-    args = SimpleNamespace(
-        loss_decay_gamma=4.0,
-        ce_loss_alpha=0.1,
-        l1_loss_alpha=0.9,
-        confidence_head_alpha=1.0,
-        shuffle_seed=0,
-        num_anchors=a.anchors,
-        max_grad_norm=1.0,
-    )
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=device)
-    step = DSparkStep(draft, draft, target, args, info, defer_fsdp_sync=False)
+    args = SimpleNamespace(shuffle_seed=0, max_grad_norm=1.0, seq_length=a.seq)
+    step = DSparkStep(draft, draft, target, args, LossConfig(), info, defer_fsdp_sync=False)
     optimizer = build_optimizer(draft, OptimizerConfig(lr=1e-4))
     return step, optimizer, build_scheduler(optimizer, OptimizerConfig(lr=1e-4), 1000)
 

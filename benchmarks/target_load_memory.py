@@ -38,9 +38,12 @@ def peak_rss_mib() -> float:
 
 
 def save_target(folder: Path, hidden: int, layers: int, vocab: int) -> int:
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from transformers import Qwen3ForCausalLM
 
-    config = Qwen3Config(
+    from nemo_automodel_dspark.target.tiny import tiny_config
+
+    config = tiny_config(
+        "qwen3",
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=3 * hidden,
@@ -49,7 +52,6 @@ def save_target(folder: Path, hidden: int, layers: int, vocab: int) -> int:
         num_key_value_heads=4,
         head_dim=hidden // 8,
         tie_word_embeddings=False,
-        architectures=["Qwen3ForCausalLM"],
     )
     torch.manual_seed(0)
     model = Qwen3ForCausalLM(config)

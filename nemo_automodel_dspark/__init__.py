@@ -1,7 +1,8 @@
 """Train DSpark speculative-decoding drafters (semi-autoregressive parallel drafter + Markov head + confidence head).
 
-The package root stays light: it imports neither `nemo_automodel` nor `torch.distributed`. Public names are
-resolved lazily so that `import nemo_automodel_dspark` costs nothing until a name is used.
+The package root stays light: it imports neither `nemo_automodel` nor torch, and only filters the known import noise
+of dependencies (`quiet.py`). Public names are resolved lazily so that `import nemo_automodel_dspark` costs nothing
+until a name is used.
 """
 
 from __future__ import annotations
@@ -9,7 +10,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from nemo_automodel_dspark import quiet
+
 __version__ = "0.1.0"
+quiet.install()  # before any dependency is imported: no import noise on the first screen
 
 _EXPORTS = {
     "DSparkConfig": "nemo_automodel_dspark.model.config",

@@ -6,13 +6,24 @@
 
 from __future__ import annotations
 
-import os
 import sys
+
+from nemo_automodel_dspark.recipe.config import (
+    ConfigError,
+    DSparkRecipeConfig,
+    config_or_exit,
+    exit_with_error,
+    parse_config,
+)
+
+if __name__ == "__main__":  # `python -m ...train_dspark`: check every option before torch and NeMo AutoModel load
+    config_or_exit(sys.argv[1:])
+
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import torch
 from nemo_automodel.recipes.base_recipe import BaseRecipe
@@ -21,28 +32,21 @@ from tqdm import tqdm
 from nemo_automodel_dspark import distributed as D
 from nemo_automodel_dspark.data import DSparkChatDataset, ResumableSampler
 from nemo_automodel_dspark.data.cache import default_cache_root
-from nemo_automodel_dspark.data.sources import check_data_path
 from nemo_automodel_dspark.errors import ToolError
 from nemo_automodel_dspark.loss import flatten_sums, metrics_from_sums, unflatten_sums
+from nemo_automodel_dspark.model.config import DSparkConfig
 from nemo_automodel_dspark.model.drafter import DSparkDrafter
 from nemo_automodel_dspark.model.families import family_for
 from nemo_automodel_dspark.model.warm_start import load_warm_start
 from nemo_automodel_dspark.recipe import batching, resume, run_folder
 from nemo_automodel_dspark.recipe import checkpoint as ckpt
-from nemo_automodel_dspark.recipe.config import DSparkRecipeConfig, parse_config
-from nemo_automodel_dspark.recipe.guards import (
-    RunStopped,
-    disk_full_message,
-    divergence_message,
-    is_disk_full,
-    non_finite_tensors,
-)
-from nemo_automodel_dspark.recipe.metrics import MetricsWriter, console_line, peak_memory_gib
+from nemo_automodel_dspark.recipe.guards import RunStopped, divergence_message, non_finite_tensors
+from nemo_automodel_dspark.recipe.inputs import check_data, load_decode_prompts
+from nemo_automodel_dspark.recipe.metrics import console_line, peak_memory_gib
 from nemo_automodel_dspark.recipe.optim import build_optimizer, build_scheduler
 from nemo_automodel_dspark.recipe.plan import (
     MemoryPlan,
     device_memory_gib,
-    draft_options,
     load_target_config,
     plan_for_config,
 )
@@ -80,11 +84,14 @@ class TrainDSparkRecipe(BaseRecipe):
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         args = self.config.recipe_args
-        self.info = D.init_distributed(self.config.dist.backend, self.config.dist.timeout_minutes)
+        target_config, self.draft_config = self._check_target()
+        self.info = D.init_distributed(self.config.dist_env.backend, self.config.dist_env.timeout_minutes)
         torch.manual_seed(args.shuffle_seed)
-        self._check_inputs()
-        self._check_serving()
-        self._claim_folders()
+        self._check_serving(target_config)
+        check_data(args)
+        self.files = run_folder.RunFiles(args.output_dir, self.config.checkpoint, self.info.is_main, self._log)
+        self.files.claim(args.overwrite_output_dir)
+        D.barrier()
         self._build_data()
         self._build_target()
         self._build_draft()
@@ -92,58 +99,31 @@ class TrainDSparkRecipe(BaseRecipe):
         self._build_metrics()
         self._restore()
 
-    def _check_inputs(self) -> None:
-        """Paths that cannot work are one line naming the key, before anything loads or any folder is touched."""
-        args = self.config.recipe_args
-        check_model_path(args.target_model_name_or_path, "recipe_args.target_model_name_or_path")
-        check_data_path(args.train_data_path, "recipe_args.train_data_path")
-        if args.val_data_path:
-            check_data_path(args.val_data_path, "recipe_args.val_data_path")
-        if args.eval_decode is not None:
-            check_data_path(args.eval_decode.data_path, "recipe_args.eval_decode.data_path")
-
-    def _load_decode_prompts(self) -> list | None:
-        """The eval_decode prompts, read at setup so a bad file fails before training, not at the first decode."""
-        from nemo_automodel_dspark.inference.prompts import load_prompts
-
-        decode = self.config.recipe_args.eval_decode
-        if decode is None:
-            return None
-        try:
-            return load_prompts(
-                decode.data_path,
-                self.tokenizer,
-                decode.num_prompts,
-                chat_template=self.config.recipe_args.chat_template,
-            )
-        except ValueError as err:
-            raise ToolError(f"recipe_args.eval_decode.data_path: {err}") from err
-
-    def _claim_folders(self) -> None:
-        """A new run never writes into folders holding another run (refused, or moved aside when asked)."""
-        args = self.config.recipe_args
-        self.ckpt_root = Path(self.config.checkpoint.checkpoint_dir or Path(args.output_dir) / "checkpoints")
-        if self.config.checkpoint.restore_from is None:
-            moves = run_folder.claim(
-                Path(args.output_dir), self.ckpt_root, overwrite=args.overwrite_output_dir, is_main=self.info.is_main
-            )
-            for old, new in moves:
-                self._log(f"recipe_args.overwrite_output_dir: moved the previous run {old} aside to {new}")
-            D.barrier()
-
     def _log(self, message: str) -> None:
         if self.info.is_main:
             tqdm.write(message)
 
-    def _check_serving(self) -> None:
-        """Engine rules that need the target's depth and family (config.json only), before data or weights load."""
+    def _check_target(self) -> tuple[Any, DSparkConfig]:
+        """Read only the target's config.json: (its HF config, the draft options checked against it, ids resolved)."""
         from transformers import AutoConfig
 
         args = self.config.recipe_args
-        target_config = AutoConfig.from_pretrained(
-            args.target_model_name_or_path, trust_remote_code=args.trust_remote_code
-        )
-        message = warning_text(check_serving(args, target_config, error=ToolError))  # one line, no traceback
+        check_model_path(args.target_model_name_or_path, "recipe_args.target_model_name_or_path")
+        key = "'recipe_args.target_model_name_or_path'"
+        try:
+            target_config = AutoConfig.from_pretrained(
+                args.target_model_name_or_path, trust_remote_code=args.trust_remote_code
+            )
+            family = family_for(target_config)
+            text = family.text_config(target_config)
+            family.check_supported(text)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"{key} {args.target_model_name_or_path}: {str(err).splitlines()[0]}") from err
+        return target_config, self.config.draft.for_target(text.num_hidden_layers, text.vocab_size)
+
+    def _check_serving(self, target_config) -> None:
+        """Engine rules that need the target's depth and family (config.json only), before data or weights load."""
+        message = warning_text(check_serving(self.config, target_config, error=ToolError))  # one line, no traceback
         if message:
             self._log(message)
 
@@ -160,13 +140,13 @@ class TrainDSparkRecipe(BaseRecipe):
                 if batching.plan_options(args)
                 else ("rows (ranks x micro_batch_size x grad_accumulation_steps)")
             )
-            raise ValueError(
+            raise ConfigError(
                 f"{args.train_data_path}: {len(self.train_set)} usable rows cannot fill one optimizer "
                 f"step of {self.per_step * self.info.world_size} {unit}"
             )
         total = sum(self._steps_in_epoch(epoch) for epoch in range(args.num_epochs))
         self.total_steps = min(total, args.max_steps) if args.max_steps else total
-        self._decode_prompts = self._load_decode_prompts()
+        self._decode_prompts = load_decode_prompts(args, self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
     def _steps_in_epoch(self, epoch: int) -> int:
@@ -181,7 +161,7 @@ class TrainDSparkRecipe(BaseRecipe):
             split=split,
             chat_template=args.chat_template,
             mask_reasoning_content=args.mask_reasoning_content,
-            mask_token_id=args.mask_token_id,
+            mask_token_id=self.draft_config.mask_token_id,
             show_progress=self.info.is_main,
             cache_dir=(args.tokenized_cache_dir or default_cache_root()) if args.tokenized_cache else None,
             num_proc=args.tokenize_num_proc,
@@ -228,28 +208,26 @@ class TrainDSparkRecipe(BaseRecipe):
 
     def _build_draft(self) -> None:
         args = self.config.recipe_args
-        backend = args.attention_backend
-        if backend == "flex_attention" and self.info.device.type != "cuda":
+        if self.draft_config.attention_backend == "flex_attention" and self.info.device.type != "cuda":
             self._log("attention_backend: flex_attention needs CUDA; using SDPA with a dense block mask on CPU")
-            backend = "sdpa"
-        dspark = draft_options(args, backend)
         parts = family_for(self.frozen.model.config).decoder_parts(self.frozen.model)
         embed = D.full_tensor(cast(torch.Tensor, parts.embed_tokens.weight))  # gathered when the target is sharded
         lm_head = D.full_tensor(cast(torch.Tensor, parts.lm_head.weight))
         torch.manual_seed(args.shuffle_seed)  # identical initial draft on every rank and every world size
-        draft = DSparkDrafter.from_embeddings(self.frozen.model.config, dspark, embed, lm_head)
+        draft = DSparkDrafter.from_embeddings(self.frozen.model.config, self.draft_config, embed, lm_head)
         del embed, lm_head
         if args.draft_weights_path:
             load_warm_start(draft, args.draft_weights_path)
             self._log(f"draft_weights_path: started from {args.draft_weights_path}")
         self.draft = draft.to(self.info.device)
-        dist = self.config.dist
+        dist = self.config.distributed
         self.model = D.wrap_draft(self.draft, dist.strategy, self.info, dist.activation_checkpointing)
         self.runner = DSparkStep(
             self.model,
             self.draft,
             self.frozen.model,
             args,
+            self.config.loss,
             self.info,
             defer_fsdp_sync=dist.defer_fsdp_grad_sync,
         )
@@ -259,24 +237,20 @@ class TrainDSparkRecipe(BaseRecipe):
         self.lr_scheduler = build_scheduler(self.optimizer, self.config.optimizer, self.total_steps)
 
     def _build_metrics(self) -> None:
-        args = self.config.recipe_args
-        self.metrics = MetricsWriter(args.output_dir, enabled=self.info.is_main)
+        self.files.open()
         self.step, self.epoch, self.skipped_steps = 0, 0, 0
         self._rows: Iterator | None = (
             None  # this epoch's sampler iterator (rows or micro-batch plans; resumes mid-epoch)
         )
         self.window = Window(start=time.perf_counter())
-        if self.info.is_main:
-            for leftover in ckpt.remove_temp_folders(self.ckpt_root):
-                self._log(f"removed {leftover}, the temp folder of a checkpoint write that never finished")
 
     def _restore(self) -> None:
         """Resume from `checkpoint.restore_from` (path or LATEST): weights, optimizer, schedule, data position."""
-        path = ckpt.resolve_restore(self.config.checkpoint.restore_from, self.ckpt_root, warn=self._log)
+        path = ckpt.resolve_restore(self.config.checkpoint.restore_from, self.files.ckpt_root, warn=self._log)
         if path is None:
             if self.config.checkpoint.restore_from:
-                self._log(f"restore_from: no checkpoint under {self.ckpt_root} yet; starting from scratch")
-            self._truncate_metrics(0)
+                self._log(f"restore_from: no checkpoint under {self.files.ckpt_root} yet; starting from scratch")
+            self.files.truncate_metrics(0)
             return
         state = ckpt.load_trainer_state(path)
         resume.check_compatible(path, state["compat"], self._compat())
@@ -292,30 +266,24 @@ class TrainDSparkRecipe(BaseRecipe):
         resume.apply_optimizer_changes(
             state.get("optimizer"), self.config.optimizer, self.optimizer, self.lr_scheduler, self._log
         )
-        self.sampler.load_state_dict(state["sampler"])
+        batching.restore_position(self.sampler, state["sampler"], path)
         self.step, self.epoch = state["step"], state["epoch"]
         self.skipped_steps = state.get("skipped_steps", 0)
         if self.info.is_main and state.get("window") is not None:
             like = {k: torch.empty(shape) for k, shape in state["window"]["shapes"].items()}
             self.window.sums = unflatten_sums(torch.tensor(state["window"]["sums"]), like)
             self.window.grad_norm, self.window.steps = state["window"]["grad_norm"], state["window"]["steps"]
-        self._truncate_metrics(self.step)
+        self.files.truncate_metrics(self.step)
         self._log(f"resumed from {path} at step {self.step} (epoch {self.epoch})")
 
-    def _truncate_metrics(self, step: int) -> None:
-        warning = self.metrics.truncate_after(step)
-        if warning:
-            self._log(warning)
-
     def _compat(self) -> dict:
-        args = self.config.recipe_args
         return {
-            "block_size": args.block_size,
-            "mask_token_id": args.mask_token_id,
-            "target_layer_ids": list(self.draft.dspark.target_layer_ids or []),
-            "target_model_name_or_path": args.target_model_name_or_path,
+            "block_size": self.draft_config.block_size,
+            "mask_token_id": self.draft_config.mask_token_id,
+            "target_layer_ids": list(self.draft_config.target_layer_ids or []),
+            "target_model_name_or_path": self.config.recipe_args.target_model_name_or_path,
             **{
-                key: getattr(self.draft.dspark, key)
+                key: getattr(self.draft_config, key)
                 for key in (
                     "draft_num_hidden_layers",
                     "markov_rank",
@@ -390,12 +358,9 @@ class TrainDSparkRecipe(BaseRecipe):
         self.skipped_steps += 1
         allowed = self.config.recipe_args.max_skipped_steps
         if self.skipped_steps > allowed:
-            raise RunStopped(divergence_message(self.step + 1, self.skipped_steps, allowed, self._last_good()))
+            raise RunStopped(divergence_message(self.step + 1, self.skipped_steps, allowed, self.files.last_good()))
         count = f"{self.skipped_steps}/{allowed}"
         self._log(f"step {self.step + 1}: non-finite loss or gradient norm; step skipped ({count})")
-
-    def _last_good(self) -> Path | None:
-        return ckpt.find_latest(self.ckpt_root) if self.config.checkpoint.enabled else None
 
     def _accumulate(self, sums: dict, grad_norm: torch.Tensor) -> None:
         w = self.window
@@ -423,16 +388,10 @@ class TrainDSparkRecipe(BaseRecipe):
             return
         sums, grad_norm, tokens, mem = self._reduced_window()
         elapsed = time.perf_counter() - self.window.start
-        args = self.config.recipe_args
         record = {
             "step": self.step,
             "epoch": epoch,
-            **metrics_from_sums(
-                sums,
-                ce_loss_alpha=args.ce_loss_alpha,
-                l1_loss_alpha=args.l1_loss_alpha,
-                confidence_head_alpha=args.confidence_head_alpha,
-            ),
+            **metrics_from_sums(sums, self.config.loss),
             "lr": self.runner.last_lr,
             "grad_norm": grad_norm,
             "tokens_per_s": tokens / max(elapsed, 1e-9),
@@ -452,12 +411,7 @@ class TrainDSparkRecipe(BaseRecipe):
         )
         sums = self.runner.eval_sums(self._micro_batches(val_set, sampler.indices()))
         flat = D.all_reduce_sum(flatten_sums(sums).to(self.info.device))
-        metrics = metrics_from_sums(
-            unflatten_sums(flat.cpu(), sums),
-            ce_loss_alpha=args.ce_loss_alpha,
-            l1_loss_alpha=args.l1_loss_alpha,
-            confidence_head_alpha=args.confidence_head_alpha,
-        )
+        metrics = metrics_from_sums(unflatten_sums(flat.cpu(), sums), self.config.loss)
         record = {"step": self.step, "epoch": epoch, **{f"val/{k}": v for k, v in metrics.items()}}
         self._write_metrics(record)
         self._log(console_line(record))
@@ -501,14 +455,7 @@ class TrainDSparkRecipe(BaseRecipe):
 
     def _write_metrics(self, record: dict | None) -> None:
         """Rank 0 appends `record`; every rank calls this, so a full disk stops every rank with the same line."""
-        failure = None
-        if self.info.is_main and record is not None:
-            try:
-                self.metrics.write(record)
-            except OSError as err:
-                if not is_disk_full(err):
-                    raise
-                failure = disk_full_message(self.metrics.path, self._last_good())
+        failure = self.files.write_metrics(record) if self.info.is_main and record is not None else None
         self._stop_if(failure)
 
     def _stop_if(self, failure: str | None) -> None:
@@ -524,7 +471,7 @@ class TrainDSparkRecipe(BaseRecipe):
         if float(D.all_reduce_sum(torch.tensor([float(len(bad))], device=self.info.device))) > 0:
             raise RunStopped(
                 f"step {self.step}: the draft has non-finite weights ({', '.join(bad[:3]) or 'on rank 0'}); "
-                f"no checkpoint was written; the last good checkpoint is {self._last_good() or 'none'}"
+                f"no checkpoint was written; the last good checkpoint is {self.files.last_good() or 'none'}"
             )
         window = self._window_state()
         failure = None
@@ -556,35 +503,29 @@ class TrainDSparkRecipe(BaseRecipe):
             "window": window,
             "skipped_steps": self.skipped_steps,
         }
-        try:
-            path = ckpt.save_checkpoint(
-                self.ckpt_root,
-                epoch,
-                self.step,
-                draft=self.draft,
-                model_state=model_state,
-                optimizer_state=optim_state,
-                trainer_state=state,
-            )
-        except Exception as err:
-            if not is_disk_full(err):
-                raise
-            return disk_full_message(ckpt.step_dir(self.ckpt_root, epoch, self.step), self._last_good())
-        self._log(f"saved checkpoint {path}")
-        for old in run_folder.prune(self.ckpt_root, self.config.checkpoint.keep_last_n):
-            self._log(f"checkpoint.keep_last_n: removed {old}")
-        return None
+        return self.files.write_checkpoint(
+            epoch,
+            self.step,
+            draft=self.draft,
+            model_state=model_state,
+            optimizer_state=optim_state,
+            trainer_state=state,
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m nemo_automodel_dspark.train_dspark -c cfg.yaml [--section.key=value ...]` (under torchrun)."""
-    from nemo_automodel.components.config._arg_parser import parse_args_and_load_config
+    """`python -m nemo_automodel_dspark.train_dspark -c cfg.yaml [--section.key=value ...]` (under torchrun).
 
-    cfg = parse_args_and_load_config(argv=argv)
-    recipe = TrainDSparkRecipe(cfg)
+    A user error (a bad option, or one the target's config.json refutes) prints one line and exits with status 2
+    on every rank, without a traceback.
+    """
+    config = config_or_exit(sys.argv[1:] if argv is None else argv)
+    recipe = TrainDSparkRecipe(config)
     try:
         recipe.setup()
         recipe.run_train_validation_loop()
+    except ConfigError as err:
+        exit_with_error(err)
     except ToolError as err:  # a user-facing stop: one line on rank 0, non-zero exit on every rank, no traceback
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"dspark train: error: {err}", file=sys.stderr, flush=True)

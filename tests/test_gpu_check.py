@@ -82,3 +82,15 @@ def test_dry_run_passes_every_verdict(tmp_path):
 def test_check_on_cuda(name):
     result = gpu_checks.CHECKS[name](torch.device("cuda", 0), gpu_checks.REAL)
     assert result["passed"], result
+
+
+@pytest.mark.gpu
+def test_both_recipes_train_on_cuda(tmp_path):
+    """The tiny plan on CUDA: ours on compiled FlexAttention, and NeMo AutoModel's recipe runs (no reason given)."""
+    import gpu_throughput
+
+    result = gpu_throughput.run_throughput(torch.device("cuda", 0), gpu_throughput.DRY_PLAN, tmp_path)
+    assert result["ours"]["attention_backend"] == "flex_attention"
+    assert result["ours"]["tokens_per_s"] > 0 and result["ours"]["peak_cuda_memory_gib"] > 0
+    assert result["theirs"]["ran"], result["theirs"].get("reason")
+    assert result["comparison"]["ratio_tokens_per_s"] > 0

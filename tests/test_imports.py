@@ -28,6 +28,8 @@ LAYERS = {
     "distributed": CORE,
     "io": CORE,
     "errors": CORE,
+    "options": CORE,
+    "quiet": CORE,
     "draft_checks": CORE,
     "export": CORE,
     "recipe": MIDDLE,

@@ -108,6 +108,11 @@ def test_training_regenerate_and_evaluate_render_a_row_to_the_same_ids(target, t
     )
 
 
+def test_evaluate_takes_the_same_option():
+    argv = ["evaluate", "--target", "t", "--draft", "d", "--data", "x", "--output", "o", "--chat-template", CUSTOM]
+    assert build_parser().parse_args(argv).chat_template == CUSTOM
+
+
 def test_a_jinja_file_is_the_same_template_everywhere(target, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(target)
     path = tmp_path / "custom.jinja"

@@ -7,13 +7,19 @@ words, from the engine files named (revisions in docs SERVING_FACTS.md):
   `speculative/dspark/draft_qwen3.py`; vLLM's `model_executor/models/qwen3_dspark.py` prefixes `model.` and fuses
   q/k/v and gate/up itself. vLLM ignores `block_size`: serve with `num_speculative_tokens` equal to it.
 - specforge, sglang (SGLang serves SpecForge-trained drafts): SpecForge's `modeling/draft/dspark.py`
-  (`DSparkDraftModel`): the DSpark keys nested in `dflash_config` with `projector_type: "dspark"` (newer revisions;
-  older ones read `markov_*`, `enable_confidence_head`, `block_size`, `num_target_layers` at the top level, so those
-  are written there too), and no `embed_tokens` / `lm_head` (it uses the target's).
-- speculators: `models/dspark/config.py` (`speculators_model_type: dspark`): the layer config nested as
-  `transformer_layer_config`, `aux_hidden_state_layer_ids` = our ids + 1, tensors named as ours.
-- modelopt: Model-Optimizer's DSpark export (`DFlashDraftModel`): keys under `dflash_config`, `use_confidence_head`,
-  `markov_head.X` → `X`, `confidence_head.proj` → `confidence_proj`, no `embed_tokens` / `lm_head`.
+  (`DSparkDraftModel`, a6b6b02): the DSpark keys nested in `dflash_config` with `projector_type: "dspark"`,
+  `attention_mode` `gqa` (fewer KV heads than query heads) or `mha` (equal), `shift_label: true` (slot k predicts
+  the token after it, as ours); `block_size` and `num_target_layers` stay at the top level (`modeling/draft/
+  dflash.py` reads them there); no `embed_tokens` / `lm_head` (it uses the target's).
+- speculators: `models/dspark/config.py` and `models/dflash/config.py` (c05b95b; `speculators_model_type:
+  dspark`): the layer config nested as `transformer_layer_config`, `aux_hidden_state_layer_ids` = our ids + 1,
+  `sample_from_anchor: true`, a `speculators_config` (algorithm, greedy proposal of `block_size` tokens,
+  verifier architectures; `config.py`), tensors named as ours.
+- modelopt: Model-Optimizer's `torch/export/plugins/hf_spec_export.py` (a2fbac7; `DFlashExporter` /
+  `DSparkExporter`): `DFlashDraftModel` with `block_size` and `num_target_layers` at the top level and
+  `mask_token_id`, `target_layer_ids`, `projector_type`, `shift_label`, `markov_rank`, `markov_head_type`,
+  `use_confidence_head` under `dflash_config`; `markov_head.X` → `X`, `confidence_head.proj` → `confidence_proj`;
+  no `embed_tokens` / `lm_head`.
 """
 
 from __future__ import annotations
@@ -39,6 +45,16 @@ DSPARK_KEYS = (
     "target_layer_ids",
     "num_target_layers",
     "num_anchors",
+    "markov_rank",
+    "markov_head_type",
+    "enable_confidence_head",
+    "confidence_head_with_markov",
+)
+
+# speculators' DSparkSpeculatorConfig fields named as ours (it has no num_anchors; ids and depth are written apart)
+SPECULATORS_KEYS = (
+    "block_size",
+    "mask_token_id",
     "markov_rank",
     "markov_head_type",
     "enable_confidence_head",
@@ -85,18 +101,25 @@ def _without_shared(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def _specforge(config: dict, tensors: dict[str, Tensor]) -> tuple[dict, dict[str, Tensor]]:
-    nested = {key: config[key] for key in DSPARK_KEYS}
-    top = {key: config[key] for key in DSPARK_KEYS if key not in ("target_layer_ids", "mask_token_id")}
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    nested = {
+        "projector_type": "dspark",
+        "attention_mode": "gqa" if kv_heads < heads else "mha",
+        "shift_label": True,
+        **{key: config[key] for key in DSPARK_KEYS},
+    }
     out = {
         **_layer_fields(config),
-        **top,
+        "block_size": config["block_size"],
+        "num_target_layers": config["num_target_layers"],
         "architectures": ["DSparkDraftModel"],
-        "dflash_config": {"projector_type": "dspark", **nested},
+        "dflash_config": nested,
     }
     return out, _without_shared(tensors)
 
 
 def _speculators(config: dict, tensors: dict[str, Tensor]) -> tuple[dict, dict[str, Tensor]]:
+    block = config["block_size"]
     out = {
         "speculators_model_type": "dspark",
         "architectures": ["DSparkSpeculator"],
@@ -104,10 +127,13 @@ def _speculators(config: dict, tensors: dict[str, Tensor]) -> tuple[dict, dict[s
         "draft_vocab_size": config["vocab_size"],
         "target_hidden_size": config["hidden_size"],
         "aux_hidden_state_layer_ids": [int(i) + 1 for i in config["target_layer_ids"]],  # speculators counts from 1
-        **{key: config[key] for key in DSPARK_KEYS if key not in ("target_layer_ids", "num_target_layers")},
+        "sample_from_anchor": True,  # slot 0 already predicts the token after the anchor: K = block_size proposals
+        **{key: config[key] for key in SPECULATORS_KEYS},
         "speculators_config": {
             "algorithm": "dspark",
-            "verifier": {"architectures": config.get("target_architectures", [])},
+            "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": block}],
+            "default_proposal_method": "greedy",
+            "verifier": {"name_or_path": None, "architectures": config.get("target_architectures", [])},
         },
     }
     return out, dict(tensors)
@@ -120,9 +146,22 @@ def _modelopt_name(name: str) -> str:
 
 
 def _modelopt(config: dict, tensors: dict[str, Tensor]) -> tuple[dict, dict[str, Tensor]]:
-    nested = {key: config[key] for key in DSPARK_KEYS if key != "enable_confidence_head"}
-    nested["use_confidence_head"] = config["enable_confidence_head"]
-    out = {**_layer_fields(config), "architectures": ["DFlashDraftModel"], "dflash_config": nested}
+    nested = {
+        "mask_token_id": config["mask_token_id"],
+        "target_layer_ids": config["target_layer_ids"],
+        "projector_type": "dspark",
+        "shift_label": True,  # slot k predicts the token after it, as ours
+        "markov_rank": config["markov_rank"],
+        "markov_head_type": config["markov_head_type"],
+        "use_confidence_head": config["enable_confidence_head"],  # always with the Markov embedding there
+    }
+    out = {
+        **_layer_fields(config),
+        "architectures": ["DFlashDraftModel"],
+        "block_size": config["block_size"],
+        "num_target_layers": config["num_target_layers"],
+        "dflash_config": nested,
+    }
     return out, {_modelopt_name(k): v for k, v in _without_shared(tensors).items()}
 
 

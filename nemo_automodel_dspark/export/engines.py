@@ -1,7 +1,7 @@
 """What each serving engine can serve, stated once: the rules `serve_with` checks and `dspark export` refuses by.
 
-Each rule names the engine file its fact comes from (read at the revisions listed in docs SERVING_FACTS.md: vLLM's
-`qwen3_dspark.py` / `qwen3_dflash.py`, SpecForge a6b6b02, speculators c05b95b, Model-Optimizer a2fbac7). The facts
+Each rule names the engine file its fact comes from (vLLM's `qwen3_dspark.py` / `qwen3_dflash.py` at recent
+revisions, SpecForge a6b6b02, speculators c05b95b, Model-Optimizer a2fbac7; see docs SERVING_FACTS.md). The facts
 are restated in our words; where an engine's support was not read, no rule is claimed for it.
 """
 
@@ -133,12 +133,12 @@ RULES = (
     ),
     Rule(
         ("modelopt",),
-        "Model-Optimizer: torch/speculative/plugins/hf_dspark.py (projector_type dspark requires markov_rank > 0)",
+        "Model-Optimizer: torch/speculative/plugins/modeling_dspark.py and hf_dspark.py (markov_rank > 0 required)",
         _markov_required,
     ),
     Rule(
         ("modelopt",),
-        "Model-Optimizer: torch/speculative/plugins/modeling_dspark.py (confidence input = hidden + Markov embedding)",
+        "Model-Optimizer: torch/speculative/plugins/modeling_dspark.py (confidence_proj reads hidden + Markov embed)",
         _confidence_with_markov,
     ),
     Rule(

@@ -1,21 +1,33 @@
-"""Loss and metrics: pure tensor math returning (numerator, denominator) sums; no `torch.distributed` here."""
+"""Loss and metrics: pure tensor math returning (numerator, denominator) sums; no `torch.distributed` here.
 
-from nemo_automodel_dspark.loss.chunked import default_chunk_rows, reference_row_ce_l1, row_ce_l1
-from nemo_automodel_dspark.loss.head import LogitHead, head_row_ce_l1
-from nemo_automodel_dspark.loss.metrics import flatten_sums, metrics_from_sums, unflatten_sums
-from nemo_automodel_dspark.loss.objective import DSparkLossOutput, dspark_head_loss, dspark_loss, slot_weights
+Names resolve lazily, so `loss.config` (the objective's options) is importable without torch.
+"""
 
-__all__ = [
-    "DSparkLossOutput",
-    "LogitHead",
-    "default_chunk_rows",
-    "dspark_head_loss",
-    "dspark_loss",
-    "head_row_ce_l1",
-    "flatten_sums",
-    "metrics_from_sums",
-    "reference_row_ce_l1",
-    "row_ce_l1",
-    "slot_weights",
-    "unflatten_sums",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "DSparkLossOutput": "nemo_automodel_dspark.loss.objective",
+    "LogitHead": "nemo_automodel_dspark.loss.head",
+    "LossConfig": "nemo_automodel_dspark.loss.config",
+    "default_chunk_rows": "nemo_automodel_dspark.loss.chunked",
+    "dspark_head_loss": "nemo_automodel_dspark.loss.objective",
+    "dspark_loss": "nemo_automodel_dspark.loss.objective",
+    "head_row_ce_l1": "nemo_automodel_dspark.loss.head",
+    "flatten_sums": "nemo_automodel_dspark.loss.metrics",
+    "metrics_from_sums": "nemo_automodel_dspark.loss.metrics",
+    "reference_row_ce_l1": "nemo_automodel_dspark.loss.chunked",
+    "row_ce_l1": "nemo_automodel_dspark.loss.chunked",
+    "slot_weights": "nemo_automodel_dspark.loss.objective",
+    "unflatten_sums": "nemo_automodel_dspark.loss.metrics",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'nemo_automodel_dspark.loss' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from nemo_automodel_dspark.loss.config import LossConfig
+
 
 def acceptance_sums(
     acc: Tensor,  # [B, N, K] fp32 expected acceptance per slot (detached)
@@ -67,9 +69,7 @@ def _ratio(numerator: float, denominator: float) -> float | None:
     return numerator / denominator if denominator > 0 else None
 
 
-def metrics_from_sums(
-    sums: dict[str, Tensor], *, ce_loss_alpha: float, l1_loss_alpha: float, confidence_head_alpha: float
-) -> dict[str, float]:
+def metrics_from_sums(sums: dict[str, Tensor], config: LossConfig) -> dict[str, float]:
     """Logged metrics from (reduced) sums; a metric whose denominator is 0 is omitted, never logged as 0.
 
     `loss` is exactly `α_ce·ce_loss + α_l1·l1_loss + α_conf·confidence_loss` of the logged terms;
@@ -83,9 +83,11 @@ def metrics_from_sums(
     if weight > 0:
         ce_loss, l1_loss, conf_loss = s["ce"] / weight, s["l1"] / weight, 0.0
         metrics.update(ce_loss=ce_loss, l1_loss=l1_loss)
-        if confidence_head_alpha > 0 and "conf_abs_err" in s:
+        if config.confidence_head_alpha > 0 and "conf_abs_err" in s:
             conf_loss = metrics["confidence_loss"] = s["confidence"] / weight
-        metrics["loss"] = ce_loss_alpha * ce_loss + l1_loss_alpha * l1_loss + confidence_head_alpha * conf_loss
+        metrics["loss"] = (
+            config.ce_loss_alpha * ce_loss + config.l1_loss_alpha * l1_loss + config.confidence_head_alpha * conf_loss
+        )
     count = sum(accept_count)
     metrics["accept_rate"] = _ratio(sum(accept), count)
     for k, (accepted, slots) in enumerate(zip(accept, accept_count, strict=True)):

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from nemo_automodel_dspark.loss.chunked import row_ce_l1
+from nemo_automodel_dspark.loss.config import LossConfig
 from nemo_automodel_dspark.loss.head import LogitHead, head_row_ce_l1
 from nemo_automodel_dspark.loss.metrics import acceptance_sums, calibration_sums
 
@@ -59,11 +60,8 @@ def dspark_loss(
     target_ids: Tensor,  # [B, N, K] long, the data token each slot predicts
     eval_mask: Tensor,  # [B, N, K] bool, supervised slots (a contiguous prefix per block)
     confidence_logits: Tensor | None,  # [B, N, K] or None
+    config: LossConfig,
     *,
-    loss_decay_gamma: float | None,
-    ce_loss_alpha: float,
-    l1_loss_alpha: float,
-    confidence_head_alpha: float,
     chunk_rows: int | None = None,
 ) -> DSparkLossOutput:
     """The objective from materialised logits. Masked slots contribute to nothing; all math is fp32;
@@ -77,8 +75,7 @@ def dspark_loss(
         mask.reshape(-1),
         chunk_rows=chunk_rows,
     )
-    alphas = {"ce": ce_loss_alpha, "l1": l1_loss_alpha, "confidence": confidence_head_alpha}
-    return _objective(ce.view(lead), l1.view(lead), mask, confidence_logits, loss_decay_gamma, alphas)
+    return _objective(ce.view(lead), l1.view(lead), mask, confidence_logits, config)
 
 
 def dspark_head_loss(
@@ -89,11 +86,8 @@ def dspark_head_loss(
     target_ids: Tensor,  # [B, N, K] long, the data token each slot predicts
     eval_mask: Tensor,  # [B, N, K] bool, supervised slots (a contiguous prefix per block)
     confidence_logits: Tensor | None,  # [B, N, K] or None
+    config: LossConfig,
     *,
-    loss_decay_gamma: float | None,
-    ce_loss_alpha: float,
-    l1_loss_alpha: float,
-    confidence_head_alpha: float,
     chunk_rows: int | None = None,
 ) -> DSparkLossOutput:
     """`dspark_loss` of the head's logits without materialising them: the LM head, the Markov bias and the teacher
@@ -110,8 +104,7 @@ def dspark_head_loss(
         mask.reshape(-1),
         chunk_rows=chunk_rows,
     )
-    alphas = {"ce": ce_loss_alpha, "l1": l1_loss_alpha, "confidence": confidence_head_alpha}
-    return _objective(ce.view(lead), l1.view(lead), mask, confidence_logits, loss_decay_gamma, alphas)
+    return _objective(ce.view(lead), l1.view(lead), mask, confidence_logits, config)
 
 
 def _objective(
@@ -119,21 +112,20 @@ def _objective(
     l1: Tensor,  # [B, N, K] fp32, zero on masked slots
     mask: Tensor,  # [B, N, K] bool
     confidence_logits: Tensor | None,  # [B, N, K] or None
-    loss_decay_gamma: float | None,
-    alphas: dict[str, float],  # ce, l1, confidence
+    config: LossConfig,
 ) -> DSparkLossOutput:
     """Weighted sums, means, and diagnostics from per-slot ce/l1 (the part shared by both entry points)."""
     acc = (1.0 - 0.5 * l1.detach()).clamp(0.0, 1.0)  # Σ_v min(p_d, p_t): expected acceptance at T = 1
-    w = slot_weights(mask, loss_decay_gamma)
+    w = slot_weights(mask, config.loss_decay_gamma)
     terms = {"ce": ce, "l1": l1}
-    used = {"ce": alphas["ce"], "l1": alphas["l1"]}
+    used = {"ce": config.ce_loss_alpha, "l1": config.l1_loss_alpha}
     sums = acceptance_sums(acc, mask)
     if confidence_logits is not None:
         conf, used_logits = _confidence_bce(confidence_logits, acc, mask)
         sums.update(calibration_sums(torch.sigmoid(used_logits.detach()), acc, mask))
-        if alphas["confidence"] != 0:
+        if config.confidence_head_alpha != 0:
             terms["confidence"] = conf
-            used["confidence"] = alphas["confidence"]
+            used["confidence"] = config.confidence_head_alpha
     weighted = {name: torch.where(mask, w * term, 0.0).sum() for name, term in terms.items()}
     denominator = w.sum()
     safe_denominator = torch.where(denominator > 0, denominator, 1.0)  # Σw = 0 → every mean is 0, not NaN

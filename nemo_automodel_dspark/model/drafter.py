@@ -19,7 +19,6 @@ from nemo_automodel_dspark.masks import (
 from nemo_automodel_dspark.model.config import DSparkConfig
 from nemo_automodel_dspark.model.families import TargetFamily, family_for
 from nemo_automodel_dspark.model.heads import ConfidenceHead, MarkovHead
-from nemo_automodel_dspark.model.layer_ids import default_target_layer_ids, validate_target_layer_ids
 from nemo_automodel_dspark.model.layers import ContextBlockAttention, RotaryEmbedding, rope_inv_freq
 
 
@@ -59,12 +58,9 @@ class DSparkDrafter(nn.Module):
         self.family: TargetFamily = family_for(target_config)
         text = self.family.text_config(target_config)
         self.family.check_supported(text)
-        dspark.check_vocab(text.vocab_size)
         num_target_layers = text.num_hidden_layers
-        layer_ids = dspark.target_layer_ids or default_target_layer_ids(
-            num_target_layers, dspark.draft_num_hidden_layers
-        )
-        dspark.target_layer_ids = validate_target_layer_ids(layer_ids, num_target_layers)
+        dspark = dspark.for_target(num_target_layers, text.vocab_size)  # checked; target_layer_ids resolved
+        assert dspark.target_layer_ids is not None
         self.dspark, self.text_config, self.target_config = dspark, text, target_config
         self.num_target_layers = num_target_layers
         hidden, vocab = text.hidden_size, text.vocab_size

@@ -13,11 +13,13 @@ In the last two modes the sampler hands out whole micro-batches (`PlanSampler`),
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from nemo_automodel_dspark.data import DSparkChatDataset, ResumableSampler, collate
 from nemo_automodel_dspark.data.packing import PlanOptions, PlanSampler, collate_packed
 from nemo_automodel_dspark.distributed import DistInfo
+from nemo_automodel_dspark.recipe.resume import IncompatibleCheckpoint
 from nemo_automodel_dspark.recipe.step import MicroBatch
 
 Sampler = ResumableSampler | PlanSampler
@@ -39,6 +41,18 @@ def train_sampler(dataset: DSparkChatDataset, args: Any, info: DistInfo) -> Samp
     if options is None:
         return ResumableSampler(len(dataset), seed=args.shuffle_seed, rank=info.rank, world_size=info.world_size)
     return PlanSampler(dataset.lengths(), options, seed=args.shuffle_seed, rank=info.rank, world_size=info.world_size)
+
+
+def restore_position(sampler: Sampler, state: dict, path: Path) -> None:
+    """Resume the data position of checkpoint `path`; one line naming the key when its data layout differs."""
+    try:
+        sampler.load_state_dict(state)
+    except ValueError as err:
+        raise IncompatibleCheckpoint(
+            f"checkpoint {path}: {err} (recipe_args.packed_sequence_size, max_tokens_per_batch, micro_batch_size, "
+            "shuffle_seed, the training data and the number of ranks must match); resume with the same values or "
+            "start a new run in a new output_dir"
+        ) from None
 
 
 def items_per_step(args: Any) -> int:

@@ -1,161 +1,315 @@
-"""Typed recipe configuration (SPEC §6): parsed and validated once, defaults in one place.
+"""Typed recipe configuration (SPEC §6): every key declared once, checked when the YAML is parsed.
 
-The upstream NeMo AutoModel DSpark YAMLs load unchanged. An unknown key is an error suggesting the nearest valid
-key; a known upstream key this plugin does not implement is an error saying so (unless it holds its no-op value).
+`recipe_args` fills three objects: `RecipeArgs` (the run), `DSparkConfig` (the drafter, model/config.py) and
+`LossConfig` (the objective, loss/config.py); the other sections fill one each. Each key is one `option(...)`
+field (type, default, range, allowed values; see options.py), so adding a key is adding a field to the class
+that uses it. The upstream NeMo AutoModel DSpark YAMLs load unchanged. An unknown key is an error suggesting the
+nearest valid key; a known upstream key this plugin does not implement is an error saying so (unless it holds
+its no-op value). YAML files and `--section.key=value` overrides are read with the same strict YAML rules:
+booleans are `true`/`false` only and `null` is null.
+
+This module imports only the standard library and PyYAML (plus the option classes), so a bad option is reported
+before torch, NeMo AutoModel, the tokenizer, the data or any weights load.
 """
 
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field, fields
-from typing import Any
+import os
+import re
+import sys
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
 
+import yaml
+
+from nemo_automodel_dspark.loss.config import LossConfig
+from nemo_automodel_dspark.model.config import DSparkConfig
+from nemo_automodel_dspark.options import ConfigError, Options, build, option, rule
 from nemo_automodel_dspark.recipe.serving_checks import check_serving
 
-
-class ConfigError(ValueError):
-    """A bad configuration value or key; the message names the dotted key."""
-
-
-@dataclass
-class RecipeArgs:
-    target_model_name_or_path: str
-    train_data_path: str
-    output_dir: str
-    seq_length: int
-    mask_token_id: int
-    val_data_path: str | None = None
-    train_split: str = "train"
-    val_split: str = "train"
-    micro_batch_size: int = 1
-    grad_accumulation_steps: int = 1
-    num_workers: int = 0
-    num_epochs: int = 1
-    max_steps: int | None = None
-    draft_num_hidden_layers: int = 5
-    block_size: int = 7
-    num_anchors: int = 512
-    target_layer_ids: list[int] | None = None
-    serve_with: list[str] | None = None  # engines the draft must load in (export/engines.py); unset = warn
-    freeze_embeddings: bool = True
-    attention_backend: str = "flex_attention"
-    markov_rank: int = 256
-    markov_head_type: str = "vanilla"
-    confidence_head_alpha: float = 1.0
-    confidence_head_with_markov: bool = True
-    ce_loss_alpha: float = 0.1
-    l1_loss_alpha: float = 0.9
-    loss_decay_gamma: float | None = 4.0
-    trust_remote_code: bool = False
-    shuffle_seed: int = 42
-    log_every_steps: int = 10
-    val_every_steps: int | None = None
-    max_grad_norm: float | None = 1.0
-    overwrite_output_dir: bool = False  # a new run into a folder holding a run moves the old one aside (never deletes)
-    max_skipped_steps: int = 0  # non-finite steps skipped (and counted) before the run stops; 0 = stop at the first
-    mask_reasoning_content: bool = False
-    chat_template: str | None = None
-    ckpt_every_steps: int | None = None
-    eval_decode: EvalDecodeConfig | None = None
-    shard_dense_target: bool | str = "auto"  # true | false | auto (shard when the replicated plan does not fit)
-    memory_budget_gib: float | None = None  # per device, for the plan and `auto`; default: the device's memory
-    draft_weights_path: str | None = None  # warm-start from a servable draft folder
-    packed_sequence_size: int = 0  # > 0: pack whole documents into rows of this many tokens (recipe/batching.py)
-    max_tokens_per_batch: int = 0  # > 0: micro-batches of similar-length rows, rows × longest ≤ this
-    tokenized_cache: bool = True  # tokenise once into a memory-mapped Arrow cache (data/cache.py), reused by restarts
-    tokenized_cache_dir: str | None = None  # default: data.cache.default_cache_root() ($DSPARK_CACHE_DIR, ~/.cache/…)
-    tokenize_num_proc: int = 4  # worker processes that build the cache
+__all__ = [
+    "CheckpointConfig",
+    "ConfigError",
+    "DSparkRecipeConfig",
+    "DistEnvConfig",
+    "DistributedConfig",
+    "EvalDecodeConfig",
+    "OptimizerConfig",
+    "RecipeArgs",
+    "config_or_exit",
+    "exit_with_error",
+    "load_config",
+    "parse_config",
+]
 
 
-@dataclass
-class EvalDecodeConfig:
+@dataclass(frozen=True, kw_only=True)
+class EvalDecodeConfig(Options):
     """Real speculative decoding on rank 0 every `every_steps` steps (logged as `decode/*`)."""
 
-    every_steps: int
-    data_path: str
-    num_prompts: int = 8
-    max_new_tokens: int = 64
-    temperature: float = 0.0
+    SECTION = "recipe_args.eval_decode"
+
+    every_steps: int = option(ge=1)
+    data_path: str = option()
+    num_prompts: int = option(8, ge=1)
+    max_new_tokens: int = option(64, ge=1)
+    temperature: float = option(0.0, ge=0)
 
 
-@dataclass
-class OptimizerConfig:
-    lr: float
-    betas: tuple[float, float] = (0.9, 0.95)
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.04
-    min_lr_ratio: float = 0.1
-    eps: float = 1e-8
-    target: Any = None  # `_target_`: an optimizer class (or dotted path) used instead of AdamW
-    extra: dict = field(default_factory=dict)  # other kwargs passed to an explicit `_target_`
+@dataclass(frozen=True, kw_only=True)
+class RecipeArgs(Options):
+    """The run: data, batch layout, schedule, cadences (draft and loss options live in their own classes)."""
+
+    SECTION = "recipe_args"
+
+    target_model_name_or_path: str = option(doc="HF model directory or hub id of the frozen target")
+    train_data_path: str = option(doc="JSONL file or HF dataset of chat rows")
+    output_dir: str = option(doc="metrics JSONL (and checkpoints, by default) go here")
+    seq_length: int = option(ge=1)
+    val_data_path: str | None = option(None)
+    train_split: str = option("train")
+    val_split: str = option("train")
+    micro_batch_size: int = option(1, ge=1)
+    grad_accumulation_steps: int = option(1, ge=1)
+    num_epochs: int = option(1, ge=1)
+    max_steps: int | None = option(None, ge=1, doc="stop after this many optimizer steps (null: num_epochs)")
+    trust_remote_code: bool = option(False)
+    shuffle_seed: int = option(42, ge=0, doc="data order, anchors and the draft's initial weights")
+    log_every_steps: int = option(10, ge=1)
+    val_every_steps: int | None = option(None, ge=1, doc="also validate every N steps (always at each epoch end)")
+    max_grad_norm: float | None = option(1.0, gt=0, doc="null: no clipping")
+    serve_with: list[str] | None = option(None, doc="engines the draft must load in (export/engines.py); null: warn")
+    overwrite_output_dir: bool = option(False, doc="a new run into a folder holding a run moves the old one aside")
+    max_skipped_steps: int = option(0, ge=0, doc="non-finite steps skipped (and counted) before the run stops")
+    mask_reasoning_content: bool = option(False)
+    chat_template: str | None = option(None, doc="Jinja template used instead of the tokenizer's")
+    eval_decode: EvalDecodeConfig | None = option(None)
+    shard_dense_target: bool | str = option(
+        "auto", choices=(True, False, "auto"), doc="auto: shard the target when the replicated plan does not fit"
+    )
+    memory_budget_gib: float | None = option(None, gt=0, doc="per device, for the plan and `auto`; null: the device's")
+    draft_weights_path: str | None = option(None, doc="warm-start from a servable draft folder")
+    packed_sequence_size: int = option(0, doc="> 0: pack whole documents into rows of this many tokens")
+    max_tokens_per_batch: int = option(0, doc="> 0: micro-batches of similar-length rows, rows x longest <= this")
+    tokenized_cache: bool = option(True, doc="tokenise once into a memory-mapped Arrow cache reused by restarts")
+    tokenized_cache_dir: str | None = option(None, doc="null: $DSPARK_CACHE_DIR or ~/.cache/nemo_automodel_dspark")
+    tokenize_num_proc: int = option(4, ge=1, doc="worker processes that build the tokenised cache")
+
+    def rules(self) -> None:
+        rule(
+            self.val_every_steps is None or self.val_data_path is not None,
+            f"'{self.key('val_every_steps')}' needs '{self.key('val_data_path')}'",
+        )
+        for name in ("packed_sequence_size", "max_tokens_per_batch"):  # whole rows (<= seq_length tokens) must fit
+            value = getattr(self, name)
+            rule(
+                value == 0 or value >= self.seq_length,
+                f"'{self.key(name)}' must be 0 (off) or >= seq_length={self.seq_length} so that every row fits, "
+                f"got {value}",
+            )
+        rule(
+            not (self.shard_dense_target is True and self.eval_decode is not None),
+            f"'{self.key('eval_decode')}' decodes on rank 0 alone and needs a replicated target; "
+            f"set {self.key('shard_dense_target')}: false (or remove eval_decode)",
+        )
+        rule(
+            not (self.packed_sequence_size and self.max_tokens_per_batch),
+            f"'{self.key('packed_sequence_size')}' and '{self.key('max_tokens_per_batch')}' exclude each other; "
+            "set one to 0",
+        )
 
 
-@dataclass
-class CheckpointConfig:
-    enabled: bool = True
-    checkpoint_dir: str | None = None  # default: <output_dir>/checkpoints
-    model_save_format: str = "safetensors"
-    save_consolidated: str = "final"  # final | every (true means every, as upstream)
-    ckpt_every_steps: int | None = None
-    restore_from: str | None = None  # path | LATEST | null
-    keep_last_n: int | None = None  # keep the newest N checkpoints (pruned once a newer one is complete); null = all
+@dataclass(frozen=True, kw_only=True)
+class OptimizerConfig(Options):
+    SECTION = "optimizer"
+
+    lr: float = option(gt=0)
+    betas: tuple[float, float] = option((0.9, 0.95), ge=0, lt=1)
+    weight_decay: float = option(0.0, ge=0)
+    warmup_ratio: float = option(0.04, ge=0, le=1)
+    min_lr_ratio: float = option(0.1, ge=0, le=1)
+    eps: float = option(1e-8, gt=0)
+    target: Any = option(None, from_yaml=False, doc="`_target_`: optimizer class (or dotted path) instead of AdamW")
+    extra: dict | None = option(None, from_yaml=False, doc="with `_target_`: the other keys, passed to it as kwargs")
 
 
-@dataclass
-class DistConfig:
-    backend: str = "nccl"  # falls back to gloo without CUDA
-    timeout_minutes: int = 30
-    strategy: str = "fsdp2"  # fsdp2 | ddp
-    defer_fsdp_grad_sync: bool = True
-    activation_checkpointing: bool = False  # recompute the draft backbone layers in backward
+@dataclass(frozen=True, kw_only=True)
+class CheckpointConfig(Options):
+    """Every checkpoint holds the consolidated (servable) draft, so upstream `save_consolidated` is always true."""
+
+    SECTION = "checkpoint"
+
+    enabled: bool = option(True)
+    checkpoint_dir: str | None = option(None, doc="null: <output_dir>/checkpoints")
+    model_save_format: str = option("safetensors", choices=("safetensors",))
+    ckpt_every_steps: int | None = option(None, ge=1, doc="null: only at the end of the run")
+    restore_from: str | None = option(None, doc="a checkpoint folder, LATEST, or null")
+    keep_last_n: int | None = option(
+        None, ge=1, doc="keep the newest N checkpoints (pruned after a newer one); null: all"
+    )
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
+class DistEnvConfig(Options):
+    SECTION = "dist_env"
+
+    backend: str = option("nccl", choices=("nccl", "gloo"), doc="gloo is used without CUDA")
+    timeout_minutes: int = option(30, ge=1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DistributedConfig(Options):
+    SECTION = "distributed"
+
+    strategy: str = option("fsdp2", choices=("fsdp2", "ddp"))
+    defer_fsdp_grad_sync: bool = option(True)
+    activation_checkpointing: bool = option(False, doc="recompute the draft backbone layers in backward")
+
+
+@dataclass(frozen=True)
 class DSparkRecipeConfig:
+    """The whole parsed YAML: one typed object per concern, none mutated after parsing."""
+
     recipe_args: RecipeArgs
+    draft: DSparkConfig
+    loss: LossConfig
     optimizer: OptimizerConfig
     checkpoint: CheckpointConfig
-    dist: DistConfig
+    dist_env: DistEnvConfig
+    distributed: DistributedConfig
     recipe: str | None = None
 
 
-# Upstream keys we accept only with their no-op value (anything else is refused with a clear message).
-_UNIMPLEMENTED_RECIPE_ARGS = {
-    "mask_generation_prompt": False,
-    "cached_target_path": None,
-    "multimodal": False,
-    "target_force_hf": False,
-    "target_attn_implementation": None,
-    "target_num_hidden_layers": None,
-    "target_attn_backend": None,
-    "target_dispatcher": None,
-    "target_experts": None,
-    "target_enable_fsdp_optimizations": None,
-    "confidence_head_stop_gradient": False,
-    "save_checkpoint_every_epoch": False,
+# The option classes each YAML section fills (a key belongs to the class that declares it).
+_SECTIONS: dict[str, tuple[type[Options], ...]] = {
+    "recipe_args": (RecipeArgs, DSparkConfig, LossConfig),
+    "optimizer": (OptimizerConfig,),
+    "checkpoint": (CheckpointConfig,),
+    "dist_env": (DistEnvConfig,),
+    "distributed": (DistributedConfig,),
 }
-_UNIMPLEMENTED_DISTRIBUTED = {
-    "cp_size": 1,
-    "tp_size": 1,
-    "pp_size": 1,
-    "ep_size": 1,
-    "dp_replicate_size": 1,
-    "dp_size": None,
+
+_ANY = object()  # an upstream key whose every value is a no-op here
+
+# Upstream keys accepted only with their no-op value (anything else is refused with a clear message).
+_UPSTREAM_NOOPS: dict[str, dict[str, Any]] = {
+    "recipe_args": {
+        "num_workers": _ANY,  # rows are tokenised once up front: there are no loader workers
+        "mask_generation_prompt": False,
+        "cached_target_path": None,
+        "multimodal": False,
+        "target_force_hf": False,
+        "target_attn_implementation": None,
+        "target_num_hidden_layers": None,
+        "target_attn_backend": None,
+        "target_dispatcher": None,
+        "target_experts": None,
+        "target_enable_fsdp_optimizations": None,
+        "confidence_head_stop_gradient": False,
+        "save_checkpoint_every_epoch": False,
+    },
+    "distributed": {
+        "cp_size": 1,
+        "tp_size": 1,
+        "pp_size": 1,
+        "ep_size": 1,
+        "dp_replicate_size": 1,
+        "dp_size": None,
+    },
+    "checkpoint": {
+        "save_consolidated": True,
+        "model_cache_dir": None,
+        "model_repo_id": None,
+        "is_peft": False,
+        "model_state_dict_keys": None,
+        "is_async": False,
+        "max_recent_checkpoints": None,
+    },
 }
-_UNIMPLEMENTED_CHECKPOINT = {
-    "model_cache_dir": None,
-    "model_repo_id": None,
-    "is_peft": False,
-    "model_state_dict_keys": None,
-    "is_async": False,
-    "max_recent_checkpoints": None,
-}
-_UNIMPLEMENTED_SECTIONS = ("wandb", "fp8", "compile", "peft", "dataset", "val_dataset", "model")
-_SECTIONS = ("recipe", "dist_env", "distributed", "recipe_args", "optimizer", "checkpoint", *_UNIMPLEMENTED_SECTIONS)
+_UPSTREAM_SECTIONS = ("wandb", "fp8", "compile", "peft", "dataset", "val_dataset", "model")
+_TOP_LEVEL = ("recipe", *_SECTIONS, *_UPSTREAM_SECTIONS)
 
 
-def _names(cls) -> list[str]:
-    return [f.name for f in fields(cls) if not f.metadata.get("internal")]
+# ---------------------------------------------------------------------------------------------------- reading
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML 1.1 minus its surprises: only true/false are booleans (`no`, `on` stay strings); `1e-3` is a float."""
+
+
+_StrictLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _yaml_value(text: str, where: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{where}: not valid YAML ({str(err).splitlines()[0]})") from err
+
+
+def _overrides(argv: list[str]) -> tuple[str, list[tuple[str, str]]]:
+    """`-c PATH --a.b=v --c.d v` → (PATH, [(a.b, v), (c.d, v)])."""
+    path, pairs, i = None, [], 0
+    while i < len(argv):
+        token = argv[i]
+        if token in ("-c", "--config"):
+            rule(i + 1 < len(argv), f"{token} needs a YAML path")
+            path, i = argv[i + 1], i + 2
+        elif token.startswith("--") and "=" in token:
+            key, value = token[2:].split("=", 1)
+            pairs.append((key, value))
+            i += 1
+        elif token.startswith("--") and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            pairs.append((token[2:], argv[i + 1]))
+            i += 2
+        else:
+            raise ConfigError(f"cannot read argument {token!r}; write overrides as --section.key=value")
+    if path is None:
+        raise ConfigError("no config file; pass -c PATH.yaml")
+    return path, pairs
+
+
+def load_config(argv: list[str]) -> dict:
+    """The YAML named by `-c` with the command line's `--section.key=value` overrides applied, values as typed."""
+    path, pairs = _overrides(argv)
+    if not Path(path).is_file():
+        raise ConfigError(f"-c {path}: no such file")
+    raw = _yaml_value(Path(path).read_text(), path)
+    rule(isinstance(raw, dict), f"{path}: expected a mapping of sections")
+    for dotted, text in pairs:
+        *parents, leaf = dotted.split(".")
+        node = raw
+        for part in parents:
+            node = node.setdefault(part, {})
+            rule(isinstance(node, dict), f"--{dotted}: '{part}' is not a section")
+        node[leaf] = _yaml_value(text, f"--{dotted}")
+    return raw
+
+
+# ---------------------------------------------------------------------------------------------------- parsing
+
+
+def _as_dict(cfg: Any, where: str) -> dict:
+    if cfg is None:
+        return {}
+    if hasattr(cfg, "to_dict"):
+        cfg = cfg.to_dict()
+    rule(isinstance(cfg, dict), f"'{where}' must be a mapping of keys, got {cfg!r}")
+    return dict(cfg)
 
 
 def _unknown(key: str, valid: list[str], section: str) -> ConfigError:
@@ -164,193 +318,122 @@ def _unknown(key: str, valid: list[str], section: str) -> ConfigError:
     return ConfigError(f"unknown config key '{section}.{key}'{hint}")
 
 
-def _check_section(section: str, values: dict, valid: list[str], unimplemented: dict) -> dict:
-    """Split a section into accepted keys; refuse unknown and non-trivial unimplemented ones."""
-    kept = {}
+def _check_upstream(section: str, key: str, value: Any) -> None:
+    noop = _UPSTREAM_NOOPS[section][key]
+    if value is not None and noop is not _ANY and value != noop:
+        raise ConfigError(
+            f"'{section}.{key}' is an upstream NeMo AutoModel option this plugin does not implement "
+            f"(got {value!r}); remove it or set it to {noop!r}"
+        )
+
+
+def _split(section: str, values: dict) -> dict[type[Options], dict]:
+    """A section's keys divided among the classes that declare them; unknown keys refused, upstream no-ops dropped."""
+    owners = {name: cls for cls in _SECTIONS[section] for name in cls.yaml_keys()}
+    upstream = _UPSTREAM_NOOPS.get(section, {})
+    parts: dict[type[Options], dict] = {cls: {} for cls in _SECTIONS[section]}
     for key, value in values.items():
-        if key in unimplemented:
-            if value != unimplemented[key] and value is not None:
-                raise ConfigError(
-                    f"'{section}.{key}' is an upstream NeMo AutoModel option this plugin does not "
-                    f"implement (got {value!r}); remove it or set it to {unimplemented[key]!r}"
-                )
-        elif key in valid:
-            kept[key] = value
+        if key in upstream:
+            _check_upstream(section, key, value)
+        elif key in owners:
+            parts[owners[key]][key] = _nested(owners[key], key, value)
         else:
-            raise _unknown(key, valid + list(unimplemented), section)
-    return kept
+            raise _unknown(key, [*owners, *upstream], section)
+    return parts
 
 
-def _require(section: str, values: dict, names: list[str]) -> None:
-    for name in names:
-        if values.get(name) is None:
-            raise ConfigError(f"'{section}.{name}' is required")
+def _nested(cls: type[Options], key: str, value: Any) -> Any:
+    """A mapping given for a field typed as an option class is built into that class (e.g. eval_decode)."""
+    if not (isinstance(value, dict) or hasattr(value, "to_dict")):
+        return value
+    hint = typing.get_type_hints(cls)[key]
+    for candidate in typing.get_args(hint) or (hint,):
+        if isinstance(candidate, type) and issubclass(candidate, Options):
+            values = _as_dict(value, cls.key(key))
+            known = candidate.yaml_keys()
+            for name in values:
+                if name not in known:
+                    raise _unknown(name, known, candidate.SECTION)
+            return build(candidate, values)
+    return value
 
 
-def _typed(section: str, cls, values: dict):
-    try:
-        obj = cls(**values)
-    except TypeError as err:
-        raise ConfigError(f"{section}: {err}") from err
-    for f in fields(cls):
-        value = getattr(obj, f.name)
-        if f.type in ("int", "int | None") and value is not None and not isinstance(value, int):
-            raise ConfigError(f"'{section}.{f.name}' must be an integer, got {value!r}")
-    return obj
-
-
-def _as_dict(cfg: Any) -> dict:
-    if cfg is None:
-        return {}
-    if hasattr(cfg, "to_dict"):
-        cfg = cfg.to_dict()
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"expected a mapping, got {type(cfg).__name__}")
-    return {k: _as_dict(v) if hasattr(v, "to_dict") else v for k, v in cfg.items()}
-
-
-def _parse_recipe_args(values: dict) -> RecipeArgs:
-    kept = _check_section("recipe_args", values, _names(RecipeArgs), _UNIMPLEMENTED_RECIPE_ARGS)
-    _require(
-        "recipe_args",
-        kept,
-        ["target_model_name_or_path", "train_data_path", "output_dir", "seq_length", "mask_token_id"],
-    )
-    for key in ("train_split", "val_split"):
-        if kept.get(key) is None:
-            kept.pop(key, None)
-    if kept.get("eval_decode") is not None:
-        block = _check_section("recipe_args.eval_decode", _as_dict(kept["eval_decode"]), _names(EvalDecodeConfig), {})
-        _require("recipe_args.eval_decode", block, ["every_steps", "data_path"])
-        kept["eval_decode"] = _typed("recipe_args.eval_decode", EvalDecodeConfig, block)
-    args = _typed("recipe_args", RecipeArgs, kept)
-    for key in (
-        "seq_length",
-        "micro_batch_size",
-        "grad_accumulation_steps",
-        "num_epochs",
-        "log_every_steps",
-        "tokenize_num_proc",
-    ):
-        if getattr(args, key) < 1:
-            raise ConfigError(f"'recipe_args.{key}' must be >= 1, got {getattr(args, key)}")
-    for key in ("max_steps", "val_every_steps", "ckpt_every_steps"):
-        if getattr(args, key) is not None and getattr(args, key) < 1:
-            raise ConfigError(f"'recipe_args.{key}' must be >= 1 or null, got {getattr(args, key)}")
-    if args.max_skipped_steps < 0:
-        raise ConfigError(f"'recipe_args.max_skipped_steps' must be >= 0, got {args.max_skipped_steps}")
-    if args.confidence_head_alpha < 0:
-        raise ConfigError("'recipe_args.confidence_head_alpha' must be >= 0")
-    _check_sharding(args)
-    _check_batching(args)
-    if isinstance(args.serve_with, str):  # `serve_with: vllm` means [vllm]
-        args.serve_with = [args.serve_with]
-    check_serving(args, error=ConfigError)  # the option-only engine rules; the target's depth is checked at setup
-    return args
-
-
-def _check_sharding(args: RecipeArgs) -> None:
-    """`shard_dense_target` is true, false or auto; a sharded target cannot run rank-0-only decoding."""
-    value = args.shard_dense_target
-    if isinstance(value, str) and value.lower() in ("true", "false", "auto"):
-        value = {"true": True, "false": False}.get(value.lower(), "auto")
-    if not (isinstance(value, bool) or value == "auto"):
-        raise ConfigError(f"'recipe_args.shard_dense_target' must be true, false or auto, got {value!r}")
-    args.shard_dense_target = value
-    if value is True and args.eval_decode is not None:
-        raise ConfigError(
-            "'recipe_args.eval_decode' decodes on rank 0 alone and needs a replicated target; "
-            "set recipe_args.shard_dense_target: false (or remove eval_decode)"
-        )
-    if args.memory_budget_gib is not None and not args.memory_budget_gib > 0:
-        raise ConfigError(f"'recipe_args.memory_budget_gib' must be > 0, got {args.memory_budget_gib}")
-
-
-def _check_batching(args: RecipeArgs) -> None:
-    """Packing and token budgets hold whole rows (at most seq_length tokens each) and exclude each other."""
-    for key in ("packed_sequence_size", "max_tokens_per_batch"):
-        value = getattr(args, key)
-        if value and value < args.seq_length:
-            raise ConfigError(
-                f"'recipe_args.{key}' must be 0 (off) or >= seq_length={args.seq_length} so that every row fits, "
-                f"got {value}"
-            )
-        if value < 0:
-            raise ConfigError(f"'recipe_args.{key}' must be 0 (off) or >= seq_length, got {value}")
-    if args.packed_sequence_size and args.max_tokens_per_batch:
-        raise ConfigError(
-            "'recipe_args.packed_sequence_size' and 'recipe_args.max_tokens_per_batch' exclude each other; set one to 0"
-        )
-
-
-def _parse_optimizer(values: dict) -> OptimizerConfig:
-    values = dict(values)
+def _optimizer(values: dict) -> OptimizerConfig:
+    """AdamW keys are checked; with `_target_`, keys other than lr and the schedule go to that class as kwargs."""
     target = values.pop("_target_", None)
-    _require("optimizer", values, ["lr"])
-    known = [n for n in _names(OptimizerConfig) if n not in ("target", "extra")]
     if target is None:
-        kept = _check_section("optimizer", values, known, {})
-        return _typed("optimizer", OptimizerConfig, kept)
-    schedule = {k: values.pop(k) for k in ("warmup_ratio", "min_lr_ratio") if k in values}
-    return OptimizerConfig(lr=values.pop("lr"), target=target, extra=values, **schedule)
+        return build(OptimizerConfig, _split("optimizer", values)[OptimizerConfig])
+    own = {k: values.pop(k) for k in ("lr", "warmup_ratio", "min_lr_ratio") if k in values}
+    return build(OptimizerConfig, own, target=target, extra=values)
 
 
-def _parse_checkpoint(values: dict) -> CheckpointConfig:
-    kept = _check_section("checkpoint", values, _names(CheckpointConfig), _UNIMPLEMENTED_CHECKPOINT)
-    consolidated = kept.get("save_consolidated", "final")
-    if consolidated is True:
-        consolidated = "every"
-    if consolidated not in ("final", "every"):
-        raise ConfigError(f"'checkpoint.save_consolidated' must be final, every or true, got {consolidated!r}")
-    kept["save_consolidated"] = consolidated
-    if kept.get("model_save_format", "safetensors") != "safetensors":
-        raise ConfigError("'checkpoint.model_save_format': only safetensors is implemented")
-    out = _typed("checkpoint", CheckpointConfig, kept)
-    if out.keep_last_n is not None and out.keep_last_n < 1:
-        raise ConfigError(f"'checkpoint.keep_last_n' must be >= 1 or null, got {out.keep_last_n}")
-    return out
+def _checkpoint(values: dict, args_every: Any) -> CheckpointConfig:
+    """`recipe_args.ckpt_every_steps` (upstream spelling) is the same key as `checkpoint.ckpt_every_steps`."""
+    if args_every is not None:
+        rule(
+            values.get("ckpt_every_steps") in (None, args_every),
+            "'recipe_args.ckpt_every_steps' and 'checkpoint.ckpt_every_steps' disagree",
+        )
+        values["ckpt_every_steps"] = args_every
+    return build(CheckpointConfig, _split("checkpoint", values)[CheckpointConfig])
 
 
-def _parse_dist(dist_env: dict, distributed: dict) -> DistConfig:
-    env = _check_section("dist_env", dist_env, ["backend", "timeout_minutes"], {})
-    dist = _check_section(
-        "distributed",
-        distributed,
-        ["strategy", "defer_fsdp_grad_sync", "activation_checkpointing"],
-        _UNIMPLEMENTED_DISTRIBUTED,
-    )
-    out = _typed("distributed", DistConfig, {**env, **dist})
-    if out.strategy not in ("fsdp2", "ddp"):
-        raise ConfigError(f"'distributed.strategy' must be fsdp2 or ddp, got {out.strategy!r}")
-    return out
-
-
-def parse_config(cfg: Any) -> DSparkRecipeConfig:
-    """Validate a whole YAML (dict or AutoModel ConfigNode) into typed sections; raises ConfigError naming the key."""
-    raw = _as_dict(cfg)
+def _check_top_level(raw: dict) -> None:
     for key in raw:
-        if key not in _SECTIONS:
-            raise _unknown(key, list(_SECTIONS), "<top level>")
-    for key in _UNIMPLEMENTED_SECTIONS:
+        if key not in _TOP_LEVEL:
+            raise _unknown(key, list(_TOP_LEVEL), "<top level>")
+    for key in _UPSTREAM_SECTIONS:
         if raw.get(key):
             raise ConfigError(
                 f"'{key}' is an upstream NeMo AutoModel section this plugin does not implement; "
                 "remove it (metrics are written to <output_dir>/dspark_train_metrics.jsonl)"
             )
     for section in ("recipe_args", "optimizer"):
-        if section not in raw:
-            raise ConfigError(f"'{section}' section is required")
-    args = _parse_recipe_args(_as_dict(raw["recipe_args"]))
-    checkpoint = _parse_checkpoint(_as_dict(raw.get("checkpoint")))
-    if args.ckpt_every_steps is not None:
-        if checkpoint.ckpt_every_steps not in (None, args.ckpt_every_steps):
-            raise ConfigError("'recipe_args.ckpt_every_steps' and 'checkpoint.ckpt_every_steps' disagree")
-        checkpoint.ckpt_every_steps = args.ckpt_every_steps
+        rule(section in raw, f"'{section}' section is required")
     recipe = raw.get("recipe")
-    return DSparkRecipeConfig(
-        recipe_args=args,
-        optimizer=_parse_optimizer(_as_dict(raw["optimizer"])),
-        checkpoint=checkpoint,
-        dist=_parse_dist(_as_dict(raw.get("dist_env")), _as_dict(raw.get("distributed"))),
-        recipe=recipe if isinstance(recipe, str) or recipe is None else str(recipe),
+    rule(recipe is None or isinstance(recipe, str), f"'recipe' must be a dotted class path, got {recipe!r}")
+
+
+def parse_config(cfg: Any) -> DSparkRecipeConfig:
+    """Validate a whole YAML (dict, AutoModel ConfigNode, or an already parsed config); raises ConfigError."""
+    if isinstance(cfg, DSparkRecipeConfig):
+        return cfg
+    raw = _as_dict(cfg, "<top level>")
+    _check_top_level(raw)
+    args_values = _as_dict(raw["recipe_args"], "recipe_args")
+    args_every = args_values.pop("ckpt_every_steps", None)
+    if isinstance(args_values.get("serve_with"), str):  # `serve_with: vllm` means [vllm]
+        args_values["serve_with"] = [args_values["serve_with"]]
+    parts = _split("recipe_args", args_values)
+    loss = build(LossConfig, parts[LossConfig])
+    draft = build(DSparkConfig, parts[DSparkConfig], enable_confidence_head=loss.confidence_head_alpha > 0)
+    config = DSparkRecipeConfig(
+        recipe_args=build(RecipeArgs, parts[RecipeArgs]),
+        draft=draft,
+        loss=loss,
+        optimizer=_optimizer(_as_dict(raw["optimizer"], "optimizer")),
+        checkpoint=_checkpoint(_as_dict(raw.get("checkpoint"), "checkpoint"), args_every),
+        dist_env=build(DistEnvConfig, _split("dist_env", _as_dict(raw.get("dist_env"), "dist_env"))[DistEnvConfig]),
+        distributed=build(
+            DistributedConfig,
+            _split("distributed", _as_dict(raw.get("distributed"), "distributed"))[DistributedConfig],
+        ),
+        recipe=raw.get("recipe"),
     )
+    check_serving(config, error=ConfigError)  # the option-only engine rules; the target's depth is checked at setup
+    return config
+
+
+def exit_with_error(err: Exception) -> NoReturn:
+    """A user error: one line on stderr (from rank 0 only under torchrun: every rank sees the same config), status 2."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"[dspark] error: {err}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def config_or_exit(argv: list[str]) -> DSparkRecipeConfig:
+    """`-c PATH --section.key=value ...` parsed and checked, or exit with one line naming the key."""
+    try:
+        return parse_config(load_config(argv))
+    except ConfigError as err:
+        exit_with_error(err)

@@ -23,7 +23,7 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optim
     """AdamW (or `optimizer._target_`) over the parameters that require grad only."""
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.target is not None:
-        return _resolve(cfg.target)(params, lr=cfg.lr, **cfg.extra)
+        return _resolve(cfg.target)(params, lr=cfg.lr, **(cfg.extra or {}))
     return torch.optim.AdamW(
         params, lr=cfg.lr, betas=cast(tuple[float, float], tuple(cfg.betas)), weight_decay=cfg.weight_decay, eps=cfg.eps
     )

@@ -262,26 +262,9 @@ def dumps(plan: MemoryPlan) -> str:
     return json.dumps(plan.to_json())
 
 
-def draft_options(args, attention_backend: str | None = None) -> DSparkConfig:
-    """The drafter options a recipe config asks for (`args`: the parsed `recipe_args`)."""
-    return DSparkConfig(
-        mask_token_id=args.mask_token_id,
-        draft_num_hidden_layers=args.draft_num_hidden_layers,
-        block_size=args.block_size,
-        num_anchors=args.num_anchors,
-        target_layer_ids=None if args.target_layer_ids is None else list(args.target_layer_ids),
-        markov_rank=args.markov_rank,
-        markov_head_type=args.markov_head_type,
-        enable_confidence_head=args.confidence_head_alpha > 0,
-        confidence_head_with_markov=args.confidence_head_with_markov,
-        freeze_embeddings=args.freeze_embeddings,
-        attention_backend=attention_backend or args.attention_backend,
-    )
-
-
 def settings_for(config, gpus: int, budget_gib: float, device: str) -> PlanSettings:
     """PlanSettings from a parsed recipe config (`DSparkRecipeConfig`) and the hardware."""
-    args, dist = config.recipe_args, config.dist
+    args, draft, dist = config.recipe_args, config.draft, config.distributed
     return PlanSettings(
         gpus=gpus,
         budget_gib=budget_gib,
@@ -289,8 +272,8 @@ def settings_for(config, gpus: int, budget_gib: float, device: str) -> PlanSetti
         strategy=dist.strategy,
         micro_batch_size=args.micro_batch_size,
         seq_length=args.seq_length,
-        num_anchors=args.num_anchors,
-        block_size=args.block_size,
+        num_anchors=draft.num_anchors,
+        block_size=draft.block_size,
         grad_accumulation_steps=args.grad_accumulation_steps,
         defer_fsdp_grad_sync=dist.defer_fsdp_grad_sync,
         activation_checkpointing=dist.activation_checkpointing,
@@ -300,7 +283,7 @@ def settings_for(config, gpus: int, budget_gib: float, device: str) -> PlanSetti
 
 def plan_for_config(config, target_config, gpus: int, budget_gib: float, device: str = "cuda") -> MemoryPlan:
     """The plan of a parsed recipe config against its target's HF config."""
-    counts = count_models(target_config, draft_options(config.recipe_args))
+    counts = count_models(target_config, config.draft)
     return make_plan(counts, settings_for(config, gpus, budget_gib, device))
 
 
@@ -322,22 +305,15 @@ def load_target_config(path: str, trust_remote_code: bool = False):
 
 def run_plan_command(args) -> int:
     """`dspark plan -c cfg.yaml --gpus N --gpu-memory 80GiB [--json] [--section.key=value ...]`."""
-    import contextlib
-    import io
-
-    from nemo_automodel.components.config._arg_parser import parse_args_and_load_config
-
     from nemo_automodel_dspark.errors import ToolError, require_file
-    from nemo_automodel_dspark.recipe.config import ConfigError, parse_config
+    from nemo_automodel_dspark.recipe.config import ConfigError, load_config, parse_config
 
     require_file(args.config, "-c")
     if args.gpus < 1:
         raise ToolError(f"--gpus {args.gpus}: must be >= 1")
     try:
         budget = parse_gib(args.gpu_memory)
-        with contextlib.redirect_stdout(io.StringIO()):  # the loader prints "cfg-path: ..." (stdout stays JSON)
-            raw = parse_args_and_load_config(argv=["-c", args.config, *args.overrides])
-        config = parse_config(raw)
+        config = parse_config(load_config(["-c", args.config, *args.overrides]))
     except (ConfigError, ValueError) as err:
         raise ToolError(str(err)) from err
     source = config.recipe_args.target_model_name_or_path

@@ -75,7 +75,7 @@ def apply_optimizer_changes(
         for key in _PARAM_GROUP_KEYS:
             if key in changed and key in group:
                 group[key] = tuple(current[key]) if key == "betas" else current[key]
-        for key, value in cfg.extra.items():
+        for key, value in (cfg.extra or {}).items():
             if key in group:
                 group[key] = value
         group["initial_lr"] = cfg.lr

@@ -1,4 +1,6 @@
-"""One run per folder: a new run never writes into an `output_dir` / `checkpoint_dir` that holds another run.
+"""The files a training run owns (`RunFiles`), and one run per folder.
+
+A new run never writes into an `output_dir` / `checkpoint_dir` that holds another run.
 
 A folder holds a run when it has a metrics file with records or a checkpoint. A new run there (no
 `checkpoint.restore_from`) is refused with the two ways on; `recipe_args.overwrite_output_dir: true` moves the old
@@ -10,11 +12,15 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from nemo_automodel_dspark.errors import ToolError
+from nemo_automodel_dspark.recipe import checkpoint as ckpt
 from nemo_automodel_dspark.recipe.checkpoint import checkpoints
-from nemo_automodel_dspark.recipe.metrics import METRICS_FILE
+from nemo_automodel_dspark.recipe.config import CheckpointConfig
+from nemo_automodel_dspark.recipe.guards import disk_full_message, is_disk_full
+from nemo_automodel_dspark.recipe.metrics import METRICS_FILE, MetricsWriter
 
 
 def held_run(output_dir: Path, ckpt_root: Path) -> str | None:
@@ -66,3 +72,61 @@ def prune(ckpt_root: Path, keep_last_n: int | None) -> list[Path]:
     for path in old:
         shutil.rmtree(path)
     return old
+
+
+class RunFiles:
+    """A run's metrics log and checkpoints. Writes are crash-consistent; a full disk comes back as the one line
+    the run stops with (see `TrainDSparkRecipe._stop_if`), with nothing half-written left behind."""
+
+    def __init__(self, output_dir: str, checkpoint: CheckpointConfig, is_main: bool, log: Callable[[str], None]):
+        self.output_dir = Path(output_dir)
+        self.ckpt_root = Path(checkpoint.checkpoint_dir or self.output_dir / "checkpoints")
+        self.checkpoint, self.is_main, self.log = checkpoint, is_main, log
+        self.metrics: MetricsWriter | None = None
+
+    def claim(self, overwrite: bool) -> None:
+        """Before anything is written: refuse a folder holding another run, or move that run aside (rank 0)."""
+        if self.checkpoint.restore_from is None:
+            for old, new in claim(self.output_dir, self.ckpt_root, overwrite=overwrite, is_main=self.is_main):
+                self.log(f"recipe_args.overwrite_output_dir: moved the previous run {old} aside to {new}")
+
+    def open(self) -> None:
+        """Start writing: the metrics log, after leftovers of an interrupted checkpoint write are removed."""
+        self.metrics = MetricsWriter(str(self.output_dir), enabled=self.is_main)
+        if self.is_main:
+            for leftover in ckpt.remove_temp_folders(self.ckpt_root):
+                self.log(f"removed {leftover}, the temp folder of a checkpoint write that never finished")
+
+    def last_good(self) -> Path | None:
+        return ckpt.find_latest(self.ckpt_root) if self.checkpoint.enabled else None
+
+    def truncate_metrics(self, step: int) -> None:
+        assert self.metrics is not None
+        warning = self.metrics.truncate_after(step)
+        if warning:
+            self.log(warning)
+
+    def write_metrics(self, record: dict) -> str | None:
+        """Append `record` (rank 0); returns the line to stop with when the disk is full."""
+        assert self.metrics is not None
+        try:
+            self.metrics.write(record)
+        except OSError as err:
+            if not is_disk_full(err):
+                raise
+            return disk_full_message(self.metrics.path, self.last_good())
+        return None
+
+    def write_checkpoint(self, epoch: int, step: int, **contents) -> str | None:
+        """Write `epoch_{E}_step_{S}/` (rank 0), then prune to `keep_last_n`; returns the line to stop with when the
+        disk is full (the temp folder is gone and earlier checkpoints are untouched)."""
+        try:
+            path = ckpt.save_checkpoint(self.ckpt_root, epoch, step, **contents)
+        except Exception as err:
+            if not is_disk_full(err):
+                raise
+            return disk_full_message(ckpt.step_dir(self.ckpt_root, epoch, step), self.last_good())
+        self.log(f"saved checkpoint {path}")
+        for old in prune(self.ckpt_root, self.checkpoint.keep_last_n):
+            self.log(f"checkpoint.keep_last_n: removed {old}")
+        return None

@@ -10,8 +10,9 @@ from __future__ import annotations
 from nemo_automodel_dspark.export.engines import ENGINES, DraftOptions, Finding, check_unknown_engines, findings
 
 
-def serving_options(args, target_config=None) -> DraftOptions:
-    """The engine-relevant view of RecipeArgs (+ the target's depth and family once its config is read)."""
+def serving_options(config, target_config=None) -> DraftOptions:
+    """The engine-relevant view of a parsed config's draft options (+ the target's depth and family once read)."""
+    draft = config.draft
     num_layers = family = None
     if target_config is not None:
         from nemo_automodel_dspark.model.families import family_for
@@ -19,27 +20,31 @@ def serving_options(args, target_config=None) -> DraftOptions:
         target_family = family_for(target_config)
         num_layers, family = target_family.text_config(target_config).num_hidden_layers, target_family.name
     return DraftOptions(
-        markov_rank=args.markov_rank,
-        markov_head_type=args.markov_head_type,
-        enable_confidence_head=args.confidence_head_alpha > 0,
-        confidence_head_with_markov=args.confidence_head_with_markov,
-        target_layer_ids=None if args.target_layer_ids is None else list(args.target_layer_ids),
+        markov_rank=draft.markov_rank,
+        markov_head_type=draft.markov_head_type,
+        enable_confidence_head=draft.enable_confidence_head,
+        confidence_head_with_markov=draft.confidence_head_with_markov,
+        target_layer_ids=None if draft.target_layer_ids is None else list(draft.target_layer_ids),
         num_target_layers=num_layers,
         family=family,
     )
 
 
-def check_serving(args, target_config=None, error: type[Exception] = ValueError) -> list[Finding]:
-    """Raise `error` (one line: key, engine, fix) for a `serve_with` engine; else return all engines' findings."""
-    if args.serve_with is not None:
-        unknown = check_unknown_engines(list(args.serve_with))
+def check_serving(config, target_config=None, error: type[Exception] = ValueError) -> list[Finding]:
+    """Raise `error` (one line: key, engine, fix) for a `serve_with` engine; else return all engines' findings.
+
+    `config` is a parsed `DSparkRecipeConfig` (`serve_with` from its recipe_args, the options from its draft).
+    """
+    serve_with = config.recipe_args.serve_with
+    if serve_with is not None:
+        unknown = check_unknown_engines(list(serve_with))
         if unknown:
             raise error(f"'recipe_args.serve_with': unknown engine {unknown[0]!r}; choose from {', '.join(ENGINES)}")
-        listed = findings(serving_options(args, target_config), list(args.serve_with))
+        listed = findings(serving_options(config, target_config), list(serve_with))
         if listed:
             raise error(listed[0].message())
         return []
-    return findings(serving_options(args, target_config))
+    return findings(serving_options(config, target_config))
 
 
 def warning_text(found: list[Finding]) -> str:

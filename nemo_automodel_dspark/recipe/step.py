@@ -18,8 +18,9 @@ import torch
 from torch import Tensor
 
 from nemo_automodel_dspark import distributed as D
-from nemo_automodel_dspark.loss import dspark_head_loss, slot_weights
+from nemo_automodel_dspark.loss import LossConfig, dspark_head_loss, slot_weights
 from nemo_automodel_dspark.masks import build_eval_mask, pack_anchor_count, sample_anchors, sample_pack_anchors
+from nemo_automodel_dspark.recipe.config import RecipeArgs
 from nemo_automodel_dspark.target.capture import capture_target_features, is_right_padded
 
 _TRAIN, _VAL = 0, 1
@@ -69,9 +70,12 @@ def _add(total: dict, sums: dict) -> None:
 class DSparkStep:
     """Runs training and validation steps for a (wrapped) draft against a frozen target."""
 
-    def __init__(self, model, draft, target, args, info: D.DistInfo, *, defer_fsdp_sync: bool) -> None:
+    def __init__(
+        self, model, draft, target, args: RecipeArgs, loss: LossConfig, info: D.DistInfo, *, defer_fsdp_sync: bool
+    ) -> None:
+        """`args` gives the run's seed, sequence length and clipping; `loss` the objective; the draft its options."""
         self.model, self.draft, self.target, self.args, self.info = model, draft, target, args, info
-        self.defer_fsdp_sync = defer_fsdp_sync
+        self.loss, self.defer_fsdp_sync = loss, defer_fsdp_sync
         self.timer = PhaseTimer(info.device)
         self.last_finite = True  # whether the last train_step was applied (see `_finite_everywhere`)
         self.trainable = [p for p in model.parameters() if p.requires_grad]  # fixed once wrapped
@@ -79,12 +83,6 @@ class DSparkStep:
             torch.autocast("cuda", dtype=torch.bfloat16)
             if info.device.type == "cuda" and not hasattr(model, "set_requires_gradient_sync")
             else contextlib.nullcontext()
-        )
-        self.loss_options = dict(
-            loss_decay_gamma=args.loss_decay_gamma,
-            ce_loss_alpha=args.ce_loss_alpha,
-            l1_loss_alpha=args.l1_loss_alpha,
-            confidence_head_alpha=args.confidence_head_alpha,
         )
 
     def _generator(self, stream: int, epoch: int, index: int) -> torch.Generator:
@@ -97,17 +95,17 @@ class DSparkStep:
         rows = []
         for b, index in enumerate(batch.indices):
             generator = self._generator(stream, epoch, index)
-            rows.append(sample_anchors(batch.loss_mask[b : b + 1], self.args.num_anchors, generator))
+            rows.append(sample_anchors(batch.loss_mask[b : b + 1], self.draft.dspark.num_anchors, generator))
         return torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
 
     def _pack_anchors(self, batch: MicroBatch, stream: int, epoch: int) -> tuple[Tensor, Tensor]:
         assert batch.spans is not None
         args, documents = self.args, iter(batch.indices)
-        total = pack_anchor_count(batch.loss_mask.shape[1], args.num_anchors, args.seq_length)
+        total = pack_anchor_count(batch.loss_mask.shape[1], self.draft.dspark.num_anchors, args.seq_length)
         rows = []
         for b, spans in enumerate(batch.spans):
             generators = [self._generator(stream, epoch, next(documents)) for _ in spans]
-            options = dict(num_anchors=args.num_anchors, seq_length=args.seq_length, total=total)
+            options = dict(num_anchors=self.draft.dspark.num_anchors, seq_length=args.seq_length, total=total)
             rows.append(sample_pack_anchors(batch.loss_mask[b], spans, generators, **options))
         return torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
 
@@ -157,7 +155,7 @@ class DSparkStep:
                 out.target_ids,
                 out.eval_mask,
                 out.confidence_logits,
-                **self.loss_options,
+                self.loss,
             )
 
     def train_step(self, micro_batches: list[MicroBatch], epoch: int, optimizer, scheduler) -> tuple[dict, Tensor]:
@@ -169,7 +167,7 @@ class DSparkStep:
             local = sum(
                 slot_weights(
                     build_eval_mask(mb.loss_mask, a, k, self.draft.dspark.block_size, mb.position_ids),
-                    self.args.loss_decay_gamma,
+                    self.loss.loss_decay_gamma,
                 ).sum()
                 for mb, (a, k) in zip(batches, blocks, strict=True)
             )

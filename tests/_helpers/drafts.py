@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from nemo_automodel_dspark import DSparkConfig, DSparkDrafter, capture_target_features, sample_anchors
-from nemo_automodel_dspark.loss import dspark_head_loss, dspark_loss
+from nemo_automodel_dspark.loss import LossConfig, dspark_head_loss, dspark_loss
 
-LOSS_OPTIONS = {"loss_decay_gamma": 4.0, "ce_loss_alpha": 0.1, "l1_loss_alpha": 0.9, "confidence_head_alpha": 1.0}
+LOSS = LossConfig(loss_decay_gamma=4.0, ce_loss_alpha=0.1, l1_loss_alpha=0.9, confidence_head_alpha=1.0)
 MASK_ID = 95  # the tiny test targets have vocab 96; the last id is reserved for the mask slots
 
 
@@ -95,11 +95,9 @@ def check_fused_matches_materialised(draft: DSparkDrafter, ids, loss_mask, cap, 
         out = draft(ids, cap.features, loss_mask, anchors, keep, target_hidden=cap.last_hidden)
         rest = (out.target_ids, out.eval_mask, out.confidence_logits)
         if fused:
-            loss = dspark_head_loss(
-                out.head, out.hidden, out.markov_features, out.teacher_hidden, *rest, **LOSS_OPTIONS
-            )
+            loss = dspark_head_loss(out.head, out.hidden, out.markov_features, out.teacher_hidden, *rest, LOSS)
         else:
-            loss = dspark_loss(out.draft_logits, out.target_logits, *rest, **LOSS_OPTIONS)
+            loss = dspark_loss(out.draft_logits, out.target_logits, *rest, LOSS)
         results.append((loss.loss, torch.autograd.grad(loss.loss, params)))
     (fused_loss, fused_grads), (loss, grads) = results
     torch.testing.assert_close(fused_loss, loss)

@@ -7,7 +7,7 @@ import json
 import datasets
 import pytest
 
-from nemo_automodel_dspark.data.sources import RowError, iter_rows, normalize_messages
+from nemo_automodel_dspark.data.sources import RowError, iter_rows, normalize_messages, prompt_messages
 
 ROWS = [
     {"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hello world."}]},
@@ -86,6 +86,34 @@ def test_sharegpt_rows_convert():
         {"role": "user", "content": "hello"},
         {"role": "assistant", "content": "hello world."},
     ]
+
+
+@pytest.mark.parametrize(
+    ("source", "role"),
+    [
+        ("system", "system"),
+        ("human", "user"),
+        ("user", "user"),
+        ("gpt", "assistant"),
+        ("assistant", "assistant"),
+        ("model", "assistant"),
+        ("tool", "tool"),
+        ("function", "tool"),
+        ("observation", "tool"),
+    ],
+)
+def test_one_sharegpt_role_table(source, role):
+    row = {"conversations": [{"from": source, "value": "x"}]}
+    assert normalize_messages(row, require_assistant=False) == [{"role": role, "content": "x"}]
+
+
+def test_the_prompt_is_what_precedes_the_final_answer():
+    user, answer = {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}
+    follow_up = {"role": "user", "content": "and?"}
+    assert prompt_messages([user, answer]) == [user]
+    assert prompt_messages([user, answer, follow_up]) == [user, answer, follow_up]  # a prompt-only row: all of it
+    with pytest.raises(RowError, match="no user turn before the final assistant turn"):
+        prompt_messages([{"role": "system", "content": "s"}, answer])
 
 
 def test_tool_use_fields_are_kept():

@@ -54,11 +54,13 @@ def test_specforge_nests_the_dspark_keys_and_drops_the_shared_tensors(saved, tmp
     assert config["architectures"] == ["DSparkDraftModel"]
     nested = config["dflash_config"]
     assert nested["projector_type"] == "dspark" and nested["target_layer_ids"] == [0, 2]
+    assert nested["attention_mode"] == "gqa" and nested["shift_label"] is True  # 2 KV heads < 4 query heads
+    assert config["block_size"] == 4 and config["num_target_layers"] == 4  # read at the top level
     assert nested["mask_token_id"] == MASK_ID and nested["block_size"] == 4 and nested["num_target_layers"] == 4
     assert nested["markov_rank"] == 8 and nested["markov_head_type"] == "vanilla"
     assert nested["enable_confidence_head"] is True and nested["confidence_head_with_markov"] is True
     assert config["num_hidden_layers"] == 2 and config["hidden_size"] == source_config["hidden_size"]
-    assert "target_layer_ids" not in config and "mask_token_id" not in config  # only nested
+    assert not {"target_layer_ids", "mask_token_id", "markov_rank"} & config.keys()  # only nested
     assert tensors.keys() == source.keys() - {"embed_tokens.weight", "lm_head.weight"}
     assert all(tensors[k].shape == source[k].shape for k in tensors)
 
@@ -73,7 +75,11 @@ def test_speculators_shifts_the_layer_ids_by_one_and_nests_the_layer_config(save
     assert layer["num_hidden_layers"] == 2 and layer["model_type"] == "qwen3" and "markov_rank" not in layer
     assert config["draft_vocab_size"] == 96 and config["target_hidden_size"] == 32 and config["block_size"] == 4
     assert config["markov_rank"] == 8 and config["enable_confidence_head"] is True
-    assert config["speculators_config"]["algorithm"] == "dspark"
+    assert config["sample_from_anchor"] is True and "num_anchors" not in config
+    spec = config["speculators_config"]
+    assert spec["algorithm"] == "dspark" and spec["default_proposal_method"] == "greedy"
+    assert spec["proposal_methods"] == [{"proposal_type": "greedy", "speculative_tokens": 4}]
+    assert spec["verifier"]["architectures"] == ["Qwen3ForCausalLM"]
     assert tensors.keys() == source.keys()
 
 
@@ -83,7 +89,8 @@ def test_modelopt_flattens_the_markov_head_and_renames_the_confidence_projection
     assert config["architectures"] == ["DFlashDraftModel"]
     nested = config["dflash_config"]
     assert nested["use_confidence_head"] is True and "enable_confidence_head" not in nested
-    assert nested["markov_rank"] == 8 and nested["target_layer_ids"] == [0, 2]
+    assert nested["markov_rank"] == 8 and nested["target_layer_ids"] == [0, 2] and nested["projector_type"] == "dspark"
+    assert nested["shift_label"] is True and config["block_size"] == 4 and config["num_target_layers"] == 4
     expected = {
         "markov_w1.weight": "markov_head.markov_w1.weight",
         "markov_w2.weight": "markov_head.markov_w2.weight",

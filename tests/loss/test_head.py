@@ -7,9 +7,9 @@ import torch
 from _helpers.drafts import batch, check_fused_matches_materialised, make_draft
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from nemo_automodel_dspark.loss import LogitHead, dspark_head_loss, dspark_loss
+from nemo_automodel_dspark.loss import LogitHead, LossConfig, dspark_head_loss, dspark_loss
 
-OPTIONS = {"loss_decay_gamma": 4.0, "ce_loss_alpha": 0.1, "l1_loss_alpha": 0.9, "confidence_head_alpha": 1.0}
+LOSS = LossConfig(loss_decay_gamma=4.0, ce_loss_alpha=0.1, l1_loss_alpha=0.9, confidence_head_alpha=1.0)
 
 
 def _inputs(B=2, N=3, K=4, H=16, V=37, r=6, softcap=None, markov=True, dtype=torch.float32, seed=0):
@@ -35,7 +35,7 @@ def _leaves(head, hidden, feats, conf):
 def _unfused(head, hidden, feats, teacher, ids, mask, conf):
     """Today's formula: materialised draft and teacher logits into the unchunked reference objective."""
     logits, target = head.draft_logits(hidden, feats), head.teacher_logits(teacher)
-    return dspark_loss(logits, target, ids, mask, conf, chunk_rows=0, **OPTIONS)
+    return dspark_loss(logits, target, ids, mask, conf, LOSS, chunk_rows=0)
 
 
 def _assert_grads_close(got, want, rel):
@@ -52,7 +52,7 @@ def test_fused_equals_unfused_fp32(softcap, markov, chunk_rows):
     head, hidden, feats, _, _, _, conf = inputs
     ref = _unfused(*inputs)
     ref_grads = torch.autograd.grad(ref.loss, _leaves(head, hidden, feats, conf))
-    out = dspark_head_loss(*inputs, chunk_rows=chunk_rows, **OPTIONS)
+    out = dspark_head_loss(*inputs, LOSS, chunk_rows=chunk_rows)
     grads = torch.autograd.grad(out.loss, _leaves(head, hidden, feats, conf))
     assert out.loss.item() == pytest.approx(ref.loss.item(), rel=1e-6)
     for key, value in ref.sums.items():
@@ -65,7 +65,7 @@ def test_fused_equals_unfused_bf16():
     head, hidden, feats, _, _, _, conf = inputs
     ref = _unfused(*inputs)
     ref_grads = torch.autograd.grad(ref.loss, _leaves(head, hidden, feats, conf))
-    out = dspark_head_loss(*inputs, chunk_rows=5, **OPTIONS)
+    out = dspark_head_loss(*inputs, LOSS, chunk_rows=5)
     grads = torch.autograd.grad(out.loss, _leaves(head, hidden, feats, conf))
     assert out.loss.dtype == torch.float32
     assert out.loss.item() == pytest.approx(ref.loss.item(), rel=1e-5)
@@ -74,14 +74,14 @@ def test_fused_equals_unfused_bf16():
 
 def test_chunk_zero_is_the_materialised_formula():
     inputs = _inputs(softcap=3.0)
-    torch.testing.assert_close(dspark_head_loss(*inputs, chunk_rows=0, **OPTIONS).loss, _unfused(*inputs).loss)
+    torch.testing.assert_close(dspark_head_loss(*inputs, LOSS, chunk_rows=0).loss, _unfused(*inputs).loss)
 
 
 def test_frozen_head_and_teacher_get_no_gradient():
     head, hidden, feats, teacher, ids, mask, conf = _inputs()
     frozen = LogitHead(head.weight.detach(), head.markov_weight, None)
     teacher.requires_grad_()
-    out = dspark_head_loss(frozen, hidden, feats, teacher, ids, mask, conf, **OPTIONS)
+    out = dspark_head_loss(frozen, hidden, feats, teacher, ids, mask, conf, LOSS)
     out.loss.backward()
     assert teacher.grad is None and frozen.weight.grad is None
     assert hidden.grad is not None and head.markov_weight.grad is not None
@@ -89,13 +89,13 @@ def test_frozen_head_and_teacher_get_no_gradient():
 
 def test_nan_in_dropped_rows_reaches_no_value_or_gradient():
     head, hidden, feats, teacher, ids, mask, conf = _inputs(softcap=3.0)
-    clean = dspark_head_loss(head, hidden, feats, teacher, ids, mask, conf, chunk_rows=5, **OPTIONS)
+    clean = dspark_head_loss(head, hidden, feats, teacher, ids, mask, conf, LOSS, chunk_rows=5)
     clean_grads = torch.autograd.grad(clean.loss, _leaves(head, hidden, feats, conf))
     bad_hidden = torch.where(mask[..., None], hidden.detach(), float("nan")).requires_grad_()
     bad_feats = torch.where(mask[..., None], feats.detach(), float("inf")).requires_grad_()
     bad_teacher = torch.where(mask[..., None], teacher, float("nan"))
     bad_ids = torch.where(mask, ids, -100)
-    bad = dspark_head_loss(head, bad_hidden, bad_feats, bad_teacher, bad_ids, mask, conf, chunk_rows=5, **OPTIONS)
+    bad = dspark_head_loss(head, bad_hidden, bad_feats, bad_teacher, bad_ids, mask, conf, LOSS, chunk_rows=5)
     bad_grads = torch.autograd.grad(bad.loss, _leaves(head, bad_hidden, bad_feats, conf))
     assert bad.numerator.item() == clean.numerator.item()
     for got, want in zip(bad_grads, clean_grads, strict=True):
@@ -128,7 +128,7 @@ def test_no_rows_by_vocab_tensor_in_forward_or_backward():
     head, hidden, feats, _, _, _, conf = inputs
     frozen = LogitHead(head.weight.detach(), head.markov_weight.detach(), 3.0)  # no [V, ·] weight gradient
     with _LargestOutput() as fused:
-        out = dspark_head_loss(frozen, *inputs[1:], chunk_rows=chunk, **OPTIONS)
+        out = dspark_head_loss(frozen, *inputs[1:], LOSS, chunk_rows=chunk)
         out.loss.backward()
     with _LargestOutput() as unfused:
         _unfused(frozen, *inputs[1:]).loss.backward()

@@ -7,9 +7,13 @@ import math
 import pytest
 import torch
 
-from nemo_automodel_dspark.loss import dspark_loss, flatten_sums, metrics_from_sums, unflatten_sums
+from nemo_automodel_dspark.loss import LossConfig, dspark_loss, flatten_sums, metrics_from_sums, unflatten_sums
 
 ALPHAS = {"ce_loss_alpha": 0.1, "l1_loss_alpha": 0.9, "confidence_head_alpha": 1.0}
+
+
+def _cfg(gamma: float | None = 4.0) -> LossConfig:
+    return LossConfig(loss_decay_gamma=gamma, **ALPHAS)
 
 
 def _inputs(B=2, N=3, K=4, V=11, seed=0, dtype=torch.float32):
@@ -45,7 +49,7 @@ def _hand_terms(draft, target, ids, mask, conf, gamma):
 @pytest.mark.parametrize("gamma", [4.0, 1.5, None, 0.0])
 def test_loss_terms_match_hand_formula(gamma):
     draft, target, ids, mask, conf = _inputs()
-    out = dspark_loss(draft, target, ids, mask, conf, loss_decay_gamma=gamma, **ALPHAS)
+    out = dspark_loss(draft, target, ids, mask, conf, _cfg(gamma))
     hand = _hand_terms(draft, target, ids, mask, conf, gamma)
     assert out.denominator.item() == pytest.approx(hand["w"], rel=1e-6)
     assert out.ce_loss.item() == pytest.approx(hand["ce"] / hand["w"], rel=1e-5)
@@ -64,7 +68,7 @@ def test_diagnostics_match_hand_formula():
     mask = torch.tensor([[[True, True, False]]])
     conf_logits = torch.logit(torch.tensor([[[0.9, 0.5, 0.2]]]))
     ids = torch.zeros(1, 1, 3, dtype=torch.long)
-    out = dspark_loss(draft, target, ids, mask, conf_logits, loss_decay_gamma=None, **ALPHAS)
+    out = dspark_loss(draft, target, ids, mask, conf_logits, _cfg(None))
     acc = [0.8, 0.7]  # Σ_v min(p_d, p_t) per supervised slot
     s = out.sums
     torch.testing.assert_close(s["accept"], torch.tensor([0.8, 0.7, 0.0]))
@@ -81,8 +85,8 @@ def test_diagnostics_match_hand_formula():
 @pytest.mark.parametrize("chunk_rows", [0, None, 5])
 def test_masked_slots_contribute_nothing(chunk_rows):
     draft, target, ids, mask, conf = _inputs()
-    kwargs = dict(loss_decay_gamma=4.0, chunk_rows=chunk_rows, **ALPHAS)
-    clean = dspark_loss(draft, target, ids, mask, conf, **kwargs)
+    cfg = _cfg()
+    clean = dspark_loss(draft, target, ids, mask, conf, cfg, chunk_rows=chunk_rows)
     clean_grads = torch.autograd.grad(clean.loss, [draft, conf])
 
     poison = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e30]).repeat(draft.shape[-1])[: draft.shape[-1]]
@@ -90,7 +94,7 @@ def test_masked_slots_contribute_nothing(chunk_rows):
     bad_target = torch.where(mask[..., None], target, poison.flip(0))
     bad_conf = torch.where(mask, conf.detach(), float("nan")).requires_grad_()
     bad_ids = torch.where(mask, ids, -100)
-    bad = dspark_loss(bad_draft, bad_target, bad_ids, mask, bad_conf, **kwargs)
+    bad = dspark_loss(bad_draft, bad_target, bad_ids, mask, bad_conf, cfg, chunk_rows=chunk_rows)
     bad_grads = torch.autograd.grad(bad.loss, [bad_draft, bad_conf])
 
     assert bad.numerator.item() == clean.numerator.item()
@@ -105,8 +109,8 @@ def test_masked_slots_contribute_nothing(chunk_rows):
 def test_perfect_draft_accepts_everything():
     draft, _, ids, _, conf = _inputs(K=5)
     mask = torch.ones(ids.shape, dtype=torch.bool)
-    out = dspark_loss(draft, draft.detach().clone(), ids, mask, conf, loss_decay_gamma=4.0, **ALPHAS)
-    metrics = metrics_from_sums(out.sums, **ALPHAS)
+    out = dspark_loss(draft, draft.detach().clone(), ids, mask, conf, _cfg(4.0))
+    metrics = metrics_from_sums(out.sums, _cfg())
     assert out.l1_loss.item() == 0.0
     assert metrics["accept_rate"] == 1.0
     assert all(metrics[f"accept_rate@{k}"] == 1.0 for k in range(5))
@@ -116,10 +120,10 @@ def test_perfect_draft_accepts_everything():
 @pytest.mark.parametrize("chunk_rows", [1, 7, 24, 1000, None])
 def test_chunked_equals_unchunked_fp32(chunk_rows):
     draft, target, ids, mask, conf = _inputs()  # R = 24 rows; 7 does not divide it
-    kwargs = dict(loss_decay_gamma=4.0, **ALPHAS)
-    ref = dspark_loss(draft, target, ids, mask, conf, chunk_rows=0, **kwargs)
+    cfg = _cfg()
+    ref = dspark_loss(draft, target, ids, mask, conf, cfg, chunk_rows=0)
     ref_grads = torch.autograd.grad(ref.loss, [draft, conf])
-    out = dspark_loss(draft, target, ids, mask, conf, chunk_rows=chunk_rows, **kwargs)
+    out = dspark_loss(draft, target, ids, mask, conf, cfg, chunk_rows=chunk_rows)
     grads = torch.autograd.grad(out.loss, [draft, conf])
     assert out.loss.item() == pytest.approx(ref.loss.item(), rel=1e-6)
     for key, value in ref.sums.items():
@@ -130,10 +134,10 @@ def test_chunked_equals_unchunked_fp32(chunk_rows):
 
 def test_chunked_equals_unchunked_bf16():
     draft, target, ids, mask, conf = _inputs(V=257, dtype=torch.bfloat16)
-    kwargs = dict(loss_decay_gamma=4.0, **ALPHAS)
-    ref = dspark_loss(draft, target, ids, mask, conf, chunk_rows=0, **kwargs)
+    cfg = _cfg()
+    ref = dspark_loss(draft, target, ids, mask, conf, cfg, chunk_rows=0)
     (ref_grad,) = torch.autograd.grad(ref.loss, [draft])
-    out = dspark_loss(draft, target, ids, mask, conf, chunk_rows=5, **kwargs)
+    out = dspark_loss(draft, target, ids, mask, conf, cfg, chunk_rows=5)
     (grad,) = torch.autograd.grad(out.loss, [draft])
     assert grad.dtype == torch.bfloat16 and out.loss.dtype == torch.float32
     assert out.loss.item() == pytest.approx(ref.loss.item(), rel=1e-5)
@@ -142,10 +146,10 @@ def test_chunked_equals_unchunked_bf16():
 
 def test_two_halves_accumulate_to_the_whole():
     draft, target, ids, mask, conf = _inputs(B=4)
-    kwargs = dict(loss_decay_gamma=4.0, **ALPHAS)
-    whole = dspark_loss(draft, target, ids, mask, conf, **kwargs)
+    cfg = _cfg()
+    whole = dspark_loss(draft, target, ids, mask, conf, cfg)
     whole_grads = torch.autograd.grad(whole.numerator / whole.denominator, [draft, conf])
-    halves = [dspark_loss(*(x[i : i + 2] for x in (draft, target, ids, mask, conf)), **kwargs) for i in (0, 2)]
+    halves = [dspark_loss(*(x[i : i + 2] for x in (draft, target, ids, mask, conf)), cfg) for i in (0, 2)]
     global_denominator = sum(h.denominator for h in halves)
     grads = torch.autograd.grad(sum(h.numerator / global_denominator for h in halves), [draft, conf])
     torch.testing.assert_close(global_denominator, whole.denominator)
@@ -160,28 +164,28 @@ def test_metrics_omit_zero_denominators_and_loss_is_alpha_combination():
     draft, target, ids, _, conf = _inputs(K=4)
     mask = torch.zeros(ids.shape, dtype=torch.bool)
     mask[..., :2] = True  # slots 2 and 3 are never supervised
-    out = dspark_loss(draft, target, ids, mask, conf, loss_decay_gamma=4.0, **ALPHAS)
-    metrics = metrics_from_sums(out.sums, **ALPHAS)
+    out = dspark_loss(draft, target, ids, mask, conf, _cfg(4.0))
+    metrics = metrics_from_sums(out.sums, _cfg())
     assert {"accept_rate@0", "accept_rate@1"} <= metrics.keys()
     assert "accept_rate@2" not in metrics and "accept_rate@3" not in metrics
     combo = 0.1 * metrics["ce_loss"] + 0.9 * metrics["l1_loss"] + 1.0 * metrics["confidence_loss"]
     assert metrics["loss"] == combo
     assert metrics["loss"] == pytest.approx(out.loss.item(), rel=1e-6)
 
-    empty = dspark_loss(draft, target, ids, torch.zeros_like(mask), conf, loss_decay_gamma=4.0, **ALPHAS)
+    empty = dspark_loss(draft, target, ids, torch.zeros_like(mask), conf, _cfg(4.0))
     assert empty.loss.item() == 0.0 and empty.denominator.item() == 0.0
     (grad,) = torch.autograd.grad(empty.loss, [draft])
     assert (grad == 0).all()
-    assert metrics_from_sums(empty.sums, **ALPHAS) == {}
+    assert metrics_from_sums(empty.sums, _cfg()) == {}
 
 
 def test_confidence_gradient_goes_only_into_confidence_logits():
     draft, target, ids, mask, conf = _inputs()
-    out = dspark_loss(draft, target, ids, mask, conf, loss_decay_gamma=4.0, **ALPHAS)
+    out = dspark_loss(draft, target, ids, mask, conf, _cfg(4.0))
     into_draft, into_conf = torch.autograd.grad(out.confidence_loss, [draft, conf], allow_unused=True)
     assert into_draft is None or (into_draft == 0).all()
     assert into_conf.abs().sum() > 0
-    without = dspark_loss(draft, target, ids, mask, None, loss_decay_gamma=4.0, **ALPHAS)
+    without = dspark_loss(draft, target, ids, mask, None, _cfg(4.0))
     assert without.confidence_loss.item() == 0.0 and "conf_abs_err" not in without.sums
     (with_head,) = torch.autograd.grad(out.loss, [draft])
     (no_head,) = torch.autograd.grad(without.loss, [draft])

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 from _helpers.drafts import (
@@ -69,12 +71,19 @@ def test_markov_rank_zero_with_markov_confidence_is_a_config_error():
     DSparkConfig(mask_token_id=1, markov_rank=0, confidence_head_with_markov=False)
 
 
+def test_the_drafter_does_not_mutate_its_config(qwen3_target):
+    config = DSparkConfig(mask_token_id=MASK_ID, draft_num_hidden_layers=2, markov_rank=8)
+    draft = DSparkDrafter(qwen3_target.config, config)
+    assert config.target_layer_ids is None and draft.dspark.target_layer_ids == [1, 2]  # 4 target layers
+    assert draft.dspark == dataclasses.replace(config, target_layer_ids=[1, 2])
+
+
 def test_bad_options_name_the_key(qwen3_target):
     with pytest.raises(ValueError, match="markov_head_type"):
         DSparkConfig(mask_token_id=1, markov_head_type="lstm")
     with pytest.raises(ValueError, match="mask_token_id"):
         make_draft(qwen3_target, mask_token_id=VOCAB)
-    with pytest.raises(ValueError, match="target_layer_ids: id 7"):
+    with pytest.raises(ValueError, match="target_layer_ids': id 7"):
         make_draft(qwen3_target, target_layer_ids=[1, 7])
 
 
@@ -139,7 +148,7 @@ def test_cached_context_backbone_equals_training_backbone(qwen3_target):
 
 
 def test_loss_of_a_tiny_drafter_falls_on_a_fixed_batch(qwen3_target):
-    from nemo_automodel_dspark import dspark_head_loss
+    from nemo_automodel_dspark.loss import LossConfig, dspark_head_loss
 
     draft = make_draft(qwen3_target, markov_head_type="gated")
     ids, loss_mask, cap, anchors, keep = batch(qwen3_target, draft)
@@ -156,10 +165,7 @@ def test_loss_of_a_tiny_drafter_falls_on_a_fixed_batch(qwen3_target):
             out.target_ids,
             out.eval_mask,
             out.confidence_logits,
-            loss_decay_gamma=4.0,
-            ce_loss_alpha=0.1,
-            l1_loss_alpha=0.9,
-            confidence_head_alpha=1.0,
+            LossConfig(loss_decay_gamma=4.0, ce_loss_alpha=0.1, l1_loss_alpha=0.9, confidence_head_alpha=1.0),
         )
         optimizer.zero_grad()
         loss.loss.backward()

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from _helpers.drafts import LOSS_OPTIONS, batch, make_draft
+from _helpers.drafts import LOSS, batch, make_draft
 
 from nemo_automodel_dspark import distributed as D
 from nemo_automodel_dspark.loss import dspark_loss
@@ -17,7 +17,7 @@ def loss_of(draft, target, seed: int = 0):
     ids, loss_mask, cap, anchors, keep = batch(target, draft, seed)
     out = draft(ids, cap.features, loss_mask, anchors, keep, target_hidden=cap.last_hidden)
     return dspark_loss(
-        out.draft_logits, out.target_logits, out.target_ids, out.eval_mask, out.confidence_logits, **LOSS_OPTIONS
+        out.draft_logits, out.target_logits, out.target_ids, out.eval_mask, out.confidence_logits, LOSS
     ).numerator
 
 

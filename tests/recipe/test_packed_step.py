@@ -16,6 +16,7 @@ from _helpers.recipe_assets import tiny_model
 from nemo_automodel_dspark import distributed as D
 from nemo_automodel_dspark.data import collate
 from nemo_automodel_dspark.data.packing import collate_packed
+from nemo_automodel_dspark.loss import LossConfig
 from nemo_automodel_dspark.masks import (
     document_anchor_count,
     pack_anchor_count,
@@ -56,17 +57,10 @@ def make_step(family: str) -> DSparkStep:
     )
     torch.manual_seed(0)
     draft = DSparkDrafter.from_target(target, dspark)
-    args = SimpleNamespace(
-        shuffle_seed=1,
-        num_anchors=NUM_ANCHORS,
-        seq_length=SEQ,
-        loss_decay_gamma=4.0,
-        ce_loss_alpha=0.1,
-        l1_loss_alpha=0.9,
-        confidence_head_alpha=1.0,
-    )
+    args = SimpleNamespace(shuffle_seed=1, seq_length=SEQ, max_grad_norm=1.0)
+    loss = LossConfig(loss_decay_gamma=4.0, ce_loss_alpha=0.1, l1_loss_alpha=0.9, confidence_head_alpha=1.0)
     info = D.DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-    return DSparkStep(draft, draft, target, args, info, defer_fsdp_sync=False)
+    return DSparkStep(draft, draft, target, args, loss, info, defer_fsdp_sync=False)
 
 
 def spans_of(pack: list[int]) -> list[tuple[int, int]]:

@@ -10,6 +10,7 @@ from _helpers.large_targets import ISSUE_235B_ON_16_GIB, ISSUE_TABLE_GIB, LARGE_
 from _helpers.recipe_assets import base_config, write_config
 
 from nemo_automodel_dspark.cli import main as dspark
+from nemo_automodel_dspark.loss import LossConfig
 from nemo_automodel_dspark.model.config import DSparkConfig
 from nemo_automodel_dspark.recipe.config import ConfigError, parse_config
 from nemo_automodel_dspark.recipe.plan import (
@@ -113,10 +114,7 @@ def test_tiny_estimate_matches_measured_bytes(tiny_assets):
         out.target_ids,
         out.eval_mask,
         out.confidence_logits,
-        loss_decay_gamma=4.0,
-        ce_loss_alpha=0.1,
-        l1_loss_alpha=0.9,
-        confidence_head_alpha=1.0,
+        LossConfig(loss_decay_gamma=4.0, ce_loss_alpha=0.1, l1_loss_alpha=0.9, confidence_head_alpha=1.0),
     )
     loss.numerator.backward()
     optimizer.step()
@@ -189,4 +187,4 @@ def test_config_keys(tiny_assets, tmp_path):
         parse_config(cfg)
     cfg["recipe_args"].pop("eval_decode")
     cfg["distributed"] = {"activation_checkpointing": True}
-    assert parse_config(cfg).dist.activation_checkpointing is True
+    assert parse_config(cfg).distributed.activation_checkpointing is True

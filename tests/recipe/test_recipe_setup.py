@@ -10,6 +10,7 @@ import pytest
 import torch
 from _helpers.recipe_assets import base_config
 
+from nemo_automodel_dspark.recipe.config import ConfigError
 from nemo_automodel_dspark.recipe.optim import lr_factor
 from nemo_automodel_dspark.train_dspark import TrainDSparkRecipe
 
@@ -66,8 +67,34 @@ def test_explicit_optimizer_target_is_honoured(tiny_assets, tmp_path):
 
 def test_too_little_data_for_one_step_names_the_file(tiny_assets, tmp_path):
     cfg = base_config(tiny_assets, tmp_path / "big", micro_batch_size=16, grad_accumulation_steps=2)
-    with pytest.raises(ValueError, match=r"train\.jsonl: 24 usable rows cannot fill one optimizer step"):
+    with pytest.raises(ConfigError, match=r"train\.jsonl: 24 usable rows cannot fill one optimizer step"):
         TrainDSparkRecipe(cfg).setup()
+
+
+@pytest.mark.parametrize(
+    "recipe_args, match",
+    [
+        (dict(target_layer_ids=[0, 7]), r"'recipe_args.target_layer_ids': id 7 is out of range .* valid ids are -1..2"),
+        (dict(mask_token_id=64), r"'recipe_args.mask_token_id' must be in \[0, 64\) for this target, got 64"),
+    ],
+)
+def test_target_dependent_options_fail_before_data_or_weights(tiny_assets, tmp_path, recipe_args, match):
+    """Checked right after reading the target's config.json: no data, tokenizer or weights are loaded."""
+    cfg = base_config(tiny_assets, tmp_path / "bad")
+    cfg["recipe_args"].update(recipe_args)
+    recipe = TrainDSparkRecipe(cfg)
+    with pytest.raises(ConfigError, match=match):
+        recipe.setup()
+    assert not any(hasattr(recipe, name) for name in ("info", "tokenizer", "train_set", "frozen"))
+
+
+def test_target_layer_ids_resolved_once_without_mutating_the_parsed_config(tiny_assets, tmp_path):
+    cfg = base_config(tiny_assets, tmp_path / "spread", max_steps=1, target_layer_ids=None, draft_num_hidden_layers=2)
+    recipe = TrainDSparkRecipe(cfg)
+    recipe.setup()
+    assert recipe.config.draft.target_layer_ids is None  # the parsed config is untouched
+    assert recipe.draft_config.target_layer_ids == [1]  # the servable default for the 3-layer tiny target
+    assert recipe.draft.dspark is recipe.draft_config  # the drafter holds the resolved copy itself
 
 
 def test_warmup_then_cosine_to_min_lr():

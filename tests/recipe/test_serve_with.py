@@ -88,14 +88,14 @@ def test_default_options_and_the_shipped_yamls_pass_serve_with_vllm():
 
     qwen3_28 = Qwen3Config(num_hidden_layers=28)
     qwen3_28.architectures = ["Qwen3ForCausalLM"]
-    defaults = parse_config(_cfg(serve_with=["vllm"], target_layer_ids=None)).recipe_args
+    defaults = parse_config(_cfg(serve_with=["vllm"], target_layer_ids=None))
     assert check_serving(defaults, qwen3_28) == []
     raw = yaml.safe_load((EXAMPLES / "qwen3_0.6b_dspark.yaml").read_text())
     raw["recipe_args"]["serve_with"] = ["vllm"]
-    assert check_serving(parse_config(raw).recipe_args, qwen3_28) == []
+    assert check_serving(parse_config(raw), qwen3_28) == []
     upstream = {**raw, "recipe_args": {**raw["recipe_args"], "target_layer_ids": [1, 7, 14, 21, 27]}}
     del upstream["recipe_args"]["serve_with"]
-    args = parse_config(upstream).recipe_args  # the upstream YAML's ids still load: the user's choice
+    args = parse_config(upstream)  # the upstream YAML's ids still load: the user's choice
     assert {f.engine for f in check_serving(args, qwen3_28)} == set(ENGINES)
 
 

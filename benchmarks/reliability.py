@@ -1,0 +1,439 @@
+"""Reruns the failure classes of issue 12 on a tiny local target and counts how each one ends.
+
+Classes: SIGKILLs during training and checkpoint writes, each resumed with `restore_from: LATEST` (the final weights
+and optimizer state must be bit-identical to an uninterrupted run); a full disk, simulated by making a checkpoint
+or metrics write fail with ENOSPC (one line, nothing half-written, resumable to the same weights); torn and damaged
+files (metrics line, weights, optimizer state, trainer state); divergence (a NaN injected into a step, an absurd
+learning rate, a NaN draft given to the tools); bad inputs to training and to the tools (each one line, no traceback).
+
+    python benchmarks/reliability.py              # ~10 min on 2 busy CPU cores
+    python benchmarks/reliability.py --kills 20 --nproc 2
+
+Prints one line per case and ends with one JSON line: per class, cases tried and cases handled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import io
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # the tiny target / data builders the tests use
+
+from _helpers.recipe_assets import base_config, build_target_dir, write_config, write_rows  # noqa: E402
+
+from nemo_automodel_dspark.cli import main as cli_main  # noqa: E402
+from nemo_automodel_dspark.errors import ToolError  # noqa: E402
+from nemo_automodel_dspark.recipe import metrics as metrics_module  # noqa: E402
+from nemo_automodel_dspark.recipe.guards import RunStopped  # noqa: E402
+from nemo_automodel_dspark.train_dspark import TrainDSparkRecipe  # noqa: E402
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
+STEPS = 8
+Result = tuple[str, bool, str]  # (case, handled, what happened)
+
+
+# ------------------------------------------------------------------------------------------------------- helpers
+def run_config(assets: dict, out: Path, **args) -> dict:
+    defaults = dict(max_steps=STEPS, ckpt_every_steps=1, val_data_path=str(assets["val"]), val_every_steps=1)
+    return base_config(assets, out, **{**defaults, **args})
+
+
+def train(cfg: dict, stop_after: int | None = None) -> TrainDSparkRecipe:
+    recipe = TrainDSparkRecipe(cfg)
+    recipe.setup()
+    if stop_after is not None:
+        recipe.total_steps = stop_after  # stop early inside the same schedule
+    recipe.run_train_validation_loop()
+    return recipe
+
+
+def resume(cfg: dict) -> dict:
+    return {**cfg, "checkpoint": {**cfg["checkpoint"], "restore_from": "LATEST"}}
+
+
+def final_state(out: Path, step: int = STEPS) -> tuple[dict, dict]:
+    folder = out / "ckpt" / f"epoch_0_step_{step}"
+    return load_file(str(folder / "model.safetensors")), torch.load(folder / "optimizer.pt", weights_only=True)
+
+
+def identical(a: tuple[dict, dict], b: tuple[dict, dict]) -> bool:
+    (wa, oa), (wb, ob) = a, b
+    same_weights = wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    same_optim = all(
+        torch.equal(v, ob["state"][p][k]) if isinstance(v, torch.Tensor) else v == ob["state"][p][k]
+        for p, state in oa["state"].items()
+        for k, v in state.items()
+    )
+    return same_weights and same_optim
+
+
+def captured(fn: Callable) -> tuple[object, str]:
+    """Run `fn` with stdout/stderr captured; returns (result or the exception, the text)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        try:
+            result = fn()
+        except (ToolError, RunStopped, ValueError) as err:
+            result = err
+    return result, out.getvalue()
+
+
+class Patched:
+    """Replace `obj.name` with `value` inside a with-block."""
+
+    def __init__(self, obj, name: str, value) -> None:
+        self.obj, self.name, self.value = obj, name, value
+
+    def __enter__(self):
+        self.old = getattr(self.obj, self.name)
+        setattr(self.obj, self.name, self.value)
+
+    def __exit__(self, *exc):
+        setattr(self.obj, self.name, self.old)
+
+
+# ------------------------------------------------------------------------------------------------------- kills
+def launch(cmd: list[str], cfg_path: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [*cmd, "-c", str(cfg_path)],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+def wait_for_new_record(proc: subprocess.Popen, metrics: Path) -> float:
+    """Block until this launch appends a metrics record (it is training) or exits; returns the time it did."""
+    seen = len(metrics.read_text().splitlines()) if metrics.exists() else 0
+    while proc.poll() is None and (not metrics.exists() or len(metrics.read_text().splitlines()) <= seen):
+        time.sleep(0.01)
+    return time.perf_counter()
+
+
+def kills(assets: dict, root: Path, count: int, nproc: int, seed: int) -> list[Result]:
+    """SIGKILL a training job `count` times at random moments after training started; resume with LATEST each time."""
+    rng = random.Random(seed)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd += ["-m", "nemo_automodel_dspark.train_dspark"]
+    ref = launch(cmd, write_config(run_config(assets, root / "kill_ref"), root / "kill_ref.yaml"))
+    first = wait_for_new_record(ref, root / "kill_ref" / "dspark_train_metrics.jsonl")
+    ref.wait()
+    train_s = time.perf_counter() - first  # the training part of a launch, after its first record
+    reference = final_state(root / "kill_ref")
+    out = root / "killed"
+    cfg_path = write_config(resume(run_config(assets, out)), root / "killed.yaml")
+    results, during_write = [], 0
+    for i in range(count):
+        proc = launch(cmd, cfg_path)
+        wait_for_new_record(proc, out / "dspark_train_metrics.jsonl")
+        time.sleep(rng.uniform(0.0, train_s / 3))  # later launches resume nearer the end: aim early
+        finished = proc.poll() is not None
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        if finished:
+            break  # the run completed before this kill landed: not a kill
+        in_write = any((out / "ckpt").glob(".epoch_*_step_*.tmp"))
+        during_write += in_write
+        results.append((f"kill {i + 1}", True, "during a checkpoint write" if in_write else "during training"))
+    subprocess.run([*cmd, "-c", str(cfg_path)], env=ENV, check=True, capture_output=True)
+    same = identical(final_state(out), reference)
+    case = f"resume after {len(results)} kills ({during_write} during checkpoint writes)"
+    results.append((case, same, "bit-identical weights and optimizer state" if same else "DIFFERENT"))
+    return results
+
+
+# ------------------------------------------------------------------------------------------------------- disk full
+def full_disk_save(calls: list, fail_at: int, real: Callable) -> Callable:
+    def save(obj, f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == fail_at:
+            f.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(obj, f, *args, **kwargs)
+
+    return save
+
+
+def full_disk_append(calls: list, fail_at: int, real: Callable) -> Callable:
+    def append(path, text):
+        calls.append(1)
+        if len(calls) == fail_at:
+            with open(path, "a") as f:
+                f.write(text[: len(text) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, text)
+
+    return append
+
+
+def disk_full(assets: dict, root: Path, reference: tuple[dict, dict]) -> list[Result]:
+    results = []
+    cases = [("checkpoint", 2), ("checkpoint", 5), ("metrics", 3), ("metrics", 7)]
+    for what, step in cases:
+        out = root / f"full_{what}_{step}"
+        cfg = run_config(assets, out)
+        calls: list = []
+        if what == "checkpoint":
+            patch = Patched(torch, "save", full_disk_save(calls, step, torch.save))
+        else:  # log + validation records per step: the n-th append is in step ceil(n / 2)
+            patch = Patched(metrics_module, "_append", full_disk_append(calls, 2 * step - 1, metrics_module._append))
+        with patch:
+            err, _ = captured(lambda cfg=cfg: train(cfg))
+        one_line = isinstance(err, RunStopped) and str(err).startswith("no space left on device writing ")
+        clean = not any((out / "ckpt").glob(".*.tmp"))
+        records = (out / "dspark_train_metrics.jsonl").read_text().splitlines()
+        whole = all(json.loads(line) for line in records)
+        captured(lambda cfg=cfg: train(resume(cfg)))
+        same = identical(final_state(out), reference)
+        ok = one_line and clean and whole and same
+        results.append(
+            (f"full disk in a {what} write at step {step}", ok, f"{str(err)[:90]}…; resumed identical={same}")
+        )
+    return results
+
+
+# ------------------------------------------------------------------------------------------------------- torn files
+def torn(assets: dict, root: Path, reference: tuple[dict, dict]) -> list[Result]:
+    base = root / "torn_base"
+    base_cfg = run_config(assets, base)
+    captured(lambda: train(base_cfg, stop_after=4))
+    results = []
+
+    def damage_metrics(out: Path) -> None:
+        with open(out / "dspark_train_metrics.jsonl", "a") as f:
+            f.write('{"timestamp": 1.0, "step": 5, "loss": 1.')
+
+    def truncate(name: str, fraction: float) -> Callable[[Path], None]:
+        def cut(out: Path) -> None:
+            path = out / "ckpt" / "epoch_0_step_4" / name
+            with open(path, "r+b") as f:
+                f.truncate(int(path.stat().st_size * fraction))
+
+        return cut
+
+    def flip_byte(out: Path) -> None:
+        path = out / "ckpt" / "epoch_0_step_4" / "model.safetensors"
+        data = bytearray(path.read_bytes())
+        data[-1] ^= 0xFF
+        path.write_bytes(bytes(data))
+
+    cases = {
+        "torn last metrics line": (damage_metrics, "cut off the incomplete record"),
+        "model.safetensors cut to half": (truncate("model.safetensors", 0.5), "falling back"),
+        "model.safetensors one byte flipped": (flip_byte, "falling back"),
+        "optimizer.pt cut to 10%": (truncate("optimizer.pt", 0.1), "falling back"),
+        "trainer_state.json cut to half": (truncate("trainer_state.json", 0.5), "falling back"),
+    }
+    for name, (damage, expected) in cases.items():
+        out = root / ("torn_" + name.split()[0].replace(".", "_") + str(len(results)))
+        shutil.copytree(base, out)
+        cfg = {
+            **base_cfg,
+            "recipe_args": {**base_cfg["recipe_args"], "output_dir": str(out)},
+            "checkpoint": {**base_cfg["checkpoint"], "checkpoint_dir": str(out / "ckpt")},
+        }
+        damage(out)
+        err, log = captured(lambda cfg=cfg: train(resume(cfg)))
+        same = not isinstance(err, Exception) and identical(final_state(out), reference)
+        results.append((name, expected in log and same, f"warned={expected in log}; resumed identical={same}"))
+    return results
+
+
+# ------------------------------------------------------------------------------------------------------- divergence
+def poison(recipe: TrainDSparkRecipe, bad_steps: set[int]) -> None:
+    forward = recipe.runner._forward_loss
+
+    def patched(batch, *args, **kwargs):
+        loss = forward(batch, *args, **kwargs)
+        if recipe.step + 1 in bad_steps:
+            loss.numerator = loss.numerator * float("nan")
+            loss.sums = {k: v * float("nan") for k, v in loss.sums.items()}
+        return loss
+
+    recipe.runner._forward_loss = patched
+
+
+def divergence(assets: dict, root: Path, draft_dir: Path) -> list[Result]:
+    results = []
+    for step, allowed in ((3, 0), (6, 0), (2, 1)):
+        out = root / f"nan_{step}_{allowed}"
+        recipe = TrainDSparkRecipe(run_config(assets, out, max_skipped_steps=allowed, val_data_path=None))
+        captured(recipe.setup)
+        poison(recipe, {step})
+        err, _ = captured(recipe.run_train_validation_loop)
+        finite = all(bool(torch.isfinite(p).all()) for p in recipe.draft.parameters())
+        if allowed:
+            ok = err is None and recipe.skipped_steps == 1 and finite
+            detail = f"skipped and counted ({recipe.skipped_steps}), run finished, weights finite={finite}"
+        else:
+            ok = isinstance(err, RunStopped) and str(err).startswith(f"step {step}: non-finite") and finite
+            ok = ok and f"epoch_0_step_{step - 1}" in str(err)
+            detail = f"{str(err)[:100]}…"
+        results.append((f"NaN injected at step {step}, max_skipped_steps={allowed}", ok, detail))
+    cfg = run_config(assets, root / "lr", val_data_path=None)
+    cfg["optimizer"]["lr"] = 1e30
+    err, _ = captured(lambda: train(cfg))
+    saved = [load_file(str(p / "model.safetensors")) for p in (root / "lr" / "ckpt").glob("epoch_*")]
+    all_finite = all(bool(torch.isfinite(t).all()) for state in saved for t in state.values())
+    ok = isinstance(err, RunStopped) and all_finite
+    results.append(("optimizer.lr = 1e30", ok, f"{str(err)[:100]}…; {len(saved)} checkpoint(s), all finite"))
+    nan_draft = root / "nan_draft"
+    shutil.copytree(draft_dir, nan_draft)
+    state = load_file(str(nan_draft / "model.safetensors"))
+    first = sorted(state)[0]
+    state[first] = state[first].clone().fill_(float("nan"))
+    save_file(state, str(nan_draft / "model.safetensors"))
+    rounds = root / "rounds.jsonl"
+    rounds.write_text(json.dumps({"verify_len": 2, "num_accepted": 1, "confidence_logits": [0.0, 1.0]}) + "\n")
+    tool_cases = {
+        "evaluate a NaN draft": [
+            "evaluate",
+            "--target",
+            str(assets["target"]),
+            "--draft",
+            str(nan_draft),
+            "--data",
+            str(assets["val"]),
+            "--output",
+            str(root / "r.json"),
+        ],
+        "calibrate a NaN draft": ["calibrate", "--draft", str(nan_draft), "--rounds", str(rounds)],
+    }
+    for name, argv in tool_cases.items():
+        results.append(one_line_case(name, argv, "non-finite weights"))
+    return results
+
+
+# ------------------------------------------------------------------------------------------------------- bad inputs
+def one_line_case(name: str, argv: list[str], expected: str) -> Result:
+    code, text = captured(lambda: cli_main(argv))
+    text = text.strip()
+    ok = code == 2 and "\n" not in text and "Traceback" not in text and expected in text
+    return name, ok, text[:140]
+
+
+def bad_inputs(assets: dict, root: Path, draft_dir: Path) -> list[Result]:
+    target, data = str(assets["target"]), str(assets["val"])
+    other = root / "other_draft"
+    shutil.copytree(draft_dir, other)
+    config = json.loads((other / "config.json").read_text())
+    config.update(vocab_size=128, hidden_size=48)
+    (other / "config.json").write_text(json.dumps(config))
+    bad_rows = {"null": "null", "number": "42", "token list": "[1, 2, 3]", "messages as a string": '{"messages": "w1"}'}
+    evaluate = ["evaluate", "--target", target, "--draft", str(draft_dir), "--output", str(root / "e.json")]
+    cases = [
+        (
+            "evaluate: draft for another target",
+            [*evaluate[:3], "--draft", str(other), "--data", data, "--output", str(root / "e.json")],
+            "was not trained for",
+        ),
+        (
+            "evaluate: a plain model as --draft",
+            [*evaluate[:3], "--draft", target, "--data", data, "--output", str(root / "e.json")],
+            "missing DSpark key",
+        ),
+        ("evaluate: --output is a folder", [*evaluate[:5], "--data", data, "--output", str(root)], "is a directory"),
+        (
+            "evaluate: missing local --target",
+            ["evaluate", "--target", "./no/target", *evaluate[3:5], "--data", data, "--output", str(root / "e.json")],
+            "no such folder",
+        ),
+        ("evaluate: --num-prompts -1", [*evaluate, "--data", data, "--num-prompts", "-1"], "must be >= 1"),
+        (
+            "regenerate: --num-rows -1",
+            ["regenerate", "--target", target, "--data", data, "--out", str(root / "g.jsonl"), "--num-rows", "-1"],
+            "must be >= 1",
+        ),
+    ]
+    for kind, line in bad_rows.items():
+        path = root / f"rows_{kind.replace(' ', '_')}.jsonl"
+        path.write_text(Path(data).read_text().splitlines()[0] + "\n" + line + "\n")
+        cases.append((f"evaluate: prompt row that is {kind}", [*evaluate, "--data", str(path)], f"{path}:2:"))
+    results = [one_line_case(*case) for case in cases]
+    training = {
+        "train: missing local target": ({"target_model_name_or_path": "./dspark_demo/nope"}, "no such folder"),
+        "train: model folder as data": ({"train_data_path": target}, "a model folder"),
+        "train: bad eval_decode path": (
+            {"eval_decode": {"every_steps": 1, "data_path": str(root / "nope.jsonl")}},
+            "no such file",
+        ),
+    }
+    for name, (args, expected) in training.items():
+        out = root / name.replace(" ", "_").replace(":", "")
+        err, _ = captured(lambda out=out, args=args: TrainDSparkRecipe(run_config(assets, out, **args)).setup())
+        ok = isinstance(err, ToolError) and expected in str(err) and not (out / "dspark_train_metrics.jsonl").exists()
+        results.append((name, ok, str(err)[:140]))
+    second = root / "second_run"
+    captured(lambda: train(run_config(assets, second, max_steps=1, val_data_path=None)))
+    before = sorted(p.name for p in (second / "ckpt").iterdir())
+    err, _ = captured(lambda: TrainDSparkRecipe(run_config(assets, second, max_steps=1)).setup())
+    kept = sorted(p.name for p in (second / "ckpt").iterdir()) == before
+    ok = isinstance(err, ToolError) and "checkpoint.restore_from" in str(err) and kept
+    results.append(("train: a second run into the same output_dir", ok, str(err)[:140]))
+    return results
+
+
+# ------------------------------------------------------------------------------------------------------- main
+def build_assets(root: Path) -> dict:
+    return {
+        "target": build_target_dir(root / "target"),
+        "train": write_rows(root / "train.jsonl", 24),
+        "val": write_rows(root / "val.jsonl", 24, seed=1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kills", type=int, default=5, help="SIGKILLs of the training job (default: %(default)s)")
+    parser.add_argument("--nproc", type=int, default=1, help="training processes under torchrun (default: 1)")
+    parser.add_argument("--seed", type=int, default=0, help="kill timing seed")
+    parser.add_argument("--workdir", default=None, help="keep the runs here (default: a temp folder)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    root = Path(args.workdir or tempfile.mkdtemp(prefix="dspark_reliability_"))
+    root.mkdir(parents=True, exist_ok=True)
+    assets = build_assets(root)
+    ref_cfg = run_config(assets, root / "reference")
+    captured(lambda: train(ref_cfg))
+    reference = final_state(root / "reference")
+    draft_dir = root / "reference" / "ckpt" / f"epoch_0_step_{STEPS}"
+    classes = {
+        "kills": lambda: kills(assets, root, args.kills, args.nproc, args.seed),
+        "disk_full": lambda: disk_full(assets, root, reference),
+        "torn_files": lambda: torn(assets, root, reference),
+        "divergence": lambda: divergence(assets, root, draft_dir),
+        "bad_inputs": lambda: bad_inputs(assets, root, draft_dir),
+    }
+    summary = {}
+    for name, run in classes.items():
+        start = time.perf_counter()
+        results = run()
+        handled = sum(ok for _, ok, _ in results)
+        print(f"== {name}: {handled}/{len(results)} handled ({time.perf_counter() - start:.0f} s)")
+        for case, ok, detail in results:
+            print(f"   [{'ok' if ok else 'FAIL'}] {case}: {detail}")
+        summary[name] = {"tried": len(results), "handled": handled}
+    summary["all_handled"] = all(v["tried"] == v["handled"] for v in summary.values())
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
