@@ -17,6 +17,7 @@ from types import SimpleNamespace
 
 import torch
 from torch import Tensor, nn
+from transformers import Qwen3ForCausalLM  # imported here, before any section's clock starts
 
 from nemo_automodel_dspark import DSparkConfig, DSparkDrafter
 from nemo_automodel_dspark import distributed as D
@@ -26,6 +27,7 @@ from nemo_automodel_dspark.masks import flex_block_mask
 from nemo_automodel_dspark.model import layers
 from nemo_automodel_dspark.recipe.step import DSparkStep, MicroBatch
 from nemo_automodel_dspark.target.capture import capture_target_features
+from nemo_automodel_dspark.target.tiny import tiny_config
 
 
 @dataclass(frozen=True)
@@ -102,10 +104,6 @@ def bound(name: str, device: torch.device) -> float:
 # ------------------------------------------------------------------------------------------------ builders
 def build_target(shape: TargetShape, device: torch.device, dtype: torch.dtype, *, init_range: float = 0.02):
     """A random Qwen3 target of `shape` (seed 0), built directly on `device` in `dtype`, frozen."""
-    from transformers import Qwen3ForCausalLM
-
-    from nemo_automodel_dspark.target.tiny import tiny_config
-
     config = tiny_config(
         "qwen3",
         vocab_size=shape.vocab,

@@ -5,6 +5,7 @@ chat data). The padding fractions are computed on 20,000 such documents at full 
 (`data/packing.py`). Documents/s runs the recipe's train step (`DSparkStep.train_step`, one micro-batch per
 optimizer step, collation included) over the same documents in each mode, on a random Qwen3 target several times
 the draft's cost (the printed phase ratio); on CPU every length is divided by `--scale` (shape kept).
+It also prints documents per CPU-second (process time), steadier than wall time on a shared host.
 
     python benchmarks/packing.py                      # CPU defaults (a few minutes on 2 cores)
     python benchmarks/packing.py --device cuda --scale 1 --hidden 2048 --layers 16 --vocab 151936 --docs 512
@@ -53,8 +54,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--vocab", type=int, default=1024)
     p.add_argument("--draft-layers", type=int, default=1)
     p.add_argument("--micro-batch", type=int, default=4, help="rows (padded) or packs (packed) per micro-batch")
-    p.add_argument("--docs", type=int, default=64, help="documents per timed pass")
-    p.add_argument("--rounds", type=int, default=2, help="timed passes per mode, interleaved across modes")
+    p.add_argument("--docs", type=int, default=48, help="documents per timed pass")
+    p.add_argument("--rounds", type=int, default=3, help="timed passes per mode, interleaved across modes")
     return p.parse_args()
 
 
@@ -154,12 +155,12 @@ def collate(item, docs: list[dict], step: DSparkStep, mode: str, seq: int):
     return [batching.plan_micro_batch(docs, payload, args, 0)]
 
 
-def timed_pass(mode, docs, lengths, a, seq, step, optimizer, scheduler) -> tuple[float, int, float, dict]:
-    """(seconds, documents, Σ supervised slot weight, phase seconds) of one pass over the documents."""
+def timed_pass(mode, docs, lengths, a, seq, step, optimizer, scheduler) -> tuple[float, float, int, float, dict]:
+    """(wall s, CPU s, documents, Σ supervised slot weight, phase seconds) of one pass over the documents."""
     items = micro_batches(mode, docs, lengths, a, seq)
     step.timer.totals.clear()
     weight, count = 0.0, 0
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for item in items:
         batch = collate(item, docs, step, mode, seq)
         sums, _ = step.train_step(batch, 0, optimizer, scheduler)
@@ -167,7 +168,7 @@ def timed_pass(mode, docs, lengths, a, seq, step, optimizer, scheduler) -> tuple
         count += len(batch[0].indices)
     if step.info.device.type == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - start, count, weight, dict(step.timer.totals)
+    return time.perf_counter() - start, time.process_time() - cpu_start, count, weight, dict(step.timer.totals)
 
 
 def main() -> None:
@@ -185,15 +186,16 @@ def main() -> None:
         item = items[0]
         step.train_step(collate(item, docs, step, mode, seq), 0, optimizer, scheduler)
     step.timer.enabled = True
-    totals = {m: [0.0, 0, 0.0] for m in MODES}
+    totals = {m: [0.0, 0, 0.0, 0.0] for m in MODES}  # wall s, documents, slot weight, CPU s
     phases: dict[str, float] = {}
     for _ in range(a.rounds):
         for mode in MODES:  # interleaved, so that machine noise hits every mode alike
-            seconds, count, weight, phase = timed_pass(mode, docs, lengths, a, seq, step, optimizer, scheduler)
-            totals[mode] = [totals[mode][0] + seconds, totals[mode][1] + count, totals[mode][2] + weight]
+            wall, cpu, count, weight, phase = timed_pass(mode, docs, lengths, a, seq, step, optimizer, scheduler)
+            totals[mode] = [t + x for t, x in zip(totals[mode], (wall, count, weight, cpu), strict=True)]
             if mode == "padded":
                 phases = {k: phases.get(k, 0.0) + v for k, v in phase.items()}
     rate = {m: totals[m][1] / totals[m][0] for m in MODES}
+    cpu_rate = {m: totals[m][1] / totals[m][3] for m in MODES}  # documents per CPU second: steadier on a shared host
     cost = phases.get("target_forward", 0.0) / max(phases.get("draft_forward_backward", 0.0), 1e-9)
     print(f"device={device} scale=1/{a.scale} seq={seq} anchors={anchors} docs/pass={a.docs} rounds={a.rounds}")
     print(f"target forward / draft forward+backward time (padded): {cost:.1f}x")
@@ -204,12 +206,17 @@ def main() -> None:
         ("vs padded", 11),
         ("slot weight/doc", 17),
         ("slots/s vs padded", 19),
+        ("docs/CPU-s vs padded", 22),
     )
     print(f"{'mode':<14}" + "".join(f"{name:>{width}}" for name, width in header))
     for m in MODES:
         per_doc = totals[m][2] / max(totals[m][1], 1)
         ratio, slot_ratio = rate[m] / rate["padded"], slots[m] / slots["padded"]
-        print(f"{m:<14}{full[m]:>16.2%}{rate[m]:>10.2f}{ratio:>10.2f}x{per_doc:>17.1f}{slot_ratio:>18.2f}x")
+        cpu_ratio = cpu_rate[m] / cpu_rate["padded"]
+        print(
+            f"{m:<14}{full[m]:>16.2%}{rate[m]:>10.2f}{ratio:>10.2f}x{per_doc:>17.1f}{slot_ratio:>18.2f}x"
+            f"{cpu_ratio:>21.2f}x"
+        )
     figures = {
         "padding_fraction_padded": round(full["padded"], 4),
         "padding_fraction_packed": round(full["packed"], 4),

@@ -177,10 +177,13 @@ def _add_export(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from nemo_automodel_dspark.errors import require_draft_dir
+    from nemo_automodel_dspark.draft_checks import require_finite_draft
+    from nemo_automodel_dspark.errors import require_draft_dir, require_output_dir
     from nemo_automodel_dspark.export.dialects import export_draft
 
     require_draft_dir(args.checkpoint, "CKPT")
+    require_output_dir(args.out, "--out")
+    require_finite_draft(args.checkpoint, "CKPT")  # a diverged draft is never exported
     out = export_draft(args.checkpoint, args.format, args.out)
     print(f"[dspark] {args.format} draft written to {out}")
     return 0

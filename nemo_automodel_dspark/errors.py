@@ -47,3 +47,15 @@ def require_count(value: int | None, flag: str, minimum: int = 1) -> None:
     """A count flag (rows, prompts, tokens, bins) must be at least `minimum` when given."""
     if value is not None and value < minimum:
         raise ToolError(f"{flag} {value}: must be >= {minimum}")
+
+
+def require_output_dir(path: str | os.PathLike, flag: str) -> None:
+    """Before any work: `path` is a folder we can create or write into, not a file."""
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise ToolError(f"{flag} {path}: is a file; pass a folder")
+    parent = target
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise ToolError(f"{flag} {path}: cannot write there ({parent} is not a writable folder)")

@@ -42,7 +42,7 @@ from nemo_automodel_dspark.recipe import batching, resume, run_folder
 from nemo_automodel_dspark.recipe import checkpoint as ckpt
 from nemo_automodel_dspark.recipe.guards import RunStopped, divergence_message, non_finite_tensors
 from nemo_automodel_dspark.recipe.inputs import check_data, load_decode_prompts
-from nemo_automodel_dspark.recipe.metrics import console_line, peak_memory_gib
+from nemo_automodel_dspark.recipe.metrics import console_line
 from nemo_automodel_dspark.recipe.optim import build_optimizer, build_scheduler
 from nemo_automodel_dspark.recipe.plan import (
     MemoryPlan,
@@ -52,6 +52,7 @@ from nemo_automodel_dspark.recipe.plan import (
 )
 from nemo_automodel_dspark.recipe.serving_checks import check_serving, warning_text
 from nemo_automodel_dspark.recipe.sharded_target import load_sharded_target
+from nemo_automodel_dspark.recipe.state import MetricsWindow, Progress, due_after_step
 from nemo_automodel_dspark.recipe.step import DSparkStep, MicroBatch
 from nemo_automodel_dspark.target.loading import check_model_path, load_target, load_tokenizer
 
@@ -63,19 +64,24 @@ class FrozenTarget:
     model: torch.nn.Module
 
 
-@dataclass
-class Window:
-    """Metrics accumulated since the last log step (reduced across ranks when logged)."""
+class _ProgressField:
+    """`recipe.step` / `.epoch` / `.skipped_steps` read and write `recipe.progress` (the one owner of them)."""
 
-    sums: dict[str, torch.Tensor] | None = None
-    grad_norm: float | torch.Tensor = 0.0
-    steps: int = 0
-    tokens: int = 0
-    start: float = 0.0
+    def __set_name__(self, owner, name: str) -> None:
+        self.name = name
+
+    def __get__(self, recipe, owner=None) -> int:
+        return getattr(recipe.progress, self.name)
+
+    def __set__(self, recipe, value: int) -> None:
+        setattr(recipe.progress, self.name, value)
 
 
 class TrainDSparkRecipe(BaseRecipe):
-    """Frozen target + trainable DSpark draft; setup() reads as a table of contents of `_build_*` steps."""
+    """Frozen target + trainable DSpark draft; setup() reads as a table of contents of `_build_*` steps and
+    `run_train_validation_loop` as the loop: train a step, then do what `due_after_step` says is due."""
+
+    step, epoch, skipped_steps = _ProgressField(), _ProgressField(), _ProgressField()
 
     def __init__(self, cfg) -> None:
         self.cfg = cfg
@@ -238,11 +244,11 @@ class TrainDSparkRecipe(BaseRecipe):
 
     def _build_metrics(self) -> None:
         self.files.open()
-        self.step, self.epoch, self.skipped_steps = 0, 0, 0
+        self.progress = Progress()
         self._rows: Iterator | None = (
             None  # this epoch's sampler iterator (rows or micro-batch plans; resumes mid-epoch)
         )
-        self.window = Window(start=time.perf_counter())
+        self.window = MetricsWindow()
 
     def _restore(self) -> None:
         """Resume from `checkpoint.restore_from` (path or LATEST): weights, optimizer, schedule, data position."""
@@ -267,12 +273,8 @@ class TrainDSparkRecipe(BaseRecipe):
             state.get("optimizer"), self.config.optimizer, self.optimizer, self.lr_scheduler, self._log
         )
         batching.restore_position(self.sampler, state["sampler"], path)
-        self.step, self.epoch = state["step"], state["epoch"]
-        self.skipped_steps = state.get("skipped_steps", 0)
-        if self.info.is_main and state.get("window") is not None:
-            like = {k: torch.empty(shape) for k, shape in state["window"]["shapes"].items()}
-            self.window.sums = unflatten_sums(torch.tensor(state["window"]["sums"]), like)
-            self.window.grad_norm, self.window.steps = state["window"]["grad_norm"], state["window"]["steps"]
+        self.progress.load_state_dict(state)
+        self.window.load_state_dict(state.get("window"), self.info)
         self.files.truncate_metrics(self.step)
         self._log(f"resumed from {path} at step {self.step} (epoch {self.epoch})")
 
@@ -326,32 +328,36 @@ class TrainDSparkRecipe(BaseRecipe):
         self.window.tokens += sum(int(mb.attention_mask.sum()) for mb in batches)  # CPU tensors: no device sync
         sums, grad_norm = self.runner.train_step(batches, self.epoch, self.optimizer, self.lr_scheduler)
         if self.runner.last_finite:
-            self._accumulate(sums, grad_norm)
+            self.window.add(sums, grad_norm)
         else:
             self._skip_non_finite()
         self.step += 1
 
     def _after_step(self) -> None:
-        """Log, validate, close the epoch, decode and checkpoint as the step count asks."""
-        args, cfg_ckpt = self.config.recipe_args, self.config.checkpoint
+        """Log, validate, close the epoch, decode and checkpoint as the cadences say (`due_after_step`)."""
         step_epoch = self.epoch
-        epoch_done = self.sampler.consumed // self.per_step >= self._steps_in_epoch(self.epoch)
-        last = self.step >= self.total_steps
-        if self.step % args.log_every_steps == 0 or epoch_done or last:
+        due = due_after_step(
+            self.config,
+            self.step,
+            epoch_done=self.sampler.consumed // self.per_step >= self._steps_in_epoch(self.epoch),
+            last=self.step >= self.total_steps,
+            has_val=self.val_set is not None,
+        )
+        if due.log:
             self._log_window(step_epoch)
-        val_due = bool(args.val_every_steps) and self.step % (args.val_every_steps or 1) == 0
-        if self.val_set is not None and (epoch_done or val_due):
+        if due.validate:
             self._validate(step_epoch)
-        if epoch_done:
-            self.epoch += 1
-            self.sampler.set_epoch(self.epoch)
-            self._rows = None
-        decode = args.eval_decode
-        if decode is not None and (self.step % decode.every_steps == 0 or last):
+        if due.end_epoch:
+            self._next_epoch()
+        if due.decode:
             self._eval_decode(step_epoch)
-        every = cfg_ckpt.ckpt_every_steps
-        if cfg_ckpt.enabled and ((every and self.step % every == 0) or last):
+        if due.checkpoint:
             self._save(step_epoch)
+
+    def _next_epoch(self) -> None:
+        self.epoch += 1
+        self.sampler.set_epoch(self.epoch)
+        self._rows = None
 
     def _skip_non_finite(self) -> None:
         """Count a step that was not applied; stop (every rank, same decision) once the allowance is used up."""
@@ -362,45 +368,24 @@ class TrainDSparkRecipe(BaseRecipe):
         count = f"{self.skipped_steps}/{allowed}"
         self._log(f"step {self.step + 1}: non-finite loss or gradient norm; step skipped ({count})")
 
-    def _accumulate(self, sums: dict, grad_norm: torch.Tensor) -> None:
-        w = self.window
-        if w.sums is None:
-            w.sums = dict(sums)
-        else:
-            w.sums = {k: w.sums[k] + v.to(w.sums[k].device) for k, v in sums.items()}
-        w.grad_norm = w.grad_norm + grad_norm
-        w.steps += 1
-
-    def _reduced_window(self) -> tuple[dict[str, torch.Tensor], float, float, float]:
-        """All-reduce the open window once: (sums, mean grad norm, tokens, peak memory GiB)."""
-        w = self.window
-        assert w.sums is not None
-        flat = flatten_sums(w.sums).to(self.info.device)
-        extra = torch.tensor([float(w.grad_norm), float(w.tokens)], device=self.info.device)
-        total = D.all_reduce_sum(torch.cat([flat, extra]))
-        mem = D.all_reduce_max(torch.tensor([peak_memory_gib(self.info.device)], device=self.info.device))
-        sums = unflatten_sums(total[: flat.numel()].cpu(), w.sums)
-        grad_norm = float(total[-2]) / max(w.steps, 1) / self.info.world_size
-        return sums, grad_norm, float(total[-1]), float(mem)
-
     def _log_window(self, epoch: int) -> None:
         if self.window.sums is None:
             return
-        sums, grad_norm, tokens, mem = self._reduced_window()
+        window = self.window.reduce(self.info)
         elapsed = time.perf_counter() - self.window.start
         record = {
             "step": self.step,
             "epoch": epoch,
-            **metrics_from_sums(sums, self.config.loss),
+            **metrics_from_sums(window.sums, self.config.loss),
             "lr": self.runner.last_lr,
-            "grad_norm": grad_norm,
-            "tokens_per_s": tokens / max(elapsed, 1e-9),
-            "mem": mem,
+            "grad_norm": window.grad_norm,
+            "tokens_per_s": window.tokens / max(elapsed, 1e-9),
+            "mem": window.peak_memory_gib,
             **({"skipped_steps": self.skipped_steps} if self.skipped_steps else {}),
         }
         self._write_metrics(record)
         self._log(console_line(record))
-        self.window = Window(start=time.perf_counter())
+        self.window.reset()
 
     def _validate(self, epoch: int) -> None:
         """Objective and diagnostics on the validation split (own anchor stream: training is unaffected)."""
@@ -473,36 +458,25 @@ class TrainDSparkRecipe(BaseRecipe):
                 f"step {self.step}: the draft has non-finite weights ({', '.join(bad[:3]) or 'on rank 0'}); "
                 f"no checkpoint was written; the last good checkpoint is {self.files.last_good() or 'none'}"
             )
-        window = self._window_state()
+        state = self._trainer_state()  # every rank joins the window's reduction
         failure = None
         if self.info.is_main:
-            failure = self._write_checkpoint(epoch, model_state, optim_state, window)
+            failure = self._write_checkpoint(epoch, model_state, optim_state, state)
         self._stop_if(failure)
 
-    def _window_state(self) -> dict | None:
-        """The open metrics window, reduced over ranks, so a resumed run logs the same records."""
-        if self.window.sums is None:
-            return None
-        sums, _, _, _ = self._reduced_window()
+    def _trainer_state(self) -> dict:
+        """Everything a resumed run needs besides weights and optimizer state, in one place (read by `_restore`)."""
         return {
-            "sums": flatten_sums(sums).tolist(),
-            "shapes": {k: list(v.shape) for k, v in sums.items()},
-            "grad_norm": float(self.window.grad_norm) * self.info.world_size,
-            "steps": self.window.steps,
-        }
-
-    def _write_checkpoint(self, epoch: int, model_state: dict, optim_state: dict, window: dict | None) -> str | None:
-        """Rank 0: write the checkpoint; a full disk is returned as the one line to stop with (nothing half-written)."""
-        state = {
-            "step": self.step,
-            "epoch": self.epoch,
+            **self.progress.state_dict(),
             "sampler": self.sampler.state_dict(),
             "scheduler": self.lr_scheduler.state_dict(),
             "compat": self._compat(),
             "optimizer": resume.optimizer_record(self.config.optimizer),
-            "window": window,
-            "skipped_steps": self.skipped_steps,
+            "window": self.window.state_dict(self.info),
         }
+
+    def _write_checkpoint(self, epoch: int, model_state: dict, optim_state: dict, state: dict) -> str | None:
+        """Rank 0: write the checkpoint; a full disk is returned as the one line to stop with (nothing half-written)."""
         return self.files.write_checkpoint(
             epoch,
             self.step,

@@ -33,6 +33,16 @@ def test_write_replaces_and_fsyncs_file_then_folder(tmp_path, fsyncs):
     assert sorted(p.name for p in path.parent.iterdir()) == ["report.json"]  # no temp left
 
 
+def test_files_get_the_permissions_of_a_plain_open(tmp_path):
+    old = os.umask(0o022)
+    try:
+        io.atomic_write_bytes(tmp_path / "config.json", b"{}")
+        (tmp_path / "plain").write_bytes(b"{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "config.json").stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777 == 0o644
+
+
 def test_failed_write_keeps_the_old_file_and_removes_the_temp(tmp_path):
     path = tmp_path / "rows.jsonl"
     io.atomic_write_jsonl(path, [{"a": 1}])

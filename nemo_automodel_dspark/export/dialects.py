@@ -70,11 +70,12 @@ class ExportRefused(ToolError):
 
 def draft_options(config: dict) -> DraftOptions:
     """The engine rules' view of a saved draft's config fields."""
+    from types import SimpleNamespace
+
     from nemo_automodel_dspark.model.families import family_for
 
-    class _Archs:  # family_for reads `.architectures`; the draft's own architecture names its family
-        architectures = config.get("architectures")
-
+    # family_for reads `.architectures`; a saved draft's own architecture (Qwen3DSparkModel, ...) names its family
+    family = family_for(SimpleNamespace(architectures=config.get("architectures"))).name
     return DraftOptions(
         markov_rank=int(config["markov_rank"]),
         markov_head_type=str(config["markov_head_type"]),
@@ -82,7 +83,7 @@ def draft_options(config: dict) -> DraftOptions:
         confidence_head_with_markov=bool(config["confidence_head_with_markov"]),
         target_layer_ids=[int(i) for i in config["target_layer_ids"]],
         num_target_layers=int(config["num_target_layers"]),
-        family=family_for(_Archs).name,
+        family=family,
     )
 
 

@@ -149,3 +149,21 @@ def test_export_refuses_to_overwrite_its_source_and_a_folder_without_a_draft(sav
     assert "the checkpoint itself" in capsys.readouterr().err
     assert main(["export", str(tmp_path), "--format", "vllm", "--out", str(tmp_path / "o")]) == 2
     assert "not a saved DSpark draft" in capsys.readouterr().err
+
+
+def test_a_gemma4_draft_exports_to_nemo_only(tmp_path, capsys):
+    from _helpers.recipe_assets import tiny_model
+
+    target = tiny_model("gemma4", eos=2).eval()
+    torch.manual_seed(0)
+    options = DSparkConfig(
+        mask_token_id=3, draft_num_hidden_layers=1, block_size=4, markov_rank=8, target_layer_ids=[0]
+    )
+    DSparkDrafter.from_target(target, options).save_pretrained(tmp_path / "g")
+    for fmt in ("vllm", "sglang", "specforge", "speculators", "modelopt"):
+        assert main(["export", str(tmp_path / "g"), "--format", fmt, "--out", str(tmp_path / fmt)]) == 2
+        assert f"{fmt} cannot serve this draft (target_model_name_or_path): its DSpark draft layer is Qwen3's" in (
+            capsys.readouterr().err
+        )
+    config, _ = _export(tmp_path / "g", "nemo", tmp_path / "nemo")
+    assert config["architectures"] == ["Gemma4DSparkModel"]

@@ -175,3 +175,14 @@ def test_a_utf8_bom_means_the_same_to_every_reader(assets, tmp_path):
         b"\xef\xbb\xbf" + json.dumps({"verify_len": 2, "num_accepted": 1, "confidence_logits": [0.0, 1.0]}).encode()
     )
     assert len(read_rounds(rounds)) == 1  # calibrate / schedule
+
+
+def test_export_refuses_a_non_finite_draft_and_a_file_as_out(assets, tmp_path, capsys):
+    root, _, _ = assets
+    bad = nan_copy(root / "draft", tmp_path / "nan_draft")
+    err = one_line_error(["export", str(bad), "--format", "nemo", "--out", str(tmp_path / "out")], capsys)
+    assert f"CKPT {bad}: non-finite weights in " in err and not (tmp_path / "out").exists()
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    err = one_line_error(["export", str(root / "draft"), "--format", "nemo", "--out", str(a_file)], capsys)
+    assert f"--out {a_file}: is a file; pass a folder" in err and a_file.read_text() == "x"
