@@ -46,6 +46,8 @@ from nemo_automodel_dspark.train_dspark import TrainDSparkRecipe  # noqa: E402
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
 STEPS = 8
+KILL_STEPS = 30  # a longer run (3 epochs) for the kills, so that they land in training and checkpoint writes
+KILL_ARGS = {"max_steps": KILL_STEPS, "num_epochs": 3}
 Result = tuple[str, bool, str]  # (case, handled, what happened)
 
 
@@ -68,8 +70,13 @@ def resume(cfg: dict) -> dict:
     return {**cfg, "checkpoint": {**cfg["checkpoint"], "restore_from": "LATEST"}}
 
 
+def step_folder(out: Path, step: int) -> Path | None:
+    return next((out / "ckpt").glob(f"epoch_*_step_{step}"), None)
+
+
 def final_state(out: Path, step: int = STEPS) -> tuple[dict, dict]:
-    folder = out / "ckpt" / f"epoch_0_step_{step}"
+    folder = step_folder(out, step)
+    assert folder is not None, f"{out}: no checkpoint of step {step}"
     return load_file(str(folder / "model.safetensors")), torch.load(folder / "optimizer.pt", weights_only=True)
 
 
@@ -120,12 +127,11 @@ def launch(cmd: list[str], cfg_path: Path) -> subprocess.Popen:
     )
 
 
-def wait_for_new_record(proc: subprocess.Popen, metrics: Path) -> float:
+def wait_for_new_record(proc: subprocess.Popen, metrics: Path) -> None:
     """Block until this launch appends a metrics record (it is training) or exits; returns the time it did."""
     seen = len(metrics.read_text().splitlines()) if metrics.exists() else 0
     while proc.poll() is None and (not metrics.exists() or len(metrics.read_text().splitlines()) <= seen):
         time.sleep(0.01)
-    return time.perf_counter()
 
 
 def kills(assets: dict, root: Path, count: int, nproc: int, seed: int) -> list[Result]:
@@ -133,28 +139,31 @@ def kills(assets: dict, root: Path, count: int, nproc: int, seed: int) -> list[R
     rng = random.Random(seed)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     cmd += ["-m", "nemo_automodel_dspark.train_dspark"]
-    ref = launch(cmd, write_config(run_config(assets, root / "kill_ref"), root / "kill_ref.yaml"))
-    first = wait_for_new_record(ref, root / "kill_ref" / "dspark_train_metrics.jsonl")
+    ref = launch(cmd, write_config(run_config(assets, root / "kill_ref", **KILL_ARGS), root / "kill_ref.yaml"))
+    wait_for_new_record(ref, root / "kill_ref" / "dspark_train_metrics.jsonl")
+    first = time.perf_counter()
+    while ref.poll() is None and step_folder(root / "kill_ref", KILL_STEPS) is None:
+        time.sleep(0.01)
+    train_s = time.perf_counter() - first  # from a launch's first record to its last checkpoint
     ref.wait()
-    train_s = time.perf_counter() - first  # the training part of a launch, after its first record
-    reference = final_state(root / "kill_ref")
+    reference = final_state(root / "kill_ref", KILL_STEPS)
     out = root / "killed"
-    cfg_path = write_config(resume(run_config(assets, out)), root / "killed.yaml")
+    cfg_path = write_config(resume(run_config(assets, out, **KILL_ARGS)), root / "killed.yaml")
     results, during_write = [], 0
     for i in range(count):
         proc = launch(cmd, cfg_path)
         wait_for_new_record(proc, out / "dspark_train_metrics.jsonl")
-        time.sleep(rng.uniform(0.0, train_s / 3))  # later launches resume nearer the end: aim early
-        finished = proc.poll() is not None
-        os.killpg(proc.pid, signal.SIGKILL)
+        time.sleep(rng.uniform(0.0, train_s / (count + 1)))  # later launches resume nearer the end: aim early
+        with contextlib.suppress(ProcessLookupError):  # it may have exited this instant
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        if finished:
+        if step_folder(out, KILL_STEPS) is not None:
             break  # the run completed before this kill landed: not a kill
         in_write = any((out / "ckpt").glob(".epoch_*_step_*.tmp"))
         during_write += in_write
         results.append((f"kill {i + 1}", True, "during a checkpoint write" if in_write else "during training"))
     subprocess.run([*cmd, "-c", str(cfg_path)], env=ENV, check=True, capture_output=True)
-    same = identical(final_state(out), reference)
+    same = identical(final_state(out, KILL_STEPS), reference)
     case = f"resume after {len(results)} kills ({during_write} during checkpoint writes)"
     results.append((case, same, "bit-identical weights and optimizer state" if same else "DIFFERENT"))
     return results
