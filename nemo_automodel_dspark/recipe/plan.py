@@ -14,6 +14,7 @@ from typing import cast
 
 import torch
 
+from nemo_automodel_dspark.loss.chunked import default_chunk_rows
 from nemo_automodel_dspark.model.config import DSparkConfig
 from nemo_automodel_dspark.model.families import family_for
 from nemo_automodel_dspark.model.layers import ContextBlockAttention
@@ -23,8 +24,11 @@ ADAM_STATE_BYTES = 8  # exp_avg + exp_avg_sq, fp32, per trainable parameter
 MASTER_BYTES = 4  # fp32 master weights and sharded fp32 gradients
 GATHERED_LAYERS = 2  # FSDP2 keeps the running layer and the prefetched next one unsharded
 RUNTIME_RESERVE_GIB = 2.0  # CUDA context + NCCL buffers, outside the caching allocator (GPU only)
-# Per supervised row and vocabulary entry: draft logits U, Z = U + b and the teacher logits in the compute dtype,
-# the fp32 log-probabilities of both in the objective, and dL/dZ in the compute dtype → 4·c + 8 bytes.
+# The recipe's objective is fused (loss/head.py): no [rows, V] logits exist, only a few fp32 [chunk_rows, V] scratch
+# tensors at a time (draft and teacher logits, their softmaxes, dZ, the softcap's tanh).
+LOGIT_CHUNKS = 6
+# Unfused, per supervised row and vocabulary entry: draft logits U, Z = U + b and the teacher logits in the compute
+# dtype, the fp32 log-probabilities of both, and dL/dZ in the compute dtype → 4·c + 8 bytes.
 LOGIT_COPIES_COMPUTE, LOGIT_COPIES_FP32 = 4, 2
 # Per draft layer and block row, what backward keeps: ~12 hidden-sized tensors (norm in/out, q/k/v/o, residuals,
 # attention output) and 4 intermediate-sized ones (gate, up, act, product) in the compute dtype.
@@ -47,6 +51,7 @@ class PlanSettings:
     defer_fsdp_grad_sync: bool = True
     activation_checkpointing: bool = False
     shard_dense_target: bool | str = "auto"
+    fused_objective: bool = True  # the recipe's; False models an objective that materialises [rows, V] logits
 
 
 @dataclass(frozen=True)
@@ -175,9 +180,19 @@ def _activation_bytes(c: ModelCounts, s: PlanSettings, compute: int, target_byte
     target_layer = seq * (4 * c.hidden + 2 * c.intermediate) * target_bytes  # one no-grad layer in flight
     per_layer = rows * (ACT_HIDDEN * c.hidden + ACT_INTERMEDIATE * c.intermediate) * compute
     per_layer += (seq + rows) * (c.hidden + 2 * c.kv_dim) * compute  # context rows and their keys/values
-    kept = rows * c.hidden * compute * c.draft_layers + per_layer if s.activation_checkpointing else 0.0
-    backbone = kept if s.activation_checkpointing else per_layer * c.draft_layers
+    if s.activation_checkpointing:  # each layer keeps its input; one layer's activations are rebuilt at a time
+        backbone = rows * c.hidden * compute * c.draft_layers + per_layer
+    else:
+        backbone = per_layer * c.draft_layers
     return features + target_layer + backbone
+
+
+def _logit_bytes(c: ModelCounts, s: PlanSettings, compute: int) -> float:
+    """Vocabulary-sized memory of the objective: fused chunks, or whole [rows, V] tensors when unfused."""
+    rows = s.micro_batch_size * s.num_anchors * s.block_size
+    if s.fused_objective:
+        return LOGIT_CHUNKS * min(rows, default_chunk_rows(c.vocab)) * c.vocab * 4
+    return rows * c.vocab * (LOGIT_COPIES_COMPUTE * compute + LOGIT_COPIES_FP32 * 4)
 
 
 def estimate(c: ModelCounts, s: PlanSettings, target_sharded: bool) -> dict[str, float]:
@@ -190,11 +205,7 @@ def estimate(c: ModelCounts, s: PlanSettings, target_sharded: bool) -> dict[str,
         "target_layer_gather": GATHERED_LAYERS * c.target_largest_layer * target_bytes if sharded else 0.0,
         **_draft_terms(c, s, compute),
         "activations": _activation_bytes(c, s, compute, target_bytes),
-        "logits": s.micro_batch_size
-        * s.num_anchors
-        * s.block_size
-        * c.vocab
-        * (LOGIT_COPIES_COMPUTE * compute + LOGIT_COPIES_FP32 * 4),
+        "logits": _logit_bytes(c, s, compute),
         "runtime_reserve": RUNTIME_RESERVE_GIB * GIB if s.device == "cuda" else 0.0,
     }
     return {k: v / GIB for k, v in terms.items()}

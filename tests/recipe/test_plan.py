@@ -12,10 +12,12 @@ from _helpers.recipe_assets import base_config, write_config
 
 from nemo_automodel_dspark.cli import main as dspark
 from nemo_automodel_dspark.loss import LossConfig
+from nemo_automodel_dspark.loss.chunked import default_chunk_rows
 from nemo_automodel_dspark.model.config import DSparkConfig
 from nemo_automodel_dspark.recipe.config import ConfigError, parse_config
 from nemo_automodel_dspark.recipe.plan import (
     GIB,
+    LOGIT_CHUNKS,
     PlanSettings,
     choose_sharding,
     count_models,
@@ -24,7 +26,10 @@ from nemo_automodel_dspark.recipe.plan import (
     parse_gib,
 )
 
-ISSUE_RUN = dict(gpus=8, budget_gib=80.0, micro_batch_size=1, seq_length=4096, num_anchors=512, block_size=7)
+# The issue's hand estimate counted [rows, V] logits (the objective was not fused then): compare unfused.
+ISSUE_RUN = dict(
+    gpus=8, budget_gib=80.0, micro_batch_size=1, seq_length=4096, num_anchors=512, block_size=7, fused_objective=False
+)
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +89,12 @@ def test_plan_terms_follow_their_formulas(large_counts):
     assert base["optimizer_state"] == pytest.approx(counts.draft_trainable * 8 / 8 / GIB)
     ckpt = make_plan(counts, PlanSettings(**ISSUE_RUN, activation_checkpointing=True)).terms
     assert ckpt["activations"] < base["activations"]
+    fused = make_plan(counts, PlanSettings(**{**ISSUE_RUN, "fused_objective": True})).terms
+    chunk = default_chunk_rows(counts.vocab)
+    assert fused["logits"] == pytest.approx(LOGIT_CHUNKS * chunk * counts.vocab * 4 / GIB)
+    assert fused["logits"] < base["logits"] / 10 and {k: v for k, v in fused.items() if k != "logits"} == {
+        k: v for k, v in base.items() if k != "logits"
+    }
 
 
 def test_auto_is_the_replicated_verdict():
