@@ -6,7 +6,7 @@ or metrics write fail with ENOSPC (one line, nothing half-written, resumable to 
 files (metrics line, weights, optimizer state, trainer state); divergence (a NaN injected into a step, an absurd
 learning rate, a NaN draft given to the tools); bad inputs to training and to the tools (each one line, no traceback).
 
-    python benchmarks/reliability.py              # ~10 min on 2 busy CPU cores
+    python benchmarks/reliability.py              # ~5 min on 2 busy CPU cores
     python benchmarks/reliability.py --kills 20 --nproc 2
 
 Prints one line per case and ends with one JSON line: per class, cases tried and cases handled.
