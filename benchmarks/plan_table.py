@@ -32,7 +32,7 @@ from nemo_automodel_dspark.cli import main as dspark  # noqa: E402
 
 def plan(yaml: str, folder: Path, gpus: int, memory: str, sharding: str) -> dict:
     argv = ["plan", "-c", yaml, "--gpus", str(gpus), "--gpu-memory", memory, "--json"]
-    argv += [f"--recipe_args.target_model_name_or_path={folder}", "--recipe_args.target_layer_ids=None"]
+    argv += [f"--recipe_args.target_model_name_or_path={folder}"]
     argv += [f"--recipe_args.shard_dense_target={sharding}"]
     out = io.StringIO()
     with contextlib.redirect_stdout(out), warnings.catch_warnings():
@@ -50,11 +50,17 @@ def main() -> None:
     args = parser.parse_args()
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
+        import yaml
+
+        raw = yaml.safe_load(Path(args.config).read_text())
+        raw["recipe_args"].pop("target_layer_ids", None)  # each target's default spread, not the 0.6B's ids
+        config = Path(tmp) / "config.yaml"
+        config.write_text(yaml.safe_dump(raw))
         for name in args.targets:
             folder = write_target_config(name, Path(tmp))
-            rep = plan(args.config, folder, args.gpus, args.gpu_memory, "false")
-            shd = plan(args.config, folder, args.gpus, args.gpu_memory, "true")
-            auto = plan(args.config, folder, args.gpus, args.gpu_memory, "auto")
+            rep = plan(str(config), folder, args.gpus, args.gpu_memory, "false")
+            shd = plan(str(config), folder, args.gpus, args.gpu_memory, "true")
+            auto = plan(str(config), folder, args.gpus, args.gpu_memory, "auto")
             rows[name] = (rep, shd, auto)
     print(f"{args.gpus} GPUs x {args.gpu_memory}; per-GPU GiB")
     print(

@@ -2,22 +2,25 @@
 
 Replicated (`shard_dense_target: false`): every rank runs `from_pretrained` and keeps the whole target. Sharded
 (`true`): every rank builds the target on the meta device and FSDP2-shards it; rank 0 alone reads the safetensors
-file and each rank receives only its shard. A random Qwen3 target (default ~134M parameters, 512 MiB in fp32) is
-saved once; each mode then runs in fresh processes, so resident memory (RSS) grows from the same baseline.
+file and each rank receives only its shard. A random Qwen3 target (default ~267M parameters) is saved once in bf16
+and loaded in fp32 (the CPU compute dtype), so every loaded weight is private memory; each mode runs in fresh
+processes. Memory is the private resident set (`RssAnon`): the checkpoint's mmapped pages (`RssFile`) are page
+cache shared by all processes on the node and are reported apart.
 
     python benchmarks/target_load_memory.py                 # ~1 minute on 2 cores
     python benchmarks/target_load_memory.py --hidden 1024 --layers 16
 
-Ends with one JSON line: per mode and rank the RSS growth at load (peak and after), the parameter bytes held,
-and the sharded / replicated ratios.
+Private memory is read right after loading, after one forward (which touches every weight) and after
+`malloc_trim` (glibc keeps freed all-gather buffers); the peak is sampled every 2 ms. Ends with one JSON line:
+per mode and rank those figures, the parameter bytes held, and the sharded / replicated ratios.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
-import resource
 import socket
 import tempfile
 from pathlib import Path
@@ -28,13 +31,33 @@ import torch.multiprocessing as mp
 MIB = 2**20
 
 
-def rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / MIB
+def rss_mib(kind: str = "RssAnon") -> float:
+    """Resident memory of this process: `RssAnon` (private, what a copy per rank costs) or `RssFile` (page cache)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(kind + ":"):
+                return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError(f"/proc/self/status has no {kind}")
 
 
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+class PeakSampler:
+    """Samples this process's RSS every few milliseconds in a thread; `.peak` is the highest seen (MiB)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.peak, self._stop = rss_mib(), threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, rss_mib())
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return max(self.peak, rss_mib())
 
 
 def save_target(folder: Path, hidden: int, layers: int, vocab: int) -> int:
@@ -54,7 +77,7 @@ def save_target(folder: Path, hidden: int, layers: int, vocab: int) -> int:
         tie_word_embeddings=False,
     )
     torch.manual_seed(0)
-    model = Qwen3ForCausalLM(config)
+    model = Qwen3ForCausalLM(config).to(torch.bfloat16)  # saved in bf16, as hub checkpoints are
     model.save_pretrained(folder)
     return sum(p.numel() for p in model.parameters())
 
@@ -66,20 +89,32 @@ def _worker(rank: int, port: int, mode: str, path: str, out: str) -> None:
     torch.set_num_threads(1)
     from nemo_automodel_dspark import distributed as D
     from nemo_automodel_dspark.recipe.sharded_target import load_sharded_target
+    from nemo_automodel_dspark.target.capture import capture_target_features
     from nemo_automodel_dspark.target.loading import load_target
 
     info = D.init_distributed("gloo", 10)
     D.barrier()
-    before, peak_before = rss_mib(), peak_rss_mib()
+    before, file_before = rss_mib(), rss_mib("RssFile")
+    sampler = PeakSampler()
     if mode == "sharded":
         model = load_sharded_target(path, dtype=torch.float32, info=info)
     else:
         model = load_target(path, dtype=torch.float32, device=info.device)
     D.barrier()
+    loaded = rss_mib() - before
+    # one forward touches every weight (safetensors may map pages lazily until then)
+    capture_target_features(model, torch.ones(1, 32, dtype=torch.long), None, [0])
+    D.barrier()
+    peak = sampler.stop()
+    after_forward = rss_mib() - before
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand back what glibc keeps from freed gather buffers
     report = {
+        "loaded_mib": loaded,
+        "after_forward_mib": after_forward,
         "rss_growth_mib": rss_mib() - before,
-        "peak_rss_growth_mib": peak_rss_mib() - max(peak_before, before),
+        "peak_rss_growth_mib": peak - before,
         "param_mib": D.local_bytes(model) / MIB,
+        "page_cache_mib": rss_mib("RssFile") - file_before,  # the mmapped checkpoint, shared between processes
     }
     Path(out, f"{mode}{rank}.json").write_text(json.dumps(report))
     D.destroy()
@@ -93,8 +128,8 @@ def _free_port() -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--hidden", type=int, default=768)
-    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--vocab", type=int, default=32000)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -104,16 +139,20 @@ def main() -> None:
             mp.spawn(_worker, args=(_free_port(), mode, str(Path(tmp) / "target"), tmp), nprocs=2, join=True)
             results[mode] = [json.loads(Path(tmp, f"{mode}{r}.json").read_text()) for r in range(2)]
     print(f"target: {params / 1e6:.1f}M parameters, {params * 4 / MIB:.0f} MiB in fp32; 2 CPU ranks (gloo)")
-    print(f"{'mode':<11} {'rank':>4} {'RSS growth':>11} {'peak growth':>12} {'param MiB':>10}")
+    print(
+        "private memory (RssAnon) growth from just before loading: right after loading, after one forward, after "
+        "malloc_trim; peak sampled every 2 ms"
+    )
+    columns = ["mode", "rank", "loaded", "after fwd", "trimmed", "peak", "param MiB", "page cache"]
+    print("  ".join(f"{c:>10}" for c in columns))
     for mode, ranks in results.items():
         for rank, r in enumerate(ranks):
-            print(
-                f"{mode:<11} {rank:>4} {r['rss_growth_mib']:>10.0f}M {r['peak_rss_growth_mib']:>11.0f}M "
-                f"{r['param_mib']:>10.1f}"
-            )
+            keys = ("loaded_mib", "after_forward_mib", "rss_growth_mib", "peak_rss_growth_mib")
+            cells = [mode, str(rank), *(f"{r[k]:.0f}M" for k in keys), f"{r['param_mib']:.1f}"]
+            print("  ".join(f"{c:>10}" for c in [*cells, f"{r['page_cache_mib']:.0f}M"]))
     ratios = {
         f"{key}_ratio_rank{rank}": results["sharded"][rank][key] / max(results["replicated"][rank][key], 1e-9)
-        for key in ("rss_growth_mib", "peak_rss_growth_mib", "param_mib")
+        for key in ("loaded_mib", "rss_growth_mib", "peak_rss_growth_mib", "param_mib")
         for rank in range(2)
     }
     for name, value in ratios.items():

@@ -99,21 +99,28 @@ def shard_frozen_target(target: nn.Module, layers: nn.ModuleList, decoder: nn.Mo
 def load_from_rank0(model: nn.Module, source: nn.Module | None, device: torch.device) -> None:
     """Fill a sharded meta-device `model` from rank 0's full `source` (None elsewhere), one tensor at a time.
 
-    Parameters and persistent buffers travel as each rank's shard (`broadcast_from_rank0`); non-persistent buffers
-    (RoPE frequencies) are broadcast whole. Only rank 0 ever holds a full copy.
+    Each tensor is broadcast whole and every rank keeps only its shard, so a rank holds its shards plus one full
+    tensor at most; non-persistent buffers (RoPE frequencies) come the same way. Only rank 0 holds a full copy.
     """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.tensor import DTensor, distribute_tensor
 
     model.to_empty(device=device)
-    full = source.state_dict() if source is not None else {}
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True)
-    set_model_state_dict(model, full, options=options)
-    own = dict(source.named_buffers()) if source is not None else {}
+    full_state = source.state_dict() if source is not None else {}
+    own_buffers = dict(source.named_buffers()) if source is not None else {}
+    targets = {**model.state_dict(), **dict(model.named_buffers())}
     with torch.no_grad():
-        for name, buffer in model.named_buffers():
+        for name, tensor in targets.items():
             if source is not None:
-                buffer.copy_(own[name])
-            dist.broadcast(buffer, src=0)
+                full = (full_state[name] if name in full_state else own_buffers[name]).to(device, tensor.dtype)
+            else:
+                full = torch.empty(tensor.shape, dtype=tensor.dtype, device=device)
+            dist.broadcast(full, src=0)
+            if isinstance(tensor, DTensor):  # keep this rank's slice only (the placement's own chunking)
+                mine = distribute_tensor(full, tensor.device_mesh, tensor.placements, src_data_rank=None)
+                tensor.to_local().copy_(mine.to_local())
+            else:
+                tensor.copy_(full)
+            del full
 
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:

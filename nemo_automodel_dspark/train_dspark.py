@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from nemo_automodel_dspark import distributed as D
 from nemo_automodel_dspark.data import DSparkChatDataset, ResumableSampler
+from nemo_automodel_dspark.data.cache import default_cache_root
 from nemo_automodel_dspark.errors import ToolError
 from nemo_automodel_dspark.loss import flatten_sums, metrics_from_sums, unflatten_sums
 from nemo_automodel_dspark.model.config import DSparkConfig
@@ -168,6 +169,8 @@ class TrainDSparkRecipe(BaseRecipe):
             mask_reasoning_content=args.mask_reasoning_content,
             mask_token_id=self.draft_config.mask_token_id,
             show_progress=self.info.is_main,
+            cache_dir=(args.tokenized_cache_dir or default_cache_root()) if args.tokenized_cache else None,
+            num_proc=args.tokenize_num_proc,
         )
         self._log(dataset.report())
         return dataset

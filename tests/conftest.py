@@ -38,3 +38,17 @@ def qwen3_target():
 @pytest.fixture(scope="session")
 def qwen3_moe_target():
     return tiny_qwen3(moe=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _tokenized_cache_in_a_temporary_folder(tmp_path_factory):
+    """Recipe runs cache their tokenised rows (data/cache.py); never in the user's ~/.cache from the tests."""
+    import os
+
+    previous = os.environ.get("DSPARK_CACHE_DIR")
+    os.environ["DSPARK_CACHE_DIR"] = str(tmp_path_factory.mktemp("dspark_cache"))
+    yield
+    if previous is None:
+        os.environ.pop("DSPARK_CACHE_DIR", None)
+    else:
+        os.environ["DSPARK_CACHE_DIR"] = previous

@@ -34,9 +34,10 @@ from itertools import accumulate
 from typing import Any
 
 import jinja2
+import numpy as np
 
 from nemo_automodel_dspark.data.render import render_text, resolve_chat_template
-from nemo_automodel_dspark.data.sources import TOKEN_ID_KEYS, RowError, token_id_list
+from nemo_automodel_dspark.data.sources import TOKEN_ID_KEYS, RowError, has_token_ids, normalize_messages, token_id_list
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 _THINK_BLOCK = re.compile(re.escape(THINK_OPEN) + r".*?(?:" + re.escape(THINK_CLOSE) + r"\s*|\Z)", re.DOTALL)
@@ -52,6 +53,59 @@ class TokenizedRow:
     input_ids: list[int]
     loss_mask: list[int]
     truncated: bool = False
+
+
+# Facts about one used row, as bits of `RowTokens.flags` (the dataset's accounting sums them).
+TRUNCATED, TOKEN_IDS, EMPTY_ANSWER, MASK_TOKEN_HIT = 1, 2, 4, 8
+
+
+@dataclass(frozen=True)
+class RowOptions:
+    """Everything besides the row and the tokenizer that decides a row's tokens (and the tokenised cache's key)."""
+
+    template: str  # the resolved chat template text
+    seq_length: int
+    mask_reasoning_content: bool = False
+    mask_token_id: int | None = None
+
+
+@dataclass(frozen=True)
+class RowTokens:
+    input_ids: np.ndarray  # [L] int32
+    loss_mask: np.ndarray  # [L] int8, 1 on supervised tokens
+    flags: int  # TRUNCATED | TOKEN_IDS | EMPTY_ANSWER | MASK_TOKEN_HIT
+
+
+def tokenize_row(row: dict[str, Any], tokenizer: Any, options: RowOptions) -> RowTokens:
+    """One chat row → its tokens: the target's own ids when it carries them, else the rendered conversation.
+
+    A row that cannot be used raises RowError (the caller counts it as skipped); a supervised `mask_token_id` is
+    only flagged (MASK_TOKEN_HIT), since that is an error of the whole dataset, not of the row.
+    """
+    messages = normalize_messages(row)
+    flags = EMPTY_ANSWER if not str(messages[-1].get("content") or "").strip() else 0
+    if has_token_ids(row):
+        tokenized = tokenize_token_ids(
+            row,
+            messages,
+            tokenizer,
+            options.seq_length,
+            mask_reasoning_content=options.mask_reasoning_content,
+            mask_token_id=options.mask_token_id,
+        )
+        flags |= TOKEN_IDS
+    else:
+        tokenized = tokenize_conversation(
+            messages,
+            tokenizer,
+            options.seq_length,
+            chat_template=options.template,
+            mask_reasoning_content=options.mask_reasoning_content,
+        )
+    ids, mask = np.asarray(tokenized.input_ids, np.int32), np.asarray(tokenized.loss_mask, np.int8)
+    if options.mask_token_id is not None and bool(((ids == options.mask_token_id) & (mask != 0)).any()):
+        flags |= MASK_TOKEN_HIT
+    return RowTokens(ids, mask, flags | (TRUNCATED if tokenized.truncated else 0))
 
 
 def has_generation_tags(template: str) -> bool:
@@ -115,7 +169,7 @@ def tokenize_token_ids(
     if response[-1] in ends or response[-1] in tokenizer.all_special_ids:  # an end token decoding may not skip
         candidates.append(response[:-1])
     content = messages[-1]["content"]
-    if all(split_reasoning(tokenizer.decode(ids, skip_special_tokens=True))[1] != content for ids in candidates):
+    if all(split_reasoning(_decode(tokenizer, ids, skip_special_tokens=True))[1] != content for ids in candidates):
         raise RowError("response_ids do not decode to the final assistant message (another tokenizer?)")
     mask = [0] * len(prompt) + [1] * len(response)
     if mask_reasoning_content:
@@ -124,12 +178,21 @@ def tokenize_token_ids(
     return _truncate(prompt + response, mask, seq_length)
 
 
+def _decode(tokenizer: Any, ids: list[int], *, skip_special_tokens: bool = False) -> str:
+    """`tokenizer.decode` of a flat list of ints without its per-token Python conversion (`to_py_obj`), which costs
+    more than the decoding itself; the same text, since `decode` does nothing else before `_decode`."""
+    decode = getattr(tokenizer, "_decode", None)
+    if decode is None:
+        return tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+    return decode(token_ids=ids, skip_special_tokens=skip_special_tokens)
+
+
 def _reasoning_end(tokenizer: Any, response: list[int]) -> int:
     """Tokens of `response` up to its first `</think>` and the whitespace after it (where `split_reasoning` splits);
     all of it when a `<think>` is never closed (cut by max_new_tokens), as the text path does; 0 without one."""
     think_open, close = (_single_token_id(tokenizer, tag) for tag in (THINK_OPEN, THINK_CLOSE))
     if think_open is None or close is None:
-        if THINK_OPEN in tokenizer.decode(response):
+        if THINK_OPEN in _decode(tokenizer, response):
             raise RowError(f"cannot mask reasoning in response_ids: {THINK_OPEN}, {THINK_CLOSE} are not single tokens")
         return 0
     if close not in response:

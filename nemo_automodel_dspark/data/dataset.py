@@ -26,16 +26,48 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from nemo_automodel_dspark.data.chat import TokenizedRow, tokenize_conversation, tokenize_token_ids
+from nemo_automodel_dspark.data.cache import ArrowRows, CacheReport, open_cache
+from nemo_automodel_dspark.data.chat import (
+    EMPTY_ANSWER,
+    MASK_TOKEN_HIT,
+    TOKEN_IDS,
+    TRUNCATED,
+    RowOptions,
+    tokenize_row,
+)
 from nemo_automodel_dspark.data.render import resolve_chat_template
-from nemo_automodel_dspark.data.sources import RowError, has_token_ids, normalize_messages, open_rows
+from nemo_automodel_dspark.data.sources import RowError, open_rows
 
 _PROGRESS_MIN_ROWS = 1000
 EMPTY_ANSWERS_WARNING = 0.9  # the report warns when at least this share of the used rows have an empty answer
 
 
+class _FlatRows:
+    """Rows tokenised in this process, stored flat: 5 bytes a token, rows back to back."""
+
+    def __init__(self, ids: array, mask: array, lengths: list[int]) -> None:
+        self._ids = torch.frombuffer(ids, dtype=torch.int32).clone() if ids else torch.zeros(0, dtype=torch.int32)
+        self._loss_mask = torch.frombuffer(mask, dtype=torch.int8).clone() if mask else torch.zeros(0, dtype=torch.int8)
+        self._starts = torch.tensor([0, *lengths]).cumsum(0).tolist()  # row r = [starts[r], starts[r + 1])
+
+    def __len__(self) -> int:
+        return len(self._starts) - 1
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        start, end = self._starts[index], self._starts[index + 1]
+        return self._ids[start:end].long(), self._loss_mask[start:end].long()
+
+    def lengths(self) -> list[int]:
+        return torch.diff(torch.as_tensor(self._starts)).tolist()
+
+
 class DSparkChatDataset(torch.utils.data.Dataset):
-    """Every usable row tokenised once at construction; item i is {input_ids, loss_mask}, 1-D long, <= seq_length."""
+    """Every usable row tokenised once; item i is {input_ids, loss_mask}, 1-D long, <= seq_length.
+
+    With `cache_dir` the rows come from the tokenised cache (`data.cache`: built once per node with `num_proc`
+    workers, memory-mapped, reused by restarts); without it they are tokenised here, in a loop, into memory. Both
+    skip the same rows and report the same counts and first line numbers.
+    """
 
     def __init__(
         self,
@@ -48,75 +80,70 @@ class DSparkChatDataset(torch.utils.data.Dataset):
         mask_token_id: int | None = None,
         split: str = "train",
         show_progress: bool = True,
+        cache_dir: str | None = None,
+        num_proc: int = 1,
     ) -> None:
         self.name = path_or_id
         self.seq_length = seq_length
-        self.skipped: dict[str, int] = {}
-        self.first_skipped: dict[str, int] = {}  # reason -> first line/row number with it
-        self.num_truncated = 0
-        self.num_token_ids = 0  # rows used as the target's own ids (`prompt_ids` + `response_ids`)
-        self.num_empty_answers = 0  # used rows whose final assistant answer is empty (nothing but the end token)
-        self._unit = "line" if path_or_id.endswith(".jsonl") else "row"
+        options = RowOptions(
+            template=resolve_chat_template(tokenizer, chat_template),
+            seq_length=seq_length,
+            mask_reasoning_content=mask_reasoning_content,
+            mask_token_id=mask_token_id,
+        )
         self._mask_token_id = mask_token_id
-        template = resolve_chat_template(tokenizer, chat_template)
+        self._rows: _FlatRows | ArrowRows
+        if cache_dir is None:
+            self._rows, accounting = self._tokenize_here(path_or_id, split, tokenizer, options, show_progress)
+        else:
+            self._rows, accounting = open_cache(
+                path_or_id, split, tokenizer, options, root=cache_dir, num_proc=num_proc
+            )
+        self._unit = accounting.unit
+        self.skipped, self.first_skipped = accounting.skipped, accounting.first_skipped
+        self.num_truncated = accounting.num_truncated
+        self.num_token_ids = accounting.num_token_ids  # rows used as the target's own ids
+        self.num_empty_answers = accounting.num_empty_answers  # used rows whose final answer is empty
+        if accounting.mask_token_first is not None:
+            self._mask_token_error(accounting.mask_token_first)
+        if len(self._rows) == 0:
+            raise ValueError(f"{path_or_id}: no usable row ({self._skip_summary() or 'the data is empty'})")
+
+    @staticmethod
+    def _tokenize_here(
+        path_or_id: str, split: str, tokenizer: Any, options: RowOptions, show_progress: bool
+    ) -> tuple[_FlatRows, CacheReport]:
+        """Today's loop: every row tokenised in this process, stopping at the first supervised mask token."""
+        accounting = CacheReport(unit="line" if path_or_id.endswith(".jsonl") else "row")
         num_rows, rows = open_rows(path_or_id, split=split)
         show = show_progress and num_rows > _PROGRESS_MIN_ROWS
-        ids, mask, lengths = array("i"), array("b"), [0]  # flat storage: 5 bytes a token instead of 16
+        ids, mask, lengths = array("i"), array("b"), []  # flat storage: 5 bytes a token instead of 16
         for number, row in tqdm(rows, total=num_rows, disable=not show, desc=f"tokenising {path_or_id}"):
             try:
-                tokenized = self._tokenize(row, tokenizer, template, mask_reasoning_content)
+                if isinstance(row, RowError):
+                    raise row
+                tokens = tokenize_row(row, tokenizer, options)
             except RowError as err:
-                self._skip(err.reason, number)
+                accounting.skipped[err.reason] = accounting.skipped.get(err.reason, 0) + 1
+                accounting.first_skipped.setdefault(err.reason, number)
                 continue
-            self._check_mask_token(tokenized, number)
-            self.num_truncated += tokenized.truncated
-            ids.extend(tokenized.input_ids)
-            mask.extend(tokenized.loss_mask)
-            lengths.append(len(tokenized.input_ids))
-        if len(lengths) == 1:
-            raise ValueError(f"{path_or_id}: no usable row ({self._skip_summary() or 'the data is empty'})")
-        self._ids = torch.frombuffer(ids, dtype=torch.int32).clone()  # [T] all tokens, rows back to back
-        self._loss_mask = torch.frombuffer(mask, dtype=torch.int8).clone()  # [T]
-        self._starts = torch.tensor(lengths).cumsum(0).tolist()  # row r = [starts[r], starts[r + 1])
+            if tokens.flags & MASK_TOKEN_HIT:
+                accounting.mask_token_first = number
+                break
+            accounting.num_truncated += bool(tokens.flags & TRUNCATED)
+            accounting.num_token_ids += bool(tokens.flags & TOKEN_IDS)
+            accounting.num_empty_answers += bool(tokens.flags & EMPTY_ANSWER)
+            ids.frombytes(tokens.input_ids.tobytes())
+            mask.frombytes(tokens.loss_mask.tobytes())
+            lengths.append(len(tokens.input_ids))
+        return _FlatRows(ids, mask, lengths), accounting
 
-    def _tokenize(self, row: Any, tokenizer: Any, template: str, mask_reasoning_content: bool) -> TokenizedRow:
-        if isinstance(row, RowError):
-            raise row
-        messages = normalize_messages(row)
-        empty_answer = not str(messages[-1].get("content") or "").strip()
-        if has_token_ids(row):
-            tokenized = tokenize_token_ids(
-                row,
-                messages,
-                tokenizer,
-                self.seq_length,
-                mask_reasoning_content=mask_reasoning_content,
-                mask_token_id=self._mask_token_id,
-            )
-            self.num_token_ids += 1
-        else:
-            tokenized = tokenize_conversation(
-                messages,
-                tokenizer,
-                self.seq_length,
-                chat_template=template,
-                mask_reasoning_content=mask_reasoning_content,
-            )
-        self.num_empty_answers += empty_answer  # counted for used rows only (a skipped row raised above)
-        return tokenized
-
-    def _skip(self, reason: str, number: int) -> None:
-        self.skipped[reason] = self.skipped.get(reason, 0) + 1
-        self.first_skipped.setdefault(reason, number)
-
-    def _check_mask_token(self, row: TokenizedRow, number: int) -> None:
+    def _mask_token_error(self, number: int) -> None:
         """SPEC §6: mask_token_id fills the draft's block slots, so the data must never ask it to predict that token."""
-        token = self._mask_token_id
-        if token is not None and any(t == token and m for t, m in zip(row.input_ids, row.loss_mask, strict=True)):
-            raise ValueError(
-                f"{self.name}: mask_token_id={token} occurs in the supervised (assistant) text of {self._unit} "
-                f"{number}; choose a reserved token that never appears in responses"
-            )
+        raise ValueError(
+            f"{self.name}: mask_token_id={self._mask_token_id} occurs in the supervised (assistant) text of "
+            f"{self._unit} {number}; choose a reserved token that never appears in responses"
+        )
 
     def _skip_summary(self) -> str:
         return "; ".join(
@@ -141,15 +168,15 @@ class DSparkChatDataset(torch.utils.data.Dataset):
         return text
 
     def __len__(self) -> int:
-        return len(self._starts) - 1
+        return len(self._rows)
 
     def lengths(self) -> list[int]:
         """Tokens of every usable row, in row order (what batch plans pack)."""
-        return torch.diff(torch.as_tensor(self._starts)).tolist()
+        return self._rows.lengths()
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        start, end = self._starts[index], self._starts[index + 1]
-        return {"input_ids": self._ids[start:end].long(), "loss_mask": self._loss_mask[start:end].long()}  # [L]
+        input_ids, loss_mask = self._rows[index]
+        return {"input_ids": input_ids, "loss_mask": loss_mask}  # [L] each
 
 
 def collate(items: list[dict[str, torch.Tensor]], *, seq_length: int, pad_token_id: int) -> dict[str, torch.Tensor]:

@@ -16,6 +16,8 @@ import os
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+import numpy as np
+
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {  # ShareGPT `from` → OpenAI role, as the common ShareGPT exports spell them
     "system": "system",
@@ -108,10 +110,16 @@ def _jsonl_rows(path: str) -> tuple[int, Iterator[Row]]:
 
 
 def _jsonl_iter(path: str) -> Iterator[Row]:
+    for number, line in jsonl_lines(path):
+        yield number, parse_line(line)
+
+
+def jsonl_lines(path: str) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, raw line) of every non-blank line; `parse_line` turns one into a row."""
     with open(path, "rb") as f:  # bytes: a line of invalid UTF-8 is one bad row, not a crash of the whole file
         for number, line in enumerate(f, start=1):
             if line.strip():
-                yield number, parse_line(line)
+                yield number, line
 
 
 def parse_line(line: bytes) -> dict[str, Any] | RowError:
@@ -258,6 +266,19 @@ def has_token_ids(row: dict[str, Any]) -> bool:
 def token_id_list(row: dict[str, Any], key: str, vocab: int) -> list[int]:
     """`row[key]` as token ids, each in [0, vocab); anything else is a RowError naming the key."""
     ids = row.get(key)
-    if not isinstance(ids, list) or not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
+    if not isinstance(ids, list) or not _valid_ids(ids, vocab):
         raise RowError(f"bad {key}: expected a list of token ids in [0, {vocab})")
     return ids
+
+
+def _valid_ids(ids: list, vocab: int) -> bool:
+    """Every element an int (bools count, as in Python) in [0, vocab); checked in numpy, not per token in Python."""
+    if not ids:
+        return True
+    try:
+        array = np.asarray(ids)
+    except (ValueError, OverflowError):  # ragged nesting, ints beyond 64 bits
+        return False
+    if array.ndim != 1 or array.dtype.kind not in "iub":
+        return False
+    return bool(array.min() >= 0 and array.max() < vocab)

@@ -94,6 +94,9 @@ class RecipeArgs(Options):
     draft_weights_path: str | None = option(None, doc="warm-start from a servable draft folder")
     packed_sequence_size: int = option(0, doc="> 0: pack whole documents into rows of this many tokens")
     max_tokens_per_batch: int = option(0, doc="> 0: micro-batches of similar-length rows, rows x longest <= this")
+    tokenized_cache: bool = option(True, doc="tokenise once into a memory-mapped Arrow cache reused by restarts")
+    tokenized_cache_dir: str | None = option(None, doc="null: $DSPARK_CACHE_DIR or ~/.cache/nemo_automodel_dspark")
+    tokenize_num_proc: int = option(4, ge=1, doc="worker processes that build the tokenised cache")
 
     def rules(self) -> None:
         rule(

@@ -66,13 +66,9 @@ def load_target(path: str, *, dtype: torch.dtype, device: torch.device, trust_re
 
 
 def target_skeleton(config, dtype: torch.dtype) -> nn.Module:
-    """The target's modules on the meta device (no memory), frozen, in `dtype`."""
+    """The target's modules on the meta device (no memory), frozen, with the dtypes `from_pretrained(dtype=)` gives."""
     cls = family_for(config).model_class(config)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # meta parameters are created in the default dtype
-    try:
-        with torch.device("meta"):
-            model = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
-    finally:
-        torch.set_default_dtype(default)
+    with torch.device("meta"):  # Auto classes build with from_config, concrete ones with _from_config
+        build = cls.from_config if hasattr(cls, "from_config") else cls._from_config
+        model = build(config, dtype=dtype)
     return _frozen(model)

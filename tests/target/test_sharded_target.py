@@ -12,8 +12,6 @@ import torch
 import torch.multiprocessing as mp
 from _helpers.recipe_assets import build_target_dir
 
-pytestmark = pytest.mark.slow  # two processes, three families
-
 FAMILIES = ("qwen3", "qwen3_moe", "gemma4")
 LAYER_IDS = [0, 1]
 
@@ -60,6 +58,26 @@ def _worker(rank: int, world: int, port: int, dirs: dict[str, str], out: str) ->
     D.destroy()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_meta_skeleton_has_the_dtypes_from_pretrained_gives(tmp_path, dtype):
+    """A bf16 checkpoint loaded in fp32 (CPU) or bf16 (GPU): the meta skeleton matches tensor by tensor."""
+    from transformers import AutoConfig
+
+    from nemo_automodel_dspark.target.loading import load_target, target_skeleton
+
+    folder = build_target_dir(tmp_path / "t")
+    model = load_target(str(folder), dtype=torch.bfloat16, device=torch.device("cpu"))
+    model.save_pretrained(folder)  # now a bf16 checkpoint
+    skeleton = target_skeleton(AutoConfig.from_pretrained(folder), dtype)
+    loaded = load_target(str(folder), dtype=dtype, device=torch.device("cpu"))
+    assert all(p.is_meta and not p.requires_grad for p in skeleton.parameters())
+    dtypes = lambda tensors: {k: v.dtype for k, v in tensors}  # noqa: E731
+    assert dtypes(skeleton.state_dict().items()) == dtypes(loaded.state_dict().items())
+    assert dtypes(skeleton.named_buffers()) == dtypes(loaded.named_buffers())
+    assert any(v.dtype == dtype for v in skeleton.parameters())
+
+
+@pytest.mark.slow  # two processes, three families
 def test_sharded_capture_equals_replicated_with_half_the_bytes(tmp_path):
     dirs = {f: str(build_target_dir(tmp_path / f, family=f)) for f in FAMILIES}
     mp.spawn(_worker, args=(2, _free_port(), dirs, str(tmp_path)), nprocs=2, join=True)

@@ -1,0 +1,120 @@
+"""Tokenisation: rows/s of the cache build (`datasets.map`, num_proc workers) vs the in-memory loop, and reopen time.
+
+Run from the repository root:
+
+    python benchmarks/tokenize.py                       # 4,000 token-id rows, 1,000 text rows, 100,000-row reopen
+    python benchmarks/tokenize.py --num-proc 8 --id-rows 20000
+
+Rows are synthetic chat rows over stdlib text (seeded), tokenised by a byte-level BPE tokenizer trained here
+(`tools.tiny_target.train_tokenizer`, Qwen-style template): token-id rows carry `prompt_ids`/`response_ids` as
+`dspark regenerate` writes them; text rows are rendered with the chat template. Each kind is tokenised by the loop
+(`DSparkChatDataset(cache_dir=None)`) and by a fresh cache build, back to back in one run, and the two datasets are
+checked equal. Then a cache of `--reopen-rows` short token-id rows is built once and reopened (a restart), timed. Ends
+with one JSON line: rows_per_s_ratio_cache_vs_loop_ids, rows_per_s_ratio_cache_vs_loop_text, reopen_s.
+"""
+
+import os
+import sys
+
+# This file's name shadows the standard library's `tokenize` (imported by `inspect`, `linecache`): run as a script,
+# its folder must not be on the import path.
+if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
+    sys.path.pop(0)
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import random  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+SEQ_LENGTH = 4096
+
+
+def _texts(max_chars: int, seed: int, longest: int = 400) -> list[list[str]]:
+    """Word runs of 1/8 to 1 times `longest` words from stdlib text."""
+    from nemo_automodel_dspark.tools.tiny_target import tokenizer_corpus
+
+    words = " ".join(tokenizer_corpus(max_chars)).split()
+    rng = random.Random(seed)
+    return [words[i : i + rng.randint(longest // 8, longest)] for i in range(0, len(words) - longest, 97)]
+
+
+def _conversation(rng: random.Random, texts: list[list[str]]) -> list[dict]:
+    prompt, answer = rng.choice(texts), rng.choice(texts)
+    return [{"role": "user", "content": " ".join(prompt)}, {"role": "assistant", "content": " ".join(answer)}]
+
+
+def _write_rows(path: Path, n: int, tokenizer, texts: list[list[str]], *, token_ids: bool, seed: int) -> None:
+    rng = random.Random(seed)
+    eos = tokenizer.eos_token_id
+    with open(path, "w") as f:
+        for _ in range(n):
+            messages = _conversation(rng, texts)
+            row: dict = {"messages": messages}
+            if token_ids:
+                prompt = tokenizer.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
+                response = tokenizer(messages[1]["content"], add_special_tokens=False)["input_ids"] + [eos]
+                messages[1]["content"] = tokenizer.decode(response, skip_special_tokens=True)
+                row.update(prompt_ids=tokenizer(prompt, add_special_tokens=False)["input_ids"], response_ids=response)
+            f.write(json.dumps(row) + "\n")
+
+
+def _timed(make):
+    start = time.perf_counter()
+    value = make()
+    return value, time.perf_counter() - start
+
+
+def _compare(kind: str, path: Path, rows: int, tokenizer, num_proc: int, cache_root: str) -> float:
+    """Loop vs fresh cache build on the same file; returns the rows/s ratio cache / loop."""
+    from nemo_automodel_dspark.data.dataset import DSparkChatDataset
+
+    loop, loop_s = _timed(lambda: DSparkChatDataset(str(path), tokenizer, SEQ_LENGTH, show_progress=False))
+    cached, cache_s = _timed(
+        lambda: DSparkChatDataset(str(path), tokenizer, SEQ_LENGTH, cache_dir=cache_root, num_proc=num_proc)
+    )
+    assert len(loop) == len(cached) == rows and loop.report() == cached.report(), (loop.report(), cached.report())
+    assert all(loop[i]["input_ids"].equal(cached[i]["input_ids"]) for i in range(0, rows, max(1, rows // 50)))
+    print(f"{kind:>5} rows: loop {rows / loop_s:9.1f} rows/s   cache build {rows / cache_s:9.1f} rows/s", end="")
+    print(f"   ratio {loop_s / cache_s:.2f}   (num_proc={num_proc}, {sum(loop.lengths()) / rows:.0f} tokens/row)")
+    return loop_s / cache_s
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--id-rows", type=int, default=4_000)
+    parser.add_argument("--text-rows", type=int, default=1_000)
+    parser.add_argument("--reopen-rows", type=int, default=100_000)
+    parser.add_argument("--num-proc", type=int, default=max(1, min(8, os.cpu_count() or 1)))
+    args = parser.parse_args()
+
+    from nemo_automodel_dspark.data.dataset import DSparkChatDataset
+    from nemo_automodel_dspark.tools.tiny_target import train_tokenizer
+
+    tokenizer = train_tokenizer(4096, 400_000)
+    texts = _texts(400_000, seed=0)
+    figures: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        for kind, rows, ids in (("ids", args.id_rows, True), ("text", args.text_rows, False)):
+            path = root / f"{kind}.jsonl"
+            _write_rows(path, rows, tokenizer, texts, token_ids=ids, seed=1)
+            ratio = _compare(kind, path, rows, tokenizer, args.num_proc, str(root / f"cache_{kind}"))
+            figures[f"rows_per_s_ratio_cache_vs_loop_{kind}"] = round(ratio, 2)
+        path = root / "reopen.jsonl"
+        _write_rows(path, args.reopen_rows, tokenizer, _texts(400_000, 0, longest=40), token_ids=True, seed=2)
+        cache = str(root / "cache_reopen")
+        built, build_s = _timed(
+            lambda: DSparkChatDataset(str(path), tokenizer, SEQ_LENGTH, cache_dir=cache, num_proc=args.num_proc)
+        )
+        reopened, reopen_s = _timed(lambda: DSparkChatDataset(str(path), tokenizer, SEQ_LENGTH, cache_dir=cache))
+        assert len(built) == len(reopened) == args.reopen_rows
+        print(f"{args.reopen_rows} rows: cache build {build_s:.1f} s, reopen {reopen_s:.3f} s (target < 1 s)")
+        figures["reopen_s"] = round(reopen_s, 3)
+    print(json.dumps(figures))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""The tokenised cache: same rows, counts and messages as the in-memory loop; fingerprinted; built once; reused."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+
+import pytest
+import torch
+
+from nemo_automodel_dspark.data import cache
+from nemo_automodel_dspark.data.chat import RowOptions
+from nemo_automodel_dspark.data.dataset import DSparkChatDataset
+
+SEQ = 64
+
+
+def _ids_row(tokenizer, conversation, response_ids: list[int]) -> dict:
+    messages = conversation("hello", "")
+    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    messages[-1]["content"] = tokenizer.decode(response_ids, skip_special_tokens=True)
+    return {
+        "messages": messages,
+        "prompt_ids": tokenizer(prompt, add_special_tokens=False)["input_ids"],
+        "response_ids": response_ids,
+    }
+
+
+@pytest.fixture
+def mixed_rows(tokenizer, conversation):
+    """Good text and token-id rows among every kind of bad row, a truncated row and an empty answer."""
+    ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    eos, pad, mask_id = (tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>", "<|mask|>"))
+    ok = _ids_row(tokenizer, conversation, ids("hello world.") + [eos])
+    good = {"messages": conversation("hello", "paris.")}
+    return [
+        good,
+        "{not json",
+        ok,
+        {"messages": [{"role": "user", "content": "hello"}]},
+        _ids_row(tokenizer, conversation, ids("hello world.") + [eos, pad, pad]),
+        {"text": "hello"},
+        {"messages": conversation(" ".join(["numbers"] * 100), "five.")},  # nothing supervised after truncation
+        _ids_row(tokenizer, conversation, ids("hello") + [mask_id] + ids(" world.") + [eos]),
+        {**ok, "response_ids": [len(tokenizer) + 5]},
+        {**ok, "response_ids": [1.5, 2]},
+        {"messages": conversation("hello", " ".join(["the answer is two plus four"] * 12))},  # truncated
+        {"messages": conversation("hello", "")},  # empty answer
+        "{also not json",
+        {k: v for k, v in ok.items() if k != "prompt_ids"},
+        good,
+    ]
+
+
+def _same(a: DSparkChatDataset, b: DSparkChatDataset) -> None:
+    assert len(a) == len(b) and a.lengths() == b.lengths()
+    for x, y in zip(a, b, strict=True):
+        assert x["input_ids"].dtype == y["input_ids"].dtype == torch.long
+        assert torch.equal(x["input_ids"], y["input_ids"]) and torch.equal(x["loss_mask"], y["loss_mask"])
+    assert list(a.skipped.items()) == list(b.skipped.items())  # same counts, in the same order
+    assert a.first_skipped == b.first_skipped
+    assert a.report() == b.report()
+
+
+@pytest.mark.parametrize("num_proc", [1, 2])
+def test_cache_equals_the_loop(tmp_path, tokenizer, mixed_rows, write_jsonl, num_proc):
+    path = str(write_jsonl(tmp_path / "train.jsonl", mixed_rows))
+    mask_id = tokenizer.convert_tokens_to_ids("<|mask|>")
+    loop = DSparkChatDataset(path, tokenizer, SEQ, mask_token_id=mask_id)
+    cached = DSparkChatDataset(
+        path, tokenizer, SEQ, mask_token_id=mask_id, cache_dir=str(tmp_path / "c"), num_proc=num_proc
+    )
+    _same(cached, loop)
+    assert loop.num_token_ids == 1 and loop.num_empty_answers == 1 and loop.num_truncated == 1
+    assert sum(loop.skipped.values()) == 10 and len(loop.skipped) == 8
+
+
+def test_cache_equals_the_loop_for_a_json_list(tmp_path, tokenizer, mixed_rows):
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps([r for r in mixed_rows if isinstance(r, dict)]))
+    loop = DSparkChatDataset(str(path), tokenizer, SEQ)
+    _same(DSparkChatDataset(str(path), tokenizer, SEQ, cache_dir=str(tmp_path / "c")), loop)
+    assert "first at row" in loop.report()
+
+
+def test_restarts_reuse_the_cache_and_inputs_change_its_name(
+    tmp_path, tokenizer, conversation, write_jsonl, monkeypatch
+):
+    path = str(write_jsonl(tmp_path / "train.jsonl", [{"messages": conversation("hello", "paris.")}]))
+    root = tmp_path / "c"
+    first = DSparkChatDataset(path, tokenizer, SEQ, cache_dir=str(root))
+    monkeypatch.setattr(cache, "_build", lambda *a: pytest.fail("a reopen must not rebuild"))
+    again = DSparkChatDataset(path, tokenizer, SEQ, cache_dir=str(root))
+    assert torch.equal(first[0]["input_ids"], again[0]["input_ids"])
+
+    template = first_template = tokenizer.chat_template
+    options = RowOptions(template=template, seq_length=SEQ)
+    name = cache.cache_fingerprint(path, "train", tokenizer, options)
+    assert [p.name for p in root.iterdir() if p.is_dir()] == [name]
+    changed = [
+        cache.cache_fingerprint(path, "train", tokenizer, RowOptions(template=template, seq_length=SEQ + 1)),
+        cache.cache_fingerprint(path, "train", tokenizer, RowOptions(template=template + " ", seq_length=SEQ)),
+        cache.cache_fingerprint(path, "train", tokenizer, RowOptions(first_template, SEQ, True)),
+        cache.cache_fingerprint(path, "train", tokenizer, RowOptions(first_template, SEQ, False, 5)),
+        cache.cache_fingerprint(path, "test", tokenizer, options),
+    ]
+    tokenizer.add_tokens(["<|new|>"])
+    changed.append(cache.cache_fingerprint(path, "train", tokenizer, options))
+    with open(path, "a") as f:
+        f.write(json.dumps({"messages": conversation("hello", "five.")}) + "\n")
+    os.utime(path, ns=(1, 1))
+    changed.append(cache.cache_fingerprint(path, "train", tokenizer, options))
+    assert len({name, *changed}) == len(changed) + 1
+
+
+def test_mask_token_in_supervised_text_is_the_same_error(tmp_path, tokenizer, conversation, write_jsonl):
+    mask_id = tokenizer.convert_tokens_to_ids("<|mask|>")
+    rows = [{"messages": conversation("hello", "paris.")}, {"messages": conversation("hello", "it is <|mask|>.")}]
+    path = str(write_jsonl(tmp_path / "train.jsonl", rows))
+    messages = []
+    for cache_dir in (None, str(tmp_path / "c")):
+        with pytest.raises(ValueError, match="occurs in the supervised") as err:
+            DSparkChatDataset(path, tokenizer, SEQ, mask_token_id=mask_id, cache_dir=cache_dir)
+        messages.append(str(err.value))
+    assert messages[0] == messages[1] and "line 2" in messages[0]
+
+
+def test_one_process_builds_while_the_others_wait(tmp_path, tokenizer, conversation, write_jsonl, monkeypatch):
+    path = str(write_jsonl(tmp_path / "train.jsonl", [{"messages": conversation("hello", "paris.")}] * 3))
+    builds, real_build = [], cache._build
+    monkeypatch.setattr(cache, "_build", lambda *a: (builds.append(1), real_build(*a)))
+    results: list[DSparkChatDataset] = []
+
+    def open_it() -> None:
+        results.append(DSparkChatDataset(path, tokenizer, SEQ, cache_dir=str(tmp_path / "c")))
+
+    threads = [threading.Thread(target=open_it) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(builds) == 1 and len(results) == 3 and all(len(r) == 3 for r in results)
