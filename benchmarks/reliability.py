@@ -6,7 +6,7 @@ or metrics write fail with ENOSPC (one line, nothing half-written, resumable to 
 files (metrics line, weights, optimizer state, trainer state); divergence (a NaN injected into a step, an absurd
 learning rate, a NaN draft given to the tools); bad inputs to training and to the tools (each one line, no traceback).
 
-    python benchmarks/reliability.py              # ~10 min on 2 busy CPU cores
+    python benchmarks/reliability.py              # ~5 min on 2 busy CPU cores
     python benchmarks/reliability.py --kills 20 --nproc 2
 
 Prints one line per case and ends with one JSON line: per class, cases tried and cases handled.
@@ -54,7 +54,10 @@ Result = tuple[str, bool, str]  # (case, handled, what happened)
 # ------------------------------------------------------------------------------------------------------- helpers
 def run_config(assets: dict, out: Path, **args) -> dict:
     defaults = dict(max_steps=STEPS, ckpt_every_steps=1, val_data_path=str(assets["val"]), val_every_steps=1)
-    return base_config(assets, out, **{**defaults, **args})
+    merged = {**defaults, **args}
+    if merged["val_data_path"] is None:
+        merged["val_every_steps"] = None
+    return base_config(assets, out, **merged)
 
 
 def train(cfg: dict, stop_after: int | None = None) -> TrainDSparkRecipe:
@@ -135,7 +138,8 @@ def wait_for_new_record(proc: subprocess.Popen, metrics: Path) -> None:
 
 
 def kills(assets: dict, root: Path, count: int, nproc: int, seed: int) -> list[Result]:
-    """SIGKILL a training job `count` times at random moments after training started; resume with LATEST each time."""
+    """SIGKILL a training job `count` times (at random moments after training started, and every other time inside
+    a checkpoint write); resume with LATEST each time; the final state must equal an uninterrupted run's."""
     rng = random.Random(seed)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     cmd += ["-m", "nemo_automodel_dspark.train_dspark"]
@@ -153,7 +157,11 @@ def kills(assets: dict, root: Path, count: int, nproc: int, seed: int) -> list[R
     for i in range(count):
         proc = launch(cmd, cfg_path)
         wait_for_new_record(proc, out / "dspark_train_metrics.jsonl")
-        time.sleep(rng.uniform(0.0, train_s / (count + 1)))  # later launches resume nearer the end: aim early
+        if i % 2:  # every other kill waits for a checkpoint write to begin and lands inside it
+            while proc.poll() is None and not any((out / "ckpt").glob(".epoch_*_step_*.tmp")):
+                time.sleep(0.0005)
+        else:
+            time.sleep(rng.uniform(0.0, train_s / (count + 1)))  # later launches resume nearer the end: aim early
         with contextlib.suppress(ProcessLookupError):  # it may have exited this instant
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
