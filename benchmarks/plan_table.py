@@ -11,21 +11,17 @@ micro-batch 1, seq 4096, 512 anchors, block 7, 5 draft layers, FSDP2, 8 accumula
 Ends with one JSON line: per target, the per-GPU GiB replicated and sharded and what `auto` picks.
 """
 
-# ruff: noqa: E402  (the sys.path guard below must run before the imports)
+# ruff: noqa: E402  (tests/ joins sys.path before the shared helpers import)
 from __future__ import annotations
-
-import sys
-from pathlib import Path
-
-# benchmarks/tokenize.py would shadow the standard library's `tokenize` if this folder led sys.path
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 import argparse
 import contextlib
 import io
 import json
+import sys
 import tempfile
 import warnings
+from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))

@@ -15,14 +15,7 @@ Private memory is read right after loading, after one forward (which touches eve
 per mode and rank those figures, the parameter bytes held, and the sharded / replicated ratios.
 """
 
-# ruff: noqa: E402  (the sys.path guard below must run before the imports)
 from __future__ import annotations
-
-import sys
-from pathlib import Path
-
-# benchmarks/tokenize.py would shadow the standard library's `tokenize` if this folder led sys.path
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 import argparse
 import ctypes
@@ -30,6 +23,7 @@ import json
 import os
 import socket
 import tempfile
+from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp

@@ -2,8 +2,8 @@
 
 Run from the repository root:
 
-    python benchmarks/tokenize.py                       # 4,000 token-id rows, 1,000 text rows, 100,000-row reopen
-    python benchmarks/tokenize.py --num-proc 8 --id-rows 20000
+    python benchmarks/tokenize_cache.py                       # 4,000 token-id rows, 1,000 text rows, 100,000-row reopen
+    python benchmarks/tokenize_cache.py --num-proc 8 --id-rows 20000
 
 Rows are synthetic chat rows over stdlib text (seeded), tokenised by a byte-level BPE tokenizer trained here
 (`tools.tiny_target.train_tokenizer`, Qwen-style template): token-id rows carry `prompt_ids`/`response_ids` as
@@ -13,20 +13,14 @@ checked equal. Then a cache of `--reopen-rows` short token-id rows is built once
 with one JSON line: rows_per_s_ratio_cache_vs_loop_ids, rows_per_s_ratio_cache_vs_loop_text, reopen_s.
 """
 
+import argparse
+import json
 import os
+import random
 import sys
-
-# This file's name shadows the standard library's `tokenize` (imported by `inspect`, `linecache`): run as a script,
-# its folder must not be on the import path.
-if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import random  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import tempfile
+import time
+from pathlib import Path
 
 SEQ_LENGTH = 4096
 
