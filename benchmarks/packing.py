@@ -23,9 +23,8 @@ import time
 from types import SimpleNamespace
 
 import torch
-from transformers import Qwen3ForCausalLM
+from step_time import build_target_and_draft
 
-from nemo_automodel_dspark import DSparkConfig, DSparkDrafter
 from nemo_automodel_dspark.data.packing import (
     DEFAULT_BUFFER_ROWS,
     PlanOptions,
@@ -39,7 +38,6 @@ from nemo_automodel_dspark.recipe import batching
 from nemo_automodel_dspark.recipe.config import OptimizerConfig
 from nemo_automodel_dspark.recipe.optim import build_optimizer, build_scheduler
 from nemo_automodel_dspark.recipe.step import DSparkStep
-from nemo_automodel_dspark.target.tiny import tiny_config
 
 FULL_SEQ, FULL_ANCHORS, MEDIAN, P90 = 4096, 512, 900.0, 3000.0
 MODES = ("padded", "packed", "token_budget")
@@ -90,28 +88,7 @@ def padding_fractions(lengths: list[int], seq: int, micro_batch: int) -> dict[st
 
 
 def build(a: argparse.Namespace, device: torch.device, seq: int, anchors: int):
-    config = tiny_config(
-        "qwen3",
-        vocab_size=a.vocab,
-        hidden_size=a.hidden,
-        intermediate_size=3 * a.hidden,
-        num_hidden_layers=a.layers,
-        num_attention_heads=a.hidden // 64,
-        num_key_value_heads=2,
-        head_dim=64,
-        max_position_embeddings=max(4096, seq),
-    )
-    torch.manual_seed(0)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    target = Qwen3ForCausalLM(config).to(device, dtype).eval().requires_grad_(False)
-    dspark = DSparkConfig(
-        mask_token_id=a.vocab - 1,
-        draft_num_hidden_layers=a.draft_layers,
-        block_size=7,
-        num_anchors=anchors,
-        attention_backend="flex_attention" if device.type == "cuda" else "sdpa",
-    )
-    draft = DSparkDrafter.from_target(target, dspark).to(device)
+    target, draft = build_target_and_draft(a, device, seq=seq, anchors=anchors, block=7)
     args = SimpleNamespace(
         shuffle_seed=0,
         seq_length=seq,

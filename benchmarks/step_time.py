@@ -43,7 +43,9 @@ def parse() -> argparse.Namespace:
     return p.parse_args()
 
 
-def build(a: argparse.Namespace, device: torch.device):
+def build_target_and_draft(a: argparse.Namespace, device: torch.device, *, seq: int, anchors: int, block: int):
+    """The benchmarks' random-weight Qwen3 target (`a.vocab`, `a.hidden`, `a.layers`) and a draft of `a.draft_layers`
+    on it: bf16 target and FlexAttention on CUDA, fp32 and SDPA on CPU."""
     config = tiny_config(
         "qwen3",
         vocab_size=a.vocab,
@@ -53,21 +55,23 @@ def build(a: argparse.Namespace, device: torch.device):
         num_attention_heads=a.hidden // 64,
         num_key_value_heads=2,
         head_dim=64,
-        max_position_embeddings=max(4096, a.seq),
+        max_position_embeddings=max(4096, seq),
     )
     torch.manual_seed(0)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     target = Qwen3ForCausalLM(config).to(device, dtype).eval().requires_grad_(False)
-    draft = DSparkDrafter.from_target(
-        target,
-        DSparkConfig(
-            mask_token_id=a.vocab - 1,
-            draft_num_hidden_layers=a.draft_layers,
-            block_size=a.block,
-            num_anchors=a.anchors,
-            attention_backend="flex_attention" if device.type == "cuda" else "sdpa",
-        ),
-    ).to(device)
+    dspark = DSparkConfig(
+        mask_token_id=a.vocab - 1,
+        draft_num_hidden_layers=a.draft_layers,
+        block_size=block,
+        num_anchors=anchors,
+        attention_backend="flex_attention" if device.type == "cuda" else "sdpa",
+    )
+    return target, DSparkDrafter.from_target(target, dspark).to(device)
+
+
+def build(a: argparse.Namespace, device: torch.device):
+    target, draft = build_target_and_draft(a, device, seq=a.seq, anchors=a.anchors, block=a.block)
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=device)
     args = SimpleNamespace(shuffle_seed=0, max_grad_norm=1.0, seq_length=a.seq)
     step = DSparkStep(draft, draft, target, args, LossConfig(), info, defer_fsdp_sync=False)
