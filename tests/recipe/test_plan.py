@@ -89,7 +89,10 @@ def test_plan_terms_follow_their_formulas(large_counts):
     assert base["optimizer_state"] == pytest.approx(counts.draft_trainable * 8 / 8 / GIB)
     ckpt = make_plan(counts, PlanSettings(**ISSUE_RUN, activation_checkpointing=True)).terms
     assert ckpt["activations"] < base["activations"]
-    fused = make_plan(counts, PlanSettings(**{**ISSUE_RUN, "fused_objective": True})).terms
+    fused_plan = make_plan(counts, PlanSettings(**{**ISSUE_RUN, "fused_objective": True}))
+    assert make_plan(counts, PlanSettings(**ISSUE_RUN)).objective == "unfused" and fused_plan.objective == "fused"
+    assert "objective: unfused (logits = whole [rows, V] tensors" in make_plan(counts, PlanSettings(**ISSUE_RUN)).table()
+    fused = fused_plan.terms
     chunk = default_chunk_rows(counts.vocab)
     assert fused["logits"] == pytest.approx(LOGIT_CHUNKS * chunk * counts.vocab * 4 / GIB)
     assert fused["logits"] < base["logits"] / 10 and {k: v for k, v in fused.items() if k != "logits"} == {
@@ -156,6 +159,7 @@ def test_cli_json_and_overrides(tiny_yaml, capsys):
     assert dspark(["plan", "-c", str(tiny_yaml), "--gpus", "2", "--gpu-memory", "80GiB", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["fits"] is True and plan["budget_gib"] == 80.0 and plan["target_sharded"] is False
+    assert plan["objective"] == "fused"  # the recipe's objective: the logits term is its fp32 chunks
     expected = {"target_weights", "draft_params", "draft_grads", "optimizer_state", "frozen_embed_lm_head"}
     assert expected | {"activations", "logits"} <= plan["terms"].keys()
     assert plan["per_gpu_gib"] == pytest.approx(sum(plan["terms"].values()), abs=0.01)
@@ -172,6 +176,7 @@ def test_cli_table_and_user_errors(tiny_yaml, tmp_path, capsys):
     assert dspark([*tiny, "--recipe_args.shard_dense_target=false"]) == 0
     out = capsys.readouterr().out
     assert "DOES NOT FIT" in out and "target_weights" in out and "shard the target" in out
+    assert "objective: fused (the recipe's; logits = 6 fp32 [chunk_rows, V]" in out
     assert dspark(tiny) == 0  # auto: the replicated plan does not fit, so the target is sharded
     assert "target sharded over 2" in capsys.readouterr().out
     assert dspark(["plan", "-c", str(tiny_yaml), "--gpus", "2", "--gpu-memory", "lots"]) == 2
