@@ -162,7 +162,7 @@ def count_models(target_config, dspark: DSparkConfig) -> ModelCounts:
         intermediate=text.intermediate_size,
         kv_dim=attn.kv_heads * attn.head_dim,
         vocab=text.vocab_size,
-        num_features=len(dspark.target_layer_ids or []),
+        num_features=len(draft.dspark.target_layer_ids or []),  # resolved: the default spread when not configured
     )
 
 

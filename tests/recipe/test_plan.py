@@ -206,3 +206,13 @@ def test_config_keys(tiny_assets, tmp_path):
     cfg["recipe_args"].pop("eval_decode")
     cfg["distributed"] = {"activation_checkpointing": True}
     assert parse_config(cfg).distributed.activation_checkpointing is True
+
+
+def test_default_layer_ids_count_as_features(tiny_assets):
+    """Without configured target_layer_ids the plan counts the default spread's features, not none."""
+    config = load_target_config(str(tiny_assets["target"]))
+    base = dict(mask_token_id=3, draft_num_hidden_layers=2, block_size=4)
+    resolved = DSparkConfig(**base).for_target(config.num_hidden_layers, config.vocab_size).target_layer_ids
+    implicit = count_models(config, DSparkConfig(**base))
+    explicit = count_models(config, DSparkConfig(**base, target_layer_ids=resolved))
+    assert resolved and implicit.num_features == explicit.num_features == len(resolved)
