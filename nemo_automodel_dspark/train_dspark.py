@@ -31,7 +31,7 @@ from nemo_automodel.recipes.base_recipe import BaseRecipe
 from tqdm import tqdm
 
 from nemo_automodel_dspark import distributed as D
-from nemo_automodel_dspark.data import DSparkChatDataset, ResumableSampler
+from nemo_automodel_dspark.data import DSparkChatDataset
 from nemo_automodel_dspark.data.cache import default_cache_root
 from nemo_automodel_dspark.errors import ToolError
 from nemo_automodel_dspark.loss import flatten_sums, metrics_from_sums, unflatten_sums
@@ -293,7 +293,7 @@ class TrainDSparkRecipe(BaseRecipe):
     def _micro_batches(self, dataset: DSparkChatDataset, items: list) -> list[MicroBatch]:
         """Collate sampler items (rows, or whole micro-batch plans) into CPU micro-batches (moved inside the step)."""
         args = self.config.recipe_args
-        if dataset is self.train_set and batching.plan_options(args):
+        if batching.plan_options(args):
             return [batching.plan_micro_batch(dataset, plan, args, self.pad_id) for plan in items]
         return batching.padded_micro_batches(
             dataset, items, micro_batch_size=args.micro_batch_size, seq_length=args.seq_length, pad_token_id=self.pad_id
@@ -383,10 +383,8 @@ class TrainDSparkRecipe(BaseRecipe):
         """Objective and diagnostics on the validation split (own anchor stream: training is unaffected)."""
         args, val_set = self.config.recipe_args, self.val_set
         assert val_set is not None
-        sampler = ResumableSampler(
-            len(val_set), seed=args.shuffle_seed, rank=self.info.rank, world_size=self.info.world_size
-        )
-        sums = self.runner.eval_sums(self._micro_batches(val_set, sampler.indices()))
+        batches = batching.validation_micro_batches(val_set, args, self.info, self.pad_id)  # training's batching
+        sums = self.runner.eval_sums(batches)
         flat = D.all_reduce_sum(flatten_sums(sums).to(self.info.device))
         metrics = metrics_from_sums(unflatten_sums(flat.cpu(), sums), self.config.loss)
         record = {"step": self.step, "epoch": epoch, **{f"val/{k}": v for k, v in metrics.items()}}
