@@ -11,6 +11,7 @@ import sys
 from nemo_automodel_dspark.recipe.config import (
     ConfigError,
     DSparkRecipeConfig,
+    RecipeArgs,
     config_or_exit,
     exit_with_error,
     parse_config,
@@ -30,7 +31,7 @@ from nemo_automodel.recipes.base_recipe import BaseRecipe
 from tqdm import tqdm
 
 from nemo_automodel_dspark import distributed as D
-from nemo_automodel_dspark.data import DSparkChatDataset, ResumableSampler
+from nemo_automodel_dspark.data import DSparkChatDataset
 from nemo_automodel_dspark.data.cache import default_cache_root
 from nemo_automodel_dspark.errors import ToolError
 from nemo_automodel_dspark.loss import flatten_sums, metrics_from_sums, unflatten_sums
@@ -44,17 +45,12 @@ from nemo_automodel_dspark.recipe.guards import RunStopped, divergence_message, 
 from nemo_automodel_dspark.recipe.inputs import check_data, load_decode_prompts
 from nemo_automodel_dspark.recipe.metrics import console_line
 from nemo_automodel_dspark.recipe.optim import build_optimizer, build_scheduler
-from nemo_automodel_dspark.recipe.plan import (
-    MemoryPlan,
-    device_memory_gib,
-    load_target_config,
-    plan_for_config,
-)
+from nemo_automodel_dspark.recipe.plan import MemoryPlan, device_memory_gib, plan_for_config
 from nemo_automodel_dspark.recipe.serving_checks import check_serving, warning_text
 from nemo_automodel_dspark.recipe.sharded_target import load_sharded_target
 from nemo_automodel_dspark.recipe.state import MetricsWindow, Progress, due_after_step
 from nemo_automodel_dspark.recipe.step import DSparkStep, MicroBatch
-from nemo_automodel_dspark.target.loading import check_model_path, load_target, load_tokenizer
+from nemo_automodel_dspark.target.loading import load_target, load_target_config, load_tokenizer
 
 
 @dataclass
@@ -111,20 +107,15 @@ class TrainDSparkRecipe(BaseRecipe):
 
     def _check_target(self) -> tuple[Any, DSparkConfig]:
         """Read only the target's config.json: (its HF config, the draft options checked against it, ids resolved)."""
-        from transformers import AutoConfig
-
         args = self.config.recipe_args
-        check_model_path(args.target_model_name_or_path, "recipe_args.target_model_name_or_path")
-        key = "'recipe_args.target_model_name_or_path'"
+        key = RecipeArgs.key("target_model_name_or_path")
+        target_config = load_target_config(args.target_model_name_or_path, key, args.trust_remote_code)
         try:
-            target_config = AutoConfig.from_pretrained(
-                args.target_model_name_or_path, trust_remote_code=args.trust_remote_code
-            )
             family = family_for(target_config)
             text = family.text_config(target_config)
             family.check_supported(text)
-        except (OSError, ValueError) as err:
-            raise ConfigError(f"{key} {args.target_model_name_or_path}: {str(err).splitlines()[0]}") from err
+        except ValueError as err:
+            raise ConfigError(f"'{key}' {args.target_model_name_or_path}: {str(err).splitlines()[0]}") from err
         return target_config, self.config.draft.for_target(text.num_hidden_layers, text.vocab_size)
 
     def _check_serving(self, target_config) -> None:
@@ -198,7 +189,8 @@ class TrainDSparkRecipe(BaseRecipe):
         args = self.config.recipe_args
         device = "cuda" if self.info.device.type == "cuda" else "cpu"
         budget = args.memory_budget_gib or device_memory_gib(self.info.device, self.info.local_world_size)
-        target_config = load_target_config(args.target_model_name_or_path, args.trust_remote_code)
+        key = RecipeArgs.key("target_model_name_or_path")
+        target_config = load_target_config(args.target_model_name_or_path, key, args.trust_remote_code)
         return plan_for_config(self.config, target_config, self.info.world_size, budget, device)
 
     def _sharding_line(self) -> str:
@@ -301,7 +293,7 @@ class TrainDSparkRecipe(BaseRecipe):
     def _micro_batches(self, dataset: DSparkChatDataset, items: list) -> list[MicroBatch]:
         """Collate sampler items (rows, or whole micro-batch plans) into CPU micro-batches (moved inside the step)."""
         args = self.config.recipe_args
-        if dataset is self.train_set and batching.plan_options(args):
+        if batching.plan_options(args):
             return [batching.plan_micro_batch(dataset, plan, args, self.pad_id) for plan in items]
         return batching.padded_micro_batches(
             dataset, items, micro_batch_size=args.micro_batch_size, seq_length=args.seq_length, pad_token_id=self.pad_id
@@ -391,10 +383,8 @@ class TrainDSparkRecipe(BaseRecipe):
         """Objective and diagnostics on the validation split (own anchor stream: training is unaffected)."""
         args, val_set = self.config.recipe_args, self.val_set
         assert val_set is not None
-        sampler = ResumableSampler(
-            len(val_set), seed=args.shuffle_seed, rank=self.info.rank, world_size=self.info.world_size
-        )
-        sums = self.runner.eval_sums(self._micro_batches(val_set, sampler.indices()))
+        batches = batching.validation_micro_batches(val_set, args, self.info, self.pad_id)  # training's batching
+        sums = self.runner.eval_sums(batches)
         flat = D.all_reduce_sum(flatten_sums(sums).to(self.info.device))
         metrics = metrics_from_sums(unflatten_sums(flat.cpu(), sums), self.config.loss)
         record = {"step": self.step, "epoch": epoch, **{f"val/{k}": v for k, v in metrics.items()}}

@@ -100,14 +100,26 @@ class PlanOptions:
 
 
 def epoch_plan(lengths: Sequence[int], options: PlanOptions, seed: int, epoch: int) -> list[list[list[int]]]:
-    """The global micro-batches of `epoch` (every rank computes the same list)."""
+    """The global micro-batches of `epoch` (every rank computes the same list); a short last packed batch is dropped."""
     order = epoch_permutation(len(lengths), seed, epoch)
-    if options.packed_sequence_size > 0:
-        packs = pack_rows(order, lengths, options.packed_sequence_size, options.buffer_rows)
-        step = options.packs_per_batch
-        return [packs[i : i + step] for i in range(0, len(packs) - step + 1, step)]  # drop a short last batch
     generator = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**63 ^ 0x5EED)
-    batches = token_budget_batches(order, lengths, options.max_tokens, options.buffer_rows, generator)
+    return rows_plan(order, lengths, options, generator, drop_last=True)
+
+
+def rows_plan(
+    rows: Sequence[int], lengths: Sequence[int], options: PlanOptions, generator: torch.Generator, *, drop_last: bool
+) -> list[list[list[int]]]:
+    """Micro-batches of `rows` (taken in this order): packs of `packs_per_batch` packed rows, or token budgets.
+
+    `drop_last` drops a packed micro-batch of fewer than `packs_per_batch` rows (training keeps static shapes);
+    validation keeps it, so that every document is evaluated. `generator` shuffles token-budget batches only.
+    """
+    if options.packed_sequence_size > 0:
+        packs = pack_rows(rows, lengths, options.packed_sequence_size, options.buffer_rows)
+        step = options.packs_per_batch
+        end = len(packs) - step + 1 if drop_last else len(packs)
+        return [packs[i : i + step] for i in range(0, end, step)]
+    batches = token_budget_batches(rows, lengths, options.max_tokens, options.buffer_rows, generator)
     return [[[row] for row in batch] for batch in batches]
 
 

@@ -318,17 +318,11 @@ def device_memory_gib(device: torch.device, local_ranks: int = 1) -> float:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB / max(local_ranks, 1)
 
 
-def load_target_config(path: str, trust_remote_code: bool = False):
-    """The target's HF config from its `config.json` (a local folder or a cached hub id); no weights are read."""
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-
-
 def run_plan_command(args) -> int:
     """`dspark plan -c cfg.yaml --gpus N --gpu-memory 80GiB [--json] [--section.key=value ...]`."""
     from nemo_automodel_dspark.errors import ToolError, require_file
-    from nemo_automodel_dspark.recipe.config import ConfigError, load_config, parse_config
+    from nemo_automodel_dspark.recipe.config import ConfigError, RecipeArgs, load_config, parse_config
+    from nemo_automodel_dspark.target.loading import load_target_config
 
     require_file(args.config, "-c")
     if args.gpus < 1:
@@ -338,14 +332,9 @@ def run_plan_command(args) -> int:
         config = parse_config(load_config(["-c", args.config, *args.overrides]))
     except (ConfigError, ValueError) as err:
         raise ToolError(str(err)) from err
-    source = config.recipe_args.target_model_name_or_path
-    try:
-        target_config = load_target_config(source, config.recipe_args.trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise ToolError(
-            f"recipe_args.target_model_name_or_path {source}: no config.json found (pass a local folder that "
-            f"holds the target's config.json with --recipe_args.target_model_name_or_path=DIR): {err}"
-        ) from err
+    run = config.recipe_args
+    key = RecipeArgs.key("target_model_name_or_path")
+    target_config = load_target_config(run.target_model_name_or_path, key, run.trust_remote_code)
     plan = plan_for_config(config, target_config, args.gpus, budget)
     print(dumps(plan) if args.json else plan.table())
     return 0

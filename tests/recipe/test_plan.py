@@ -21,10 +21,10 @@ from nemo_automodel_dspark.recipe.plan import (
     PlanSettings,
     choose_sharding,
     count_models,
-    load_target_config,
     make_plan,
     parse_gib,
 )
+from nemo_automodel_dspark.target.loading import load_target_config
 
 # The issue's hand estimate counted [rows, V] logits (the objective was not fused then): compare unfused.
 ISSUE_RUN = dict(
@@ -39,7 +39,9 @@ def large_counts(tmp_path_factory):
     with warnings.catch_warnings():  # serving notes about layer ids are not what these tests check
         warnings.simplefilter("ignore")
         return {
-            name: count_models(load_target_config(str(write_target_config(name, root))), DSparkConfig(**draft))
+            name: count_models(
+                load_target_config(str(write_target_config(name, root)), "target"), DSparkConfig(**draft)
+            )
             for name in LARGE_TARGETS
         }
 
@@ -185,8 +187,12 @@ def test_cli_table_and_user_errors(tiny_yaml, tmp_path, capsys):
     empty.mkdir()
     bad = ["plan", "-c", str(tiny_yaml), "--gpus", "2", f"--recipe_args.target_model_name_or_path={empty}"]
     assert dspark(bad) == 2
+    key = "recipe_args.target_model_name_or_path"
+    assert capsys.readouterr().err == f"dspark plan: error: {key} {empty}: not a model folder (no config.json)\n"
+    (empty / "config.json").write_text('{"model_type": "no_such_family"}')
+    assert dspark(bad) == 2
     err = capsys.readouterr().err
-    assert "recipe_args.target_model_name_or_path" in err and len(err.strip().splitlines()) == 1
+    assert err.startswith(f"dspark plan: error: {key} {empty}: cannot read its config.json (") and err.count("\n") == 1
 
 
 def test_parse_gib():
