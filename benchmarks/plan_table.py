@@ -89,7 +89,8 @@ def main() -> None:
             "sharded_gib": shd["per_gpu_gib"],
             "auto_sharded": auto["target_sharded"],
         }
-    print(json.dumps({"gpus": args.gpus, "gpu_memory": args.gpu_memory, "objective": sorted(objective), "targets": summary}))
+    figures = {"gpus": args.gpus, "gpu_memory": args.gpu_memory, "objective": sorted(objective), "targets": summary}
+    print(json.dumps(figures))
 
 
 if __name__ == "__main__":
