@@ -217,7 +217,7 @@ def test_config_keys(tiny_assets, tmp_path):
 
 def test_default_layer_ids_count_as_features(tiny_assets):
     """Without configured target_layer_ids the plan counts the default spread's features, not none."""
-    config = load_target_config(str(tiny_assets["target"]))
+    config = load_target_config(str(tiny_assets["target"]), "target")
     base = dict(mask_token_id=3, draft_num_hidden_layers=2, block_size=4)
     resolved = DSparkConfig(**base).for_target(config.num_hidden_layers, config.vocab_size).target_layer_ids
     implicit = count_models(config, DSparkConfig(**base))
