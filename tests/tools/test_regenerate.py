@@ -160,8 +160,12 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny_target, tmp_path,
     assert main([*_regenerate_argv(tiny_target, data, out, "--resume", "--temperature", "0.7")]) == 2
     assert "temperature" in capsys.readouterr().err
     assert main([*_regenerate_argv(tiny_target, data, out)]) == 2  # neither --resume nor --overwrite: refused
+    killed = [shards_dir(out) / ".shard_00007.jsonl.0123456789ab", tmp_path / ".out.jsonl.a1b2c3d4e5f6"]
+    for path in killed:  # what a kill inside a shard write and inside the final concatenation leave
+        path.write_bytes(b"half")
     assert main([*_regenerate_argv(tiny_target, data, out, "--resume")]) == 0
     assert out.read_bytes() == (tmp_path / "ref.jsonl").read_bytes()
+    assert not any(path.exists() for path in killed)
     assert len(_read_jsonl(out)) == 16
 
 
