@@ -33,6 +33,10 @@ LOGIT_COPIES_COMPUTE, LOGIT_COPIES_FP32 = 4, 2
 # Per draft layer and block row, what backward keeps: ~12 hidden-sized tensors (norm in/out, q/k/v/o, residuals,
 # attention output) and 4 intermediate-sized ones (gate, up, act, product) in the compute dtype.
 ACT_HIDDEN, ACT_INTERMEDIATE = 12, 4
+_LOGITS_MEANING = {
+    "fused": f"the recipe's; logits = {LOGIT_CHUNKS} fp32 [chunk_rows, V] scratch tensors, no [rows, V] tensor",
+    "unfused": "logits = whole [rows, V] tensors, as an objective that materialises them would keep",
+}
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,11 @@ class MemoryPlan:
     def fits(self) -> bool:
         return self.per_gpu_gib <= self.budget_gib
 
+    @property
+    def objective(self) -> str:
+        """Which objective the `logits` term models: `fused` (the recipe's) or `unfused` (whole [rows, V] logits)."""
+        return "fused" if self.settings.fused_objective else "unfused"
+
     def to_json(self) -> dict:
         return {
             "fits": self.fits,
@@ -99,6 +108,7 @@ class MemoryPlan:
             "target_sharded": self.target_sharded,
             "replicated_gib": round(self.replicated_gib, 2),
             "gpus": self.settings.gpus,
+            "objective": self.objective,
             "terms": {k: round(v, 3) for k, v in self.terms.items()},
             "advice": self.advice,
         }
@@ -111,6 +121,7 @@ class MemoryPlan:
             f"{s.strategy}, micro-batch {s.micro_batch_size} x seq {s.seq_length}, {s.num_anchors} anchors x block "
             f"{s.block_size})"
         ]
+        lines.append(f"  objective: {self.objective} ({_LOGITS_MEANING[self.objective]})")
         lines += [f"  {name:<24} {_size(gib)}" for name, gib in self.terms.items()]
         verdict = "fits" if self.fits else "DOES NOT FIT"
         lines.append(f"  {'total':<24} {_size(self.per_gpu_gib)} of {self.budget_gib:.4g} GiB: {verdict}")
@@ -151,7 +162,7 @@ def count_models(target_config, dspark: DSparkConfig) -> ModelCounts:
         intermediate=text.intermediate_size,
         kv_dim=attn.kv_heads * attn.head_dim,
         vocab=text.vocab_size,
-        num_features=len(dspark.target_layer_ids or []),
+        num_features=len(draft.dspark.target_layer_ids or []),  # resolved: the default spread when not configured
     )
 
 
