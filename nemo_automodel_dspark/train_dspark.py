@@ -20,7 +20,6 @@ from nemo_automodel_dspark.recipe.config import (
 if __name__ == "__main__":  # `python -m ...train_dspark`: check every option before torch and NeMo AutoModel load
     config_or_exit(sys.argv[1:])
 
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -482,20 +481,16 @@ class TrainDSparkRecipe(BaseRecipe):
 def main(argv: list[str] | None = None) -> None:
     """`python -m nemo_automodel_dspark.train_dspark -c cfg.yaml [--section.key=value ...]` (under torchrun).
 
-    A user error (a bad option, or one the target's config.json refutes) prints one line and exits with status 2
-    on every rank, without a traceback.
+    A user error (a bad option, one the target's config.json refutes) or a stop (divergence, a full disk) prints
+    one line on rank 0 and exits with the same status on every rank, without a traceback.
     """
     config = config_or_exit(sys.argv[1:] if argv is None else argv)
     recipe = TrainDSparkRecipe(config)
     try:
         recipe.setup()
         recipe.run_train_validation_loop()
-    except ConfigError as err:
+    except (ConfigError, ToolError) as err:
         exit_with_error(err)
-    except ToolError as err:  # a user-facing stop: one line on rank 0, non-zero exit on every rank, no traceback
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"dspark train: error: {err}", file=sys.stderr, flush=True)
-        raise SystemExit(1) from None
     finally:
         D.destroy()
 

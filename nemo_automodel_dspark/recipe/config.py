@@ -15,7 +15,6 @@ before torch, NeMo AutoModel, the tokenizer, the data or any weights load.
 from __future__ import annotations
 
 import difflib
-import os
 import re
 import sys
 import typing
@@ -25,6 +24,7 @@ from typing import Any, NoReturn
 
 import yaml
 
+from nemo_automodel_dspark.errors import report_user_error
 from nemo_automodel_dspark.loss.config import LossConfig
 from nemo_automodel_dspark.model.config import DSparkConfig
 from nemo_automodel_dspark.options import ConfigError, Options, build, option, rule
@@ -428,10 +428,8 @@ def parse_config(cfg: Any) -> DSparkRecipeConfig:
 
 
 def exit_with_error(err: Exception) -> NoReturn:
-    """A user error: one line on stderr (from rank 0 only under torchrun: every rank sees the same config), status 2."""
-    if os.environ.get("RANK", "0") == "0":
-        print(f"[dspark] error: {err}", file=sys.stderr, flush=True)
-    sys.exit(2)
+    """A user error in training: `dspark train: error: …` once (every rank sees the same), every rank exits."""
+    sys.exit(report_user_error("train", err))
 
 
 def config_or_exit(argv: list[str]) -> DSparkRecipeConfig:

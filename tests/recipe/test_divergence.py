@@ -182,7 +182,7 @@ def test_main_prints_one_line_and_exits_non_zero(tiny_assets, tmp_path, capsys):
     path = write_config(cfg, tmp_path / "lr.yaml")
     with pytest.raises(SystemExit) as info:
         main(["-c", str(path)])
-    assert info.value.code == 1
+    assert info.value.code == 2  # every one-line stop exits like a refused option
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("dspark train: error: step ") and "Traceback" not in "\n".join(err)
 
