@@ -83,7 +83,10 @@ class RecipeArgs(Options):
     max_grad_norm: float | None = option(1.0, gt=0, doc="null: no clipping")
     serve_with: list[str] | None = option(None, doc="engines the draft must load in (export/engines.py); null: warn")
     overwrite_output_dir: bool = option(False, doc="a new run into a folder holding a run moves the old one aside")
-    max_skipped_steps: int = option(0, ge=0, doc="non-finite steps skipped (and counted) before the run stops")
+    max_skipped_steps: int = option(0, ge=0, doc="refused (diverged) steps skipped and counted before the run stops")
+    divergence_factor: float | None = option(
+        100.0, gt=1, doc="refuse a step whose loss is above this x the recent median (recipe/guards.py); null: off"
+    )
     mask_reasoning_content: bool = option(False)
     chat_template: str | None = option(None, doc="Jinja template used instead of the tokenizer's")
     eval_decode: EvalDecodeConfig | None = option(None)
