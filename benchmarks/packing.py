@@ -115,6 +115,7 @@ def build(a: argparse.Namespace, device: torch.device, seq: int, anchors: int):
         shuffle_seed=0,
         seq_length=seq,
         max_grad_norm=1.0,
+        divergence_factor=None,
         max_tokens_per_batch=0,
         packed_sequence_size=0,
         micro_batch_size=a.micro_batch,

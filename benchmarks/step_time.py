@@ -86,7 +86,7 @@ def build_target_and_draft(a: argparse.Namespace, device: torch.device, *, seq: 
 def build(a: argparse.Namespace, device: torch.device):
     target, draft = build_target_and_draft(a, device, seq=a.seq, anchors=a.anchors, block=a.block)
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=device)
-    args = SimpleNamespace(shuffle_seed=0, max_grad_norm=1.0, seq_length=a.seq)
+    args = SimpleNamespace(shuffle_seed=0, max_grad_norm=1.0, seq_length=a.seq, divergence_factor=None)
     step = DSparkStep(draft, draft, target, args, LossConfig(), info, defer_fsdp_sync=False)
     optimizer = build_optimizer(draft, OptimizerConfig(lr=1e-4))
     return step, optimizer, build_scheduler(optimizer, OptimizerConfig(lr=1e-4), 1000)

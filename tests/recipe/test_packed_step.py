@@ -58,7 +58,7 @@ def make_step(family: str) -> DSparkStep:
     )
     torch.manual_seed(0)
     draft = DSparkDrafter.from_target(target, dspark)
-    args = SimpleNamespace(shuffle_seed=1, seq_length=SEQ, max_grad_norm=1.0)
+    args = SimpleNamespace(shuffle_seed=1, seq_length=SEQ, max_grad_norm=1.0, divergence_factor=None)
     loss = LossConfig(loss_decay_gamma=4.0, ce_loss_alpha=0.1, l1_loss_alpha=0.9, confidence_head_alpha=1.0)
     info = D.DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     return DSparkStep(draft, draft, target, args, loss, info, defer_fsdp_sync=False)
