@@ -20,7 +20,6 @@ from nemo_automodel_dspark.recipe.config import (
 if __name__ == "__main__":  # `python -m ...train_dspark`: check every option before torch and NeMo AutoModel load
     config_or_exit(sys.argv[1:])
 
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -273,6 +272,7 @@ class TrainDSparkRecipe(BaseRecipe):
         batching.restore_position(self.sampler, state["sampler"], path)
         self.progress.load_state_dict(state)
         self.window.load_state_dict(state.get("window"), self.info)
+        self.runner.guard.load_state_dict(state.get("divergence"))
         self.files.truncate_metrics(self.step)
         self._log(f"resumed from {path} at step {self.step} (epoch {self.epoch})")
 
@@ -325,10 +325,10 @@ class TrainDSparkRecipe(BaseRecipe):
         batches = self._micro_batches(self.train_set, [next(self._rows) for _ in range(self.per_step)])
         self.window.tokens += sum(int(mb.attention_mask.sum()) for mb in batches)  # CPU tensors: no device sync
         sums, grad_norm = self.runner.train_step(batches, self.epoch, self.optimizer, self.lr_scheduler)
-        if self.runner.last_finite:
+        if self.runner.last_verdict is None:
             self.window.add(sums, grad_norm)
         else:
-            self._skip_non_finite()
+            self._skip_refused(self.runner.last_verdict)
         self.step += 1
 
     def _after_step(self) -> None:
@@ -357,14 +357,14 @@ class TrainDSparkRecipe(BaseRecipe):
         self.sampler.set_epoch(self.epoch)
         self._rows = None
 
-    def _skip_non_finite(self) -> None:
-        """Count a step that was not applied; stop (every rank, same decision) once the allowance is used up."""
+    def _skip_refused(self, reason: str) -> None:
+        """Count a step the guard refused; stop (every rank, same decision) once the allowance is used up."""
         self.skipped_steps += 1
-        allowed = self.config.recipe_args.max_skipped_steps
+        allowed, step = self.config.recipe_args.max_skipped_steps, self.step + 1
         if self.skipped_steps > allowed:
-            raise RunStopped(divergence_message(self.step + 1, self.skipped_steps, allowed, self.files.last_good()))
-        count = f"{self.skipped_steps}/{allowed}"
-        self._log(f"step {self.step + 1}: non-finite loss or gradient norm; step skipped ({count})")
+            last_good = self.files.last_good(before=step - 1)  # step's loss came from the weights of step - 1
+            raise RunStopped(divergence_message(step, reason, self.skipped_steps, allowed, last_good))
+        self._log(f"step {step}: {reason}; step skipped ({self.skipped_steps}/{allowed})")
 
     def _log_window(self, epoch: int) -> None:
         if self.window.sums is None:
@@ -469,6 +469,7 @@ class TrainDSparkRecipe(BaseRecipe):
             "compat": self._compat(),
             "optimizer": resume.optimizer_record(self.config.optimizer),
             "window": self.window.state_dict(self.info),
+            "divergence": self.runner.guard.state_dict(),
         }
 
     def _write_checkpoint(self, epoch: int, model_state: dict, optim_state: dict, state: dict) -> str | None:
@@ -486,20 +487,16 @@ class TrainDSparkRecipe(BaseRecipe):
 def main(argv: list[str] | None = None) -> None:
     """`python -m nemo_automodel_dspark.train_dspark -c cfg.yaml [--section.key=value ...]` (under torchrun).
 
-    A user error (a bad option, or one the target's config.json refutes) prints one line and exits with status 2
-    on every rank, without a traceback.
+    A user error (a bad option, one the target's config.json refutes) or a stop (divergence, a full disk) prints
+    one line on rank 0 and exits with the same status on every rank, without a traceback.
     """
     config = config_or_exit(sys.argv[1:] if argv is None else argv)
     recipe = TrainDSparkRecipe(config)
     try:
         recipe.setup()
         recipe.run_train_validation_loop()
-    except ConfigError as err:
+    except (ConfigError, ToolError) as err:
         exit_with_error(err)
-    except ToolError as err:  # a user-facing stop: one line on rank 0, non-zero exit on every rank, no traceback
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"dspark train: error: {err}", file=sys.stderr, flush=True)
-        raise SystemExit(1) from None
     finally:
         D.destroy()
 

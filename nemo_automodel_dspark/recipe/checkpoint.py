@@ -43,9 +43,19 @@ def checkpoints(root: str | Path) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
-def find_latest(root: str | Path, warn: Callable[[str], None] | None = None) -> Path | None:
-    """The newest checkpoint under `root` that passes its manifest check; damaged ones are skipped with a warning."""
+def step_of(path: Path) -> int:
+    """The step of a checkpoint folder `epoch_{E}_step_{S}`."""
+    match = _STEP_DIR.match(path.name)
+    assert match, path
+    return int(match.group(2))
+
+
+def find_latest(root: str | Path, warn: Callable[[str], None] | None = None, before: int | None = None) -> Path | None:
+    """The newest checkpoint under `root` (of a step < `before`, when given) that passes its manifest check;
+    damaged ones are skipped with a warning."""
     for path in reversed(checkpoints(root)):
+        if before is not None and step_of(path) >= before:
+            continue
         damage = verify(path) if warn is not None else None
         if damage is None or warn is None:
             return path

@@ -100,8 +100,11 @@ class RunFiles:
                 for leftover in remove_leftover_temps(folder):
                     self.log(f"removed {leftover}, left by a write that never finished")
 
-    def last_good(self) -> Path | None:
-        return ckpt.find_latest(self.ckpt_root) if self.checkpoint.enabled else None
+    def last_good(self, before: int | None = None) -> Path | None:
+        """The newest checkpoint (of a step < `before`, when given): where a stopped run can resume from."""
+        if not self.checkpoint.enabled:
+            return None
+        return ckpt.find_latest(self.ckpt_root, before=before)
 
     def truncate_metrics(self, step: int) -> None:
         assert self.metrics is not None

@@ -109,6 +109,9 @@ def test_full_disk_during_a_checkpoint_is_one_line_and_the_run_resumes(copy, two
     ref = weights(two_steps[1], 3)
     assert all(torch.equal(ref[k], v) for k, v in weights(out, 3).items())
     assert logged_steps(out) == [1, 2, 3]
+    # the divergence guard's reference (recent losses) is restored exactly: resumed == uninterrupted, bit for bit
+    states = [ckpt.load_trainer_state(run / "ckpt" / "epoch_0_step_3") for run in (out, two_steps[1])]
+    assert states[0]["divergence"] == states[1]["divergence"] and len(states[0]["divergence"]["recent"]) == 3
 
 
 def test_full_disk_during_a_metrics_append_rolls_the_line_back(copy, monkeypatch):

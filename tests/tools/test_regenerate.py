@@ -266,6 +266,14 @@ def test_server_retries_then_answers_and_skips_a_dead_row(flaky_server, tmp_path
     assert body["chat_template_kwargs"] == {"enable_thinking": False} and body["messages"][-1]["role"] == "user"
 
 
+def test_no_usable_row_is_a_one_line_error(flaky_server, tmp_path, capsys):
+    row = {"messages": [{"role": "user", "content": "ALWAYS_FAIL"}, {"role": "assistant", "content": "old"}]}
+    data = _write_jsonl(tmp_path / "in.jsonl", [json.dumps(row)])
+    argv = ["regenerate", "--data", str(data), "--out", str(tmp_path / "out.jsonl"), "--server", flaky_server]
+    assert main([*argv, "--model", "tiny", "--max-retries", "0"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == "dspark regenerate: error: no usable row was regenerated"
+
+
 def test_row_parsing_and_reasoning_split():
     turns = [{"from": "system", "value": "s"}, {"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]
     sharegpt = json.dumps({"conversations": turns}).encode()

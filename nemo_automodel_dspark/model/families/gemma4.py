@@ -132,14 +132,7 @@ class Gemma4DraftLayer(nn.Module):
 
 def _decoder_parts(model: nn.Module) -> DecoderParts:
     """Gemma4ForConditionalGeneration nests the text stack at `model.language_model`; Gemma4ForCausalLM does not."""
-    text = cast(nn.Module, getattr(model.model, "language_model", model.model))
-    return DecoderParts(
-        text,
-        cast(nn.Module, text.embed_tokens),
-        cast(nn.ModuleList, text.layers),
-        cast(nn.Module, text.norm),
-        cast(nn.Module, model.lm_head),
-    )
+    return DecoderParts.of(model, cast(nn.Module, getattr(model.model, "language_model", model.model)))
 
 
 def _model_class(config):
