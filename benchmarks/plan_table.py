@@ -8,6 +8,8 @@ micro-batch 1, seq 4096, 512 anchors, block 7, 5 draft layers, FSDP2, 8 accumula
     python benchmarks/plan_table.py
     python benchmarks/plan_table.py --gpus 16 --targets Qwen3-235B-A22B
 
+The `logits` term is the recipe's fused objective (`"objective": "fused"` in each plan; printed in the header).
+Gemma4-31B's config values are reconstructed, not downloaded (see tests/_helpers/large_targets.py).
 Ends with one JSON line: per target, the per-GPU GiB replicated and sharded and what `auto` picks.
 """
 
@@ -63,7 +65,8 @@ def main() -> None:
             shd = plan(str(config), folder, args.gpus, args.gpu_memory, "true")
             auto = plan(str(config), folder, args.gpus, args.gpu_memory, "auto")
             rows[name] = (rep, shd, auto)
-    print(f"{args.gpus} GPUs x {args.gpu_memory}; per-GPU GiB")
+    objective = {p["objective"] for row in rows.values() for p in row}
+    print(f"{args.gpus} GPUs x {args.gpu_memory}; per-GPU GiB; objective: {', '.join(sorted(objective))}")
     print(
         "| target | target weights replicated / sharded | draft state | activations + logits | replicated total ",
         end="",
@@ -86,7 +89,8 @@ def main() -> None:
             "sharded_gib": shd["per_gpu_gib"],
             "auto_sharded": auto["target_sharded"],
         }
-    print(json.dumps({"gpus": args.gpus, "gpu_memory": args.gpu_memory, "targets": summary}))
+    figures = {"gpus": args.gpus, "gpu_memory": args.gpu_memory, "objective": sorted(objective), "targets": summary}
+    print(json.dumps(figures))
 
 
 if __name__ == "__main__":

@@ -7,10 +7,8 @@ until a name is used.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
 from nemo_automodel_dspark import quiet
+from nemo_automodel_dspark.lazy import lazy_getattr
 
 __version__ = "0.1.0"
 quiet.install()  # before any dependency is imported: no import noise on the first screen
@@ -29,8 +27,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'nemo_automodel_dspark' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

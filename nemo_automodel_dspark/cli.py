@@ -75,12 +75,12 @@ def _add_regenerate(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_regenerate(args: argparse.Namespace) -> int:
+    from nemo_automodel_dspark.errors import ToolError
     from nemo_automodel_dspark.tools.regenerate import config_from_args, regenerate
 
     summary = regenerate(config_from_args(args))
     if summary.rows_out == 0:
-        print("[dspark] error: no usable row was regenerated", file=sys.stderr)
-        return 1
+        raise ToolError("no usable row was regenerated")
     return 0
 
 
@@ -252,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from nemo_automodel_dspark.errors import ToolError
+    from nemo_automodel_dspark.errors import ToolError, report_user_error
 
     parser = build_parser()
     args, overrides = parser.parse_known_args(argv)
@@ -262,8 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command].run(args)
     except ToolError as err:
-        print(f"dspark {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return report_user_error(args.command, err)
 
 
 if __name__ == "__main__":

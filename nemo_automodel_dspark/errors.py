@@ -1,13 +1,23 @@
-"""The one error type the tools raise for a user mistake; the CLI prints it as one line, without a traceback."""
+"""The one error type the tools raise for a user mistake, and the one way it is shown: a line, no traceback."""
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
+
+USER_ERROR_STATUS = 2  # the status argparse exits with for a bad flag: every refusal exits alike
 
 
 class ToolError(RuntimeError):
     """A refused request (bad configuration, a resume that does not match, a path in the way)."""
+
+
+def report_user_error(command: str, err: object) -> int:
+    """Print `dspark <command>: error: <err>` on stderr (rank 0 alone under torchrun); the status to exit with."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"dspark {command}: error: {err}", file=sys.stderr, flush=True)
+    return USER_ERROR_STATUS
 
 
 def require_file(path: str | os.PathLike, flag: str) -> Path:

@@ -2,7 +2,12 @@
 
 A write goes to a temporary name in the destination folder, is flushed and fsynced, renamed over the destination,
 and the folder is fsynced so the rename itself survives a power loss. A reader therefore sees the old file or the
-new one, never a prefix; a crash leaves at most a hidden `.NAME.*` temp file, never a truncated `NAME`.
+new one, never a prefix; a crash leaves at most a hidden temp, never a truncated `NAME`.
+
+Temp names, the only ones any writer of this package leaves behind when killed: `.NAME.<12 hex digits>` (a file,
+`atomic_path`) and `.NAME.tmp` (a folder filled and then renamed into place by `commit_dir`, see `temp_dir_for`).
+`remove_leftover_temps` deletes them; the owner of a folder calls it before writing there again (a training run
+at start-up, `save_draft`, `export`, `calibrate`, `regenerate`).
 """
 
 from __future__ import annotations
@@ -10,7 +15,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
+import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +35,44 @@ def fsync_dir(directory: str | os.PathLike) -> None:
         pass
     finally:
         os.close(fd)
+
+
+_TEMP_FILE = re.compile(r"^\.(?P<name>.+)\.[0-9a-f]{12}$")  # `_new_temp`
+_TEMP_DIR = re.compile(r"^\.(?P<name>.+)\.tmp$")  # `temp_dir_for`
+
+
+def temp_dir_for(final: str | os.PathLike) -> Path:
+    """The hidden folder a whole-folder write fills before `commit_dir` renames it to `final`."""
+    final = Path(final)
+    return final.with_name(f".{final.name}.tmp")
+
+
+def leftover_temps(folder: str | os.PathLike, names: Iterable[str] | None = None) -> list[Path]:
+    """The temps under `folder` (not recursive) that writers of this package left when interrupted; with `names`,
+    only those of these destination names. A missing folder has none."""
+    folder, wanted = Path(folder), None if names is None else set(names)
+    if not folder.is_dir():
+        return []
+    found = []
+    for child in sorted(folder.iterdir()):
+        pattern = _TEMP_DIR if child.is_dir() and not child.is_symlink() else _TEMP_FILE
+        match = pattern.match(child.name)
+        if match and (wanted is None or match.group("name") in wanted):
+            found.append(child)
+    return found
+
+
+def remove_leftover_temps(folder: str | os.PathLike, names: Iterable[str] | None = None) -> list[Path]:
+    """Delete `leftover_temps(folder, names)`; returns what was removed. Call only on a folder this process owns:
+    another live writer's temp would go too."""
+    removed = []
+    for path in leftover_temps(folder, names):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
 
 
 def _new_temp(path: Path) -> Path:

@@ -11,6 +11,7 @@ import sys
 from nemo_automodel_dspark.recipe.config import (
     ConfigError,
     DSparkRecipeConfig,
+    RecipeArgs,
     config_or_exit,
     exit_with_error,
     parse_config,
@@ -19,7 +20,6 @@ from nemo_automodel_dspark.recipe.config import (
 if __name__ == "__main__":  # `python -m ...train_dspark`: check every option before torch and NeMo AutoModel load
     config_or_exit(sys.argv[1:])
 
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,31 +30,26 @@ from nemo_automodel.recipes.base_recipe import BaseRecipe
 from tqdm import tqdm
 
 from nemo_automodel_dspark import distributed as D
-from nemo_automodel_dspark.data import DSparkChatDataset, ResumableSampler
+from nemo_automodel_dspark.data import DSparkChatDataset
 from nemo_automodel_dspark.data.cache import default_cache_root
 from nemo_automodel_dspark.errors import ToolError
 from nemo_automodel_dspark.loss import flatten_sums, metrics_from_sums, unflatten_sums
 from nemo_automodel_dspark.model.config import DSparkConfig
 from nemo_automodel_dspark.model.drafter import DSparkDrafter
 from nemo_automodel_dspark.model.families import family_for
-from nemo_automodel_dspark.model.warm_start import load_warm_start
 from nemo_automodel_dspark.recipe import batching, resume, run_folder
 from nemo_automodel_dspark.recipe import checkpoint as ckpt
 from nemo_automodel_dspark.recipe.guards import RunStopped, divergence_message, non_finite_tensors
 from nemo_automodel_dspark.recipe.inputs import check_data, load_decode_prompts
 from nemo_automodel_dspark.recipe.metrics import console_line
 from nemo_automodel_dspark.recipe.optim import build_optimizer, build_scheduler
-from nemo_automodel_dspark.recipe.plan import (
-    MemoryPlan,
-    device_memory_gib,
-    load_target_config,
-    plan_for_config,
-)
+from nemo_automodel_dspark.recipe.plan import MemoryPlan, device_memory_gib, plan_for_config
 from nemo_automodel_dspark.recipe.serving_checks import check_serving, warning_text
+from nemo_automodel_dspark.recipe.sharded_draft import build_draft
 from nemo_automodel_dspark.recipe.sharded_target import load_sharded_target
 from nemo_automodel_dspark.recipe.state import MetricsWindow, Progress, due_after_step
 from nemo_automodel_dspark.recipe.step import DSparkStep, MicroBatch
-from nemo_automodel_dspark.target.loading import check_model_path, load_target, load_tokenizer
+from nemo_automodel_dspark.target.loading import load_target, load_target_config, load_tokenizer
 
 
 @dataclass
@@ -111,20 +106,15 @@ class TrainDSparkRecipe(BaseRecipe):
 
     def _check_target(self) -> tuple[Any, DSparkConfig]:
         """Read only the target's config.json: (its HF config, the draft options checked against it, ids resolved)."""
-        from transformers import AutoConfig
-
         args = self.config.recipe_args
-        check_model_path(args.target_model_name_or_path, "recipe_args.target_model_name_or_path")
-        key = "'recipe_args.target_model_name_or_path'"
+        key = RecipeArgs.key("target_model_name_or_path")
+        target_config = load_target_config(args.target_model_name_or_path, key, args.trust_remote_code)
         try:
-            target_config = AutoConfig.from_pretrained(
-                args.target_model_name_or_path, trust_remote_code=args.trust_remote_code
-            )
             family = family_for(target_config)
             text = family.text_config(target_config)
             family.check_supported(text)
-        except (OSError, ValueError) as err:
-            raise ConfigError(f"{key} {args.target_model_name_or_path}: {str(err).splitlines()[0]}") from err
+        except ValueError as err:
+            raise ConfigError(f"'{key}' {args.target_model_name_or_path}: {str(err).splitlines()[0]}") from err
         return target_config, self.config.draft.for_target(text.num_hidden_layers, text.vocab_size)
 
     def _check_serving(self, target_config) -> None:
@@ -198,7 +188,8 @@ class TrainDSparkRecipe(BaseRecipe):
         args = self.config.recipe_args
         device = "cuda" if self.info.device.type == "cuda" else "cpu"
         budget = args.memory_budget_gib or device_memory_gib(self.info.device, self.info.local_world_size)
-        target_config = load_target_config(args.target_model_name_or_path, args.trust_remote_code)
+        key = RecipeArgs.key("target_model_name_or_path")
+        target_config = load_target_config(args.target_model_name_or_path, key, args.trust_remote_code)
         return plan_for_config(self.config, target_config, self.info.world_size, budget, device)
 
     def _sharding_line(self) -> str:
@@ -219,15 +210,21 @@ class TrainDSparkRecipe(BaseRecipe):
         parts = family_for(self.frozen.model.config).decoder_parts(self.frozen.model)
         embed = D.full_tensor(cast(torch.Tensor, parts.embed_tokens.weight))  # gathered when the target is sharded
         lm_head = D.full_tensor(cast(torch.Tensor, parts.lm_head.weight))
-        torch.manual_seed(args.shuffle_seed)  # identical initial draft on every rank and every world size
-        draft = DSparkDrafter.from_embeddings(self.frozen.model.config, self.draft_config, embed, lm_head)
+        dist = self.config.distributed
+        self.draft, self.model = build_draft(
+            self.frozen.model.config,
+            self.draft_config,
+            embed,
+            lm_head,
+            info=self.info,
+            strategy=dist.strategy,
+            activation_checkpointing=dist.activation_checkpointing,
+            seed=args.shuffle_seed,
+            warm_start=args.draft_weights_path,
+        )
         del embed, lm_head
         if args.draft_weights_path:
-            load_warm_start(draft, args.draft_weights_path)
             self._log(f"draft_weights_path: started from {args.draft_weights_path}")
-        self.draft = draft.to(self.info.device)
-        dist = self.config.distributed
-        self.model = D.wrap_draft(self.draft, dist.strategy, self.info, dist.activation_checkpointing)
         self.runner = DSparkStep(
             self.model,
             self.draft,
@@ -275,6 +272,7 @@ class TrainDSparkRecipe(BaseRecipe):
         batching.restore_position(self.sampler, state["sampler"], path)
         self.progress.load_state_dict(state)
         self.window.load_state_dict(state.get("window"), self.info)
+        self.runner.guard.load_state_dict(state.get("divergence"))
         self.files.truncate_metrics(self.step)
         self._log(f"resumed from {path} at step {self.step} (epoch {self.epoch})")
 
@@ -301,7 +299,7 @@ class TrainDSparkRecipe(BaseRecipe):
     def _micro_batches(self, dataset: DSparkChatDataset, items: list) -> list[MicroBatch]:
         """Collate sampler items (rows, or whole micro-batch plans) into CPU micro-batches (moved inside the step)."""
         args = self.config.recipe_args
-        if dataset is self.train_set and batching.plan_options(args):
+        if batching.plan_options(args):
             return [batching.plan_micro_batch(dataset, plan, args, self.pad_id) for plan in items]
         return batching.padded_micro_batches(
             dataset, items, micro_batch_size=args.micro_batch_size, seq_length=args.seq_length, pad_token_id=self.pad_id
@@ -327,10 +325,10 @@ class TrainDSparkRecipe(BaseRecipe):
         batches = self._micro_batches(self.train_set, [next(self._rows) for _ in range(self.per_step)])
         self.window.tokens += sum(int(mb.attention_mask.sum()) for mb in batches)  # CPU tensors: no device sync
         sums, grad_norm = self.runner.train_step(batches, self.epoch, self.optimizer, self.lr_scheduler)
-        if self.runner.last_finite:
+        if self.runner.last_verdict is None:
             self.window.add(sums, grad_norm)
         else:
-            self._skip_non_finite()
+            self._skip_refused(self.runner.last_verdict)
         self.step += 1
 
     def _after_step(self) -> None:
@@ -359,14 +357,14 @@ class TrainDSparkRecipe(BaseRecipe):
         self.sampler.set_epoch(self.epoch)
         self._rows = None
 
-    def _skip_non_finite(self) -> None:
-        """Count a step that was not applied; stop (every rank, same decision) once the allowance is used up."""
+    def _skip_refused(self, reason: str) -> None:
+        """Count a step the guard refused; stop (every rank, same decision) once the allowance is used up."""
         self.skipped_steps += 1
-        allowed = self.config.recipe_args.max_skipped_steps
+        allowed, step = self.config.recipe_args.max_skipped_steps, self.step + 1
         if self.skipped_steps > allowed:
-            raise RunStopped(divergence_message(self.step + 1, self.skipped_steps, allowed, self.files.last_good()))
-        count = f"{self.skipped_steps}/{allowed}"
-        self._log(f"step {self.step + 1}: non-finite loss or gradient norm; step skipped ({count})")
+            last_good = self.files.last_good(before=step - 1)  # step's loss came from the weights of step - 1
+            raise RunStopped(divergence_message(step, reason, self.skipped_steps, allowed, last_good))
+        self._log(f"step {step}: {reason}; step skipped ({self.skipped_steps}/{allowed})")
 
     def _log_window(self, epoch: int) -> None:
         if self.window.sums is None:
@@ -391,10 +389,8 @@ class TrainDSparkRecipe(BaseRecipe):
         """Objective and diagnostics on the validation split (own anchor stream: training is unaffected)."""
         args, val_set = self.config.recipe_args, self.val_set
         assert val_set is not None
-        sampler = ResumableSampler(
-            len(val_set), seed=args.shuffle_seed, rank=self.info.rank, world_size=self.info.world_size
-        )
-        sums = self.runner.eval_sums(self._micro_batches(val_set, sampler.indices()))
+        batches = batching.validation_micro_batches(val_set, args, self.info, self.pad_id)  # training's batching
+        sums = self.runner.eval_sums(batches)
         flat = D.all_reduce_sum(flatten_sums(sums).to(self.info.device))
         metrics = metrics_from_sums(unflatten_sums(flat.cpu(), sums), self.config.loss)
         record = {"step": self.step, "epoch": epoch, **{f"val/{k}": v for k, v in metrics.items()}}
@@ -473,6 +469,7 @@ class TrainDSparkRecipe(BaseRecipe):
             "compat": self._compat(),
             "optimizer": resume.optimizer_record(self.config.optimizer),
             "window": self.window.state_dict(self.info),
+            "divergence": self.runner.guard.state_dict(),
         }
 
     def _write_checkpoint(self, epoch: int, model_state: dict, optim_state: dict, state: dict) -> str | None:
@@ -490,20 +487,16 @@ class TrainDSparkRecipe(BaseRecipe):
 def main(argv: list[str] | None = None) -> None:
     """`python -m nemo_automodel_dspark.train_dspark -c cfg.yaml [--section.key=value ...]` (under torchrun).
 
-    A user error (a bad option, or one the target's config.json refutes) prints one line and exits with status 2
-    on every rank, without a traceback.
+    A user error (a bad option, one the target's config.json refutes) or a stop (divergence, a full disk) prints
+    one line on rank 0 and exits with the same status on every rank, without a traceback.
     """
     config = config_or_exit(sys.argv[1:] if argv is None else argv)
     recipe = TrainDSparkRecipe(config)
     try:
         recipe.setup()
         recipe.run_train_validation_loop()
-    except ConfigError as err:
+    except (ConfigError, ToolError) as err:
         exit_with_error(err)
-    except ToolError as err:  # a user-facing stop: one line on rank 0, non-zero exit on every rank, no traceback
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"dspark train: error: {err}", file=sys.stderr, flush=True)
-        raise SystemExit(1) from None
     finally:
         D.destroy()
 

@@ -30,6 +30,7 @@ LAYERS = {
     "errors": CORE,
     "options": CORE,
     "quiet": CORE,
+    "lazy": CORE,
     "draft_checks": CORE,
     "export": CORE,
     "recipe": MIDDLE,

@@ -84,3 +84,29 @@ def test_commit_dir_and_fsync_tree(tmp_path, fsyncs):
     assert fsyncs.count("file") == 2 and fsyncs.count("dir") == 2
     io.commit_dir(tmp, tmp_path / "ckpt")
     assert (tmp_path / "ckpt" / "inner" / "b.bin").read_bytes() == b"x" and not tmp.exists()
+
+
+def test_leftover_temps_are_exactly_the_names_the_writers_use(tmp_path):
+    (tmp_path / ".model.safetensors.0123456789ab").write_bytes(b"half")  # atomic_path's temp
+    (tmp_path / ".config.json.a1b2c3d4e5f6").write_bytes(b"half")
+    io.temp_dir_for(tmp_path / "epoch_0_step_3").mkdir()  # commit_dir's temp folder
+    (tmp_path / ".epoch_0_step_3.tmp" / "model.safetensors").write_bytes(b"half")
+    kept = [".gitignore", ".notes.tmp", "model.safetensors", ".x.0123456789", "run.tmp", ".a.0123456789AB"]
+    for name in kept:  # user files and near-misses: a file named .NAME.tmp, 11 hex digits, upper case
+        (tmp_path / name).write_text("keep")
+    assert [p.name for p in io.leftover_temps(tmp_path, ["config.json"])] == [".config.json.a1b2c3d4e5f6"]
+    removed = io.remove_leftover_temps(tmp_path)
+    assert sorted(p.name for p in removed) == sorted(
+        [".model.safetensors.0123456789ab", ".config.json.a1b2c3d4e5f6", ".epoch_0_step_3.tmp"]
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
+    assert io.remove_leftover_temps(tmp_path / "missing") == []
+
+
+def test_a_killed_writer_leaves_only_a_name_leftover_temps_recognises(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    with pytest.raises(KeyboardInterrupt), io.atomic_path(path) as tmp:
+        tmp.write_text("half")
+        leftover = io.leftover_temps(tmp_path)
+        raise KeyboardInterrupt  # while the temp exists: what a SIGKILL at this moment would leave
+    assert leftover == [tmp]

@@ -30,3 +30,22 @@ def _imports_torch_distributed(path: Path) -> bool:
 def test_only_the_distributed_module_imports_torch_distributed():
     offenders = [p.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("*.py") if _imports_torch_distributed(p)]
     assert offenders == ["distributed.py"]
+
+
+def test_lazy_exports_stay_lazy_resolve_each_name_and_refuse_others():
+    """Importing the packages imports no torch; then each exported name is its module's own object."""
+    code = """
+import importlib, sys
+packages = [importlib.import_module(f"nemo_automodel_dspark{s}") for s in ("", ".loss", ".tools")]
+assert "torch" not in sys.modules
+for p in packages:
+    for name, module in p._EXPORTS.items():
+        assert getattr(p, name) is getattr(importlib.import_module(module), name), name
+    try:
+        p.no_such_name
+    except AttributeError as err:
+        assert str(err) == f"module '{p.__name__}' has no attribute 'no_such_name'", err
+    else:
+        raise AssertionError(p.__name__)
+"""
+    subprocess.run([sys.executable, "-c", code], check=True)

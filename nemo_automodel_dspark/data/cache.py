@@ -22,7 +22,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -34,7 +33,7 @@ import torch
 
 from nemo_automodel_dspark.data.cache_build import build_rows
 from nemo_automodel_dspark.data.chat import EMPTY_ANSWER, MASK_TOKEN_HIT, TOKEN_IDS, TRUNCATED, RowOptions
-from nemo_automodel_dspark.io import atomic_write_json, commit_dir
+from nemo_automodel_dspark.io import atomic_write_json, commit_dir, temp_dir_for
 
 CACHE_FORMAT_VERSION = 2  # bump whenever the table's layout or the tokenisation rules change
 _META = "meta.json"
@@ -170,7 +169,9 @@ def open_cache(
     if not (final / _META).exists():
         with _file_lock(final.with_suffix(".lock")):
             if not (final / _META).exists():
-                tmp = Path(tempfile.mkdtemp(prefix=final.name + ".", dir=final.parent))
+                tmp = temp_dir_for(final)  # one builder per fingerprint (the lock): a killed build's temp goes here
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
                 try:
                     _build(path_or_id, split, tokenizer, options, num_proc, tmp)
                     commit_dir(tmp, final)

@@ -8,11 +8,13 @@ skips the micro-batches it had consumed.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from nemo_automodel_dspark.data.sampler import EpochShard
 
 # Rows considered together by one first-fit-decreasing (or length-sorting) pass: large enough to pack tightly,
 # bounded so that the plan stays a shuffle (a row never moves further than one buffer from its shuffled place).
@@ -100,21 +102,33 @@ class PlanOptions:
 
 
 def epoch_plan(lengths: Sequence[int], options: PlanOptions, seed: int, epoch: int) -> list[list[list[int]]]:
-    """The global micro-batches of `epoch` (every rank computes the same list)."""
+    """The global micro-batches of `epoch` (every rank computes the same list); a short last packed batch is dropped."""
     order = epoch_permutation(len(lengths), seed, epoch)
-    if options.packed_sequence_size > 0:
-        packs = pack_rows(order, lengths, options.packed_sequence_size, options.buffer_rows)
-        step = options.packs_per_batch
-        return [packs[i : i + step] for i in range(0, len(packs) - step + 1, step)]  # drop a short last batch
     generator = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**63 ^ 0x5EED)
-    batches = token_budget_batches(order, lengths, options.max_tokens, options.buffer_rows, generator)
+    return rows_plan(order, lengths, options, generator, drop_last=True)
+
+
+def rows_plan(
+    rows: Sequence[int], lengths: Sequence[int], options: PlanOptions, generator: torch.Generator, *, drop_last: bool
+) -> list[list[list[int]]]:
+    """Micro-batches of `rows` (taken in this order): packs of `packs_per_batch` packed rows, or token budgets.
+
+    `drop_last` drops a packed micro-batch of fewer than `packs_per_batch` rows (training keeps static shapes);
+    validation keeps it, so that every document is evaluated. `generator` shuffles token-budget batches only.
+    """
+    if options.packed_sequence_size > 0:
+        packs = pack_rows(rows, lengths, options.packed_sequence_size, options.buffer_rows)
+        step = options.packs_per_batch
+        end = len(packs) - step + 1 if drop_last else len(packs)
+        return [packs[i : i + step] for i in range(0, end, step)]
+    batches = token_budget_batches(rows, lengths, options.max_tokens, options.buffer_rows, generator)
     return [[[row] for row in batch] for batch in batches]
 
 
-class PlanSampler:
+class PlanSampler(EpochShard[list[list[int]]]):
     """This rank's micro-batches of each epoch's plan (every `world_size`-th, equal counts); resumes exactly.
 
-    The interface mirrors `ResumableSampler`, counted in micro-batches instead of rows.
+    Like `ResumableSampler` (both are `EpochShard`s), counted in micro-batches instead of rows.
     """
 
     def __init__(
@@ -142,21 +156,10 @@ class PlanSampler:
     def __len__(self) -> int:
         return self.batches_in_epoch(self.epoch)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Move to the start of `epoch`; calling it with the current epoch keeps a resumed position."""
-        if epoch != self.epoch:
-            self.epoch, self.consumed = epoch, 0
-
     def indices(self) -> list[list[list[int]]]:
         """This rank's micro-batches for the current epoch, in order."""
         plan, count = self.plan(self.epoch), len(self)
         return plan[self.rank : count * self.world_size : self.world_size]
-
-    def __iter__(self) -> Iterator[list[list[int]]]:
-        shard = self.indices()
-        while self.consumed < len(shard):
-            self.consumed += 1  # counted as it is handed out, so a checkpoint taken after a step is exact
-            yield shard[self.consumed - 1]
 
     def _fingerprint(self) -> dict[str, int]:
         return {
@@ -179,10 +182,7 @@ class PlanSampler:
         for key, value in self._fingerprint().items():
             if state.get(key) != value:  # a position counted in rows (no packing keys) is refused too
                 raise ValueError(f"cannot resume the data position: checkpoint {key}={state.get(key)}, now {value}")
-        self.epoch = state["epoch"]
-        if not 0 <= state["consumed"] <= len(self):
-            raise ValueError(f"checkpoint consumed={state['consumed']} is outside [0, {len(self)}]")
-        self.consumed = state["consumed"]
+        self._seek(state["epoch"], state["consumed"])
 
 
 def collate_packed(

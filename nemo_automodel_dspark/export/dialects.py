@@ -190,7 +190,7 @@ def export_draft(checkpoint: str | os.PathLike, fmt: str, out: str | os.PathLike
     """Write `checkpoint` (ours or NeMo AutoModel's, single file or sharded) to `out` in dialect `fmt`."""
     from safetensors.torch import save_file
 
-    from nemo_automodel_dspark.io import atomic_path, atomic_write_bytes
+    from nemo_automodel_dspark.io import atomic_path, atomic_write_bytes, remove_leftover_temps
     from nemo_automodel_dspark.model.serving import CONFIG_NAME, WEIGHTS_NAME, read_config_fields, read_weights
 
     if fmt not in WRITERS:
@@ -201,6 +201,7 @@ def export_draft(checkpoint: str | os.PathLike, fmt: str, out: str | os.PathLike
     check_expressible(config, fmt)
     new_config, tensors = WRITERS[fmt](config, read_weights(checkpoint))
     target = Path(out)
+    remove_leftover_temps(target, (WEIGHTS_NAME, CONFIG_NAME))  # an earlier export into `out` that was killed
     with atomic_path(target / WEIGHTS_NAME) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
     atomic_write_bytes(target / CONFIG_NAME, json.dumps(new_config, indent=2).encode())

@@ -163,10 +163,11 @@ def read_rounds_table(path: str | Path, flag: str) -> RoundsTable:
 
 def write_confidence_temperatures(draft_dir: str | Path, temperatures: list[float]) -> Path:
     """Set `confidence_temperatures` in the draft's config.json (atomic rewrite; other keys untouched)."""
-    from nemo_automodel_dspark.io import atomic_write_bytes
+    from nemo_automodel_dspark.io import atomic_write_bytes, remove_leftover_temps
     from nemo_automodel_dspark.model.serving import CONFIG_NAME
 
     path = Path(draft_dir) / CONFIG_NAME
+    remove_leftover_temps(draft_dir, (CONFIG_NAME,))
     config = json.loads(path.read_text())
     config["confidence_temperatures"] = [float(t) for t in temperatures]
     atomic_write_bytes(path, json.dumps(config, indent=2).encode())

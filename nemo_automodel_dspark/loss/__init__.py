@@ -5,8 +5,7 @@ Names resolve lazily, so `loss.config` (the objective's options) is importable w
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from nemo_automodel_dspark.lazy import lazy_getattr
 
 _EXPORTS = {
     "DSparkLossOutput": "nemo_automodel_dspark.loss.objective",
@@ -26,8 +25,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'nemo_automodel_dspark.loss' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from nemo_automodel_dspark.errors import ToolError
-from nemo_automodel_dspark.io import atomic_path, atomic_write_bytes
+from nemo_automodel_dspark.io import atomic_path, atomic_write_bytes, remove_leftover_temps
 from nemo_automodel_dspark.model.config import DSparkConfig
 
 CONFIG_NAME, WEIGHTS_NAME, INDEX_NAME = "config.json", "model.safetensors", "model.safetensors.index.json"
@@ -60,8 +60,12 @@ def serving_config(draft) -> dict:
 
 
 def save_draft(draft, directory: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write config.json and model.safetensors (tensor names = module names); weights first, config last."""
+    """Write config.json and model.safetensors (tensor names = module names); weights first, config last.
+
+    The temps of an earlier save into `directory` that was killed are removed first (`io.leftover_temps`).
+    """
     out = Path(directory)
+    remove_leftover_temps(out, (WEIGHTS_NAME, CONFIG_NAME))
     tensors = {k: v.detach().cpu().contiguous() for k, v in (state_dict or draft.state_dict()).items()}
     with atomic_path(out / WEIGHTS_NAME) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})

@@ -9,6 +9,9 @@
 
 In the last two modes the sampler hands out whole micro-batches (`PlanSampler`), so a step is
 `grad_accumulation_steps` of them and the number of steps per epoch follows the epoch's plan.
+
+Validation batches the same way as training (`validation_micro_batches`): the same documents whatever the mode,
+laid out, anchored and costed as training lays them out.
 """
 
 from __future__ import annotations
@@ -16,8 +19,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from nemo_automodel_dspark.data import DSparkChatDataset, ResumableSampler, collate
-from nemo_automodel_dspark.data.packing import PlanOptions, PlanSampler, collate_packed
+from nemo_automodel_dspark.data.packing import PlanOptions, PlanSampler, collate_packed, rows_plan
 from nemo_automodel_dspark.distributed import DistInfo
 from nemo_automodel_dspark.recipe.resume import IncompatibleCheckpoint
 from nemo_automodel_dspark.recipe.step import MicroBatch
@@ -97,3 +102,43 @@ def plan_micro_batch(dataset: DSparkChatDataset, plan: list[list[int]], args: An
     longest = max(item["input_ids"].numel() for item in items)
     batch = collate(items, seq_length=longest, pad_token_id=pad_token_id)
     return MicroBatch(batch["input_ids"], batch["attention_mask"], batch["loss_mask"], rows)
+
+
+def validation_micro_batches(
+    dataset: DSparkChatDataset, args: Any, info: DistInfo, pad_token_id: int
+) -> list[MicroBatch]:
+    """This rank's validation micro-batches, batched like training (padded, packed or token budget).
+
+    Every mode evaluates the same documents on each rank: the padded layout's shard of the validation set
+    (`ResumableSampler`, epoch 0). Packed and token-budget plans keep every one of them (no short batch dropped).
+    Ranks run equally many micro-batches (a sharded forward is collective): a rank whose plan is shorter gets
+    document-less micro-batches (`filler_micro_batch`), which add nothing to the sums.
+    """
+    shards = [
+        ResumableSampler(len(dataset), seed=args.shuffle_seed, rank=r, world_size=info.world_size).indices()
+        for r in range(info.world_size)
+    ]
+    options = plan_options(args)
+    if options is None:
+        rows = shards[info.rank]
+        return padded_micro_batches(
+            dataset, rows, micro_batch_size=args.micro_batch_size, seq_length=args.seq_length, pad_token_id=pad_token_id
+        )
+    lengths = dataset.lengths()
+    plans = [
+        rows_plan(rows, lengths, options, torch.Generator().manual_seed(args.shuffle_seed), drop_last=False)
+        for rows in shards
+    ]
+    batches = [plan_micro_batch(dataset, plan, args, pad_token_id) for plan in plans[info.rank]]
+    fillers = max(len(p) for p in plans) - len(batches)
+    return batches + [filler_micro_batch(args, pad_token_id) for _ in range(fillers)]
+
+
+def filler_micro_batch(args: Any, pad_token_id: int) -> MicroBatch:
+    """One row of padding with no document and no loss token: a forward that adds exactly 0 to every sum."""
+    if args.packed_sequence_size:
+        batch = collate_packed([[]], packed_sequence_size=args.packed_sequence_size, pad_token_id=pad_token_id)
+        ids, attention, loss = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
+        return MicroBatch(ids, attention, loss, [], batch["position_ids"], [[]])
+    ids = torch.full((1, args.seq_length), pad_token_id, dtype=torch.long)  # [1, S]
+    return MicroBatch(ids, torch.zeros_like(ids), torch.zeros_like(ids), [0])

@@ -22,12 +22,11 @@ import torch
 from safetensors.torch import load_file
 
 from nemo_automodel_dspark.errors import ToolError
-from nemo_automodel_dspark.io import commit_dir, fsync_dir
+from nemo_automodel_dspark.io import commit_dir, fsync_dir, temp_dir_for
 from nemo_automodel_dspark.model.serving import WEIGHTS_NAME, save_draft
 
 TRAINER_STATE, OPTIMIZER_STATE, MANIFEST = "trainer_state.json", "optimizer.pt", "manifest.json"
 _STEP_DIR = re.compile(r"^epoch_(\d+)_step_(\d+)$")
-_TMP_DIR = re.compile(r"^\.epoch_\d+_step_\d+\.tmp$")
 
 
 def step_dir(root: str | Path, epoch: int, step: int) -> Path:
@@ -44,9 +43,19 @@ def checkpoints(root: str | Path) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
-def find_latest(root: str | Path, warn: Callable[[str], None] | None = None) -> Path | None:
-    """The newest checkpoint under `root` that passes its manifest check; damaged ones are skipped with a warning."""
+def step_of(path: Path) -> int:
+    """The step of a checkpoint folder `epoch_{E}_step_{S}`."""
+    match = _STEP_DIR.match(path.name)
+    assert match, path
+    return int(match.group(2))
+
+
+def find_latest(root: str | Path, warn: Callable[[str], None] | None = None, before: int | None = None) -> Path | None:
+    """The newest checkpoint under `root` (of a step < `before`, when given) that passes its manifest check;
+    damaged ones are skipped with a warning."""
     for path in reversed(checkpoints(root)):
+        if before is not None and step_of(path) >= before:
+            continue
         damage = verify(path) if warn is not None else None
         if damage is None or warn is None:
             return path
@@ -67,16 +76,6 @@ def resolve_restore(restore_from: str | None, root: str | Path, warn: Callable[[
     if damage is not None:
         raise ToolError(f"checkpoint.restore_from: {path} is damaged ({damage}); pass an earlier checkpoint")
     return path
-
-
-def remove_temp_folders(root: str | Path) -> list[Path]:
-    """Delete the hidden temp folders of checkpoint writes that never finished (a kill, a full disk)."""
-    removed = []
-    for child in Path(root).glob(".epoch_*_step_*.tmp"):
-        if _TMP_DIR.match(child.name) and child.is_dir():
-            shutil.rmtree(child, ignore_errors=True)
-            removed.append(child)
-    return removed
 
 
 def _sha256(path: Path) -> str:
@@ -140,7 +139,7 @@ def save_checkpoint(
     On any failure (a full disk included) the temp folder is removed and the earlier checkpoints stay as they were.
     """
     final = step_dir(root, epoch, step)
-    tmp = final.with_name(f".{final.name}.tmp")
+    tmp = temp_dir_for(final)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:

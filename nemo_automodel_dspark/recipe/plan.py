@@ -33,6 +33,10 @@ LOGIT_COPIES_COMPUTE, LOGIT_COPIES_FP32 = 4, 2
 # Per draft layer and block row, what backward keeps: ~12 hidden-sized tensors (norm in/out, q/k/v/o, residuals,
 # attention output) and 4 intermediate-sized ones (gate, up, act, product) in the compute dtype.
 ACT_HIDDEN, ACT_INTERMEDIATE = 12, 4
+_LOGITS_MEANING = {
+    "fused": f"the recipe's; logits = {LOGIT_CHUNKS} fp32 [chunk_rows, V] scratch tensors, no [rows, V] tensor",
+    "unfused": "logits = whole [rows, V] tensors, as an objective that materialises them would keep",
+}
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,11 @@ class MemoryPlan:
     def fits(self) -> bool:
         return self.per_gpu_gib <= self.budget_gib
 
+    @property
+    def objective(self) -> str:
+        """Which objective the `logits` term models: `fused` (the recipe's) or `unfused` (whole [rows, V] logits)."""
+        return "fused" if self.settings.fused_objective else "unfused"
+
     def to_json(self) -> dict:
         return {
             "fits": self.fits,
@@ -99,6 +108,7 @@ class MemoryPlan:
             "target_sharded": self.target_sharded,
             "replicated_gib": round(self.replicated_gib, 2),
             "gpus": self.settings.gpus,
+            "objective": self.objective,
             "terms": {k: round(v, 3) for k, v in self.terms.items()},
             "advice": self.advice,
         }
@@ -111,6 +121,7 @@ class MemoryPlan:
             f"{s.strategy}, micro-batch {s.micro_batch_size} x seq {s.seq_length}, {s.num_anchors} anchors x block "
             f"{s.block_size})"
         ]
+        lines.append(f"  objective: {self.objective} ({_LOGITS_MEANING[self.objective]})")
         lines += [f"  {name:<24} {_size(gib)}" for name, gib in self.terms.items()]
         verdict = "fits" if self.fits else "DOES NOT FIT"
         lines.append(f"  {'total':<24} {_size(self.per_gpu_gib)} of {self.budget_gib:.4g} GiB: {verdict}")
@@ -151,7 +162,7 @@ def count_models(target_config, dspark: DSparkConfig) -> ModelCounts:
         intermediate=text.intermediate_size,
         kv_dim=attn.kv_heads * attn.head_dim,
         vocab=text.vocab_size,
-        num_features=len(dspark.target_layer_ids or []),
+        num_features=len(draft.dspark.target_layer_ids or []),  # resolved: the default spread when not configured
     )
 
 
@@ -307,17 +318,11 @@ def device_memory_gib(device: torch.device, local_ranks: int = 1) -> float:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB / max(local_ranks, 1)
 
 
-def load_target_config(path: str, trust_remote_code: bool = False):
-    """The target's HF config from its `config.json` (a local folder or a cached hub id); no weights are read."""
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-
-
 def run_plan_command(args) -> int:
     """`dspark plan -c cfg.yaml --gpus N --gpu-memory 80GiB [--json] [--section.key=value ...]`."""
     from nemo_automodel_dspark.errors import ToolError, require_file
-    from nemo_automodel_dspark.recipe.config import ConfigError, load_config, parse_config
+    from nemo_automodel_dspark.recipe.config import ConfigError, RecipeArgs, load_config, parse_config
+    from nemo_automodel_dspark.target.loading import load_target_config
 
     require_file(args.config, "-c")
     if args.gpus < 1:
@@ -327,14 +332,9 @@ def run_plan_command(args) -> int:
         config = parse_config(load_config(["-c", args.config, *args.overrides]))
     except (ConfigError, ValueError) as err:
         raise ToolError(str(err)) from err
-    source = config.recipe_args.target_model_name_or_path
-    try:
-        target_config = load_target_config(source, config.recipe_args.trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise ToolError(
-            f"recipe_args.target_model_name_or_path {source}: no config.json found (pass a local folder that "
-            f"holds the target's config.json with --recipe_args.target_model_name_or_path=DIR): {err}"
-        ) from err
+    run = config.recipe_args
+    key = RecipeArgs.key("target_model_name_or_path")
+    target_config = load_target_config(run.target_model_name_or_path, key, run.trust_remote_code)
     plan = plan_for_config(config, target_config, args.gpus, budget)
     print(dumps(plan) if args.json else plan.table())
     return 0

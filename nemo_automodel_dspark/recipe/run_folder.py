@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from nemo_automodel_dspark.errors import ToolError
+from nemo_automodel_dspark.io import remove_leftover_temps
 from nemo_automodel_dspark.recipe import checkpoint as ckpt
 from nemo_automodel_dspark.recipe.checkpoint import checkpoints
 from nemo_automodel_dspark.recipe.config import CheckpointConfig
@@ -91,14 +92,19 @@ class RunFiles:
                 self.log(f"recipe_args.overwrite_output_dir: moved the previous run {old} aside to {new}")
 
     def open(self) -> None:
-        """Start writing: the metrics log, after leftovers of an interrupted checkpoint write are removed."""
+        """Start writing: the metrics log, after the temps of writes that never finished (a kill inside a checkpoint,
+        a draft save or a metrics rewrite) are removed from the run's folders (`io.leftover_temps`)."""
         self.metrics = MetricsWriter(str(self.output_dir), enabled=self.is_main)
         if self.is_main:
-            for leftover in ckpt.remove_temp_folders(self.ckpt_root):
-                self.log(f"removed {leftover}, the temp folder of a checkpoint write that never finished")
+            for folder in dict.fromkeys((self.output_dir, self.ckpt_root)):  # the same folder once
+                for leftover in remove_leftover_temps(folder):
+                    self.log(f"removed {leftover}, left by a write that never finished")
 
-    def last_good(self) -> Path | None:
-        return ckpt.find_latest(self.ckpt_root) if self.checkpoint.enabled else None
+    def last_good(self, before: int | None = None) -> Path | None:
+        """The newest checkpoint (of a step < `before`, when given): where a stopped run can resume from."""
+        if not self.checkpoint.enabled:
+            return None
+        return ckpt.find_latest(self.ckpt_root, before=before)
 
     def truncate_metrics(self, step: int) -> None:
         assert self.metrics is not None

@@ -3,8 +3,9 @@
 The loss of a step is `Σ numerators / Σ denominators` where both sums run over every micro-batch on every rank
 (SPEC §4). The denominators depend only on the data and the anchors, so they are computed and all-reduced once
 before any forward; each micro-batch then back-propagates `numerator · world_size / global_denominator` (DDP and
-FSDP2 average gradients over ranks). The only host sync is the end-of-step check that the loss and the grad norm
-are finite on every rank; a step that fails it updates neither the weights nor the optimizer state.
+FSDP2 average gradients over ranks). The only host sync is the end-of-step check (`DivergenceGuard`, one
+all-reduce): a step whose loss or grad norm is non-finite on any rank, or whose loss exploded, updates neither the
+weights nor the optimizer state.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from nemo_automodel_dspark import distributed as D
 from nemo_automodel_dspark.loss import LossConfig, dspark_head_loss, slot_weights
 from nemo_automodel_dspark.masks import build_eval_mask, pack_anchor_count, sample_anchors, sample_pack_anchors
 from nemo_automodel_dspark.recipe.config import RecipeArgs
+from nemo_automodel_dspark.recipe.guards import DivergenceGuard
 from nemo_automodel_dspark.target.capture import capture_target_features, is_right_padded
 
 _TRAIN, _VAL = 0, 1
@@ -77,7 +79,9 @@ class DSparkStep:
         self.model, self.draft, self.target, self.args, self.info = model, draft, target, args, info
         self.loss, self.defer_fsdp_sync = loss, defer_fsdp_sync
         self.timer = PhaseTimer(info.device)
-        self.last_finite = True  # whether the last train_step was applied (see `_finite_everywhere`)
+        self.guard = DivergenceGuard(args.divergence_factor)  # its reference is saved in checkpoints
+        self.last_verdict: str | None = None  # why the last train_step was not applied; None: it was
+        self.last_loss: float | None = None  # the last step's global loss (None: no supervised token)
         self.trainable = [p for p in model.parameters() if p.requires_grad]  # fixed once wrapped
         self.autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16)
@@ -89,7 +93,8 @@ class DSparkStep:
         return torch.Generator().manual_seed(anchor_seed(self.args.shuffle_seed, stream, epoch, index))
 
     def anchors(self, batch: MicroBatch, stream: int, epoch: int) -> tuple[Tensor, Tensor]:
-        """Anchors [B, N] and keep [B, N]; a packed row's documents draw their own (rule: `masks` docstring)."""
+        """Anchors [B, N] and keep [B, N] on the batch's device; a packed row's documents draw their own shares of
+        the row's blocks (rule: `masks` docstring), which are counted on the host: give packed rows on the CPU."""
         if batch.spans is not None:
             return self._pack_anchors(batch, stream, epoch)
         rows = []
@@ -100,14 +105,18 @@ class DSparkStep:
 
     def _pack_anchors(self, batch: MicroBatch, stream: int, epoch: int) -> tuple[Tensor, Tensor]:
         assert batch.spans is not None
-        args, documents = self.args, iter(batch.indices)
-        total = pack_anchor_count(batch.loss_mask.shape[1], self.draft.dspark.num_anchors, args.seq_length)
+        documents = iter(batch.indices)
+        total = pack_anchor_count(batch.loss_mask.shape[1], self.draft.dspark.num_anchors, self.args.seq_length)
         rows = []
         for b, spans in enumerate(batch.spans):
             generators = [self._generator(stream, epoch, next(documents)) for _ in spans]
-            options = dict(num_anchors=self.draft.dspark.num_anchors, seq_length=args.seq_length, total=total)
-            rows.append(sample_pack_anchors(batch.loss_mask[b], spans, generators, **options))
+            rows.append(sample_pack_anchors(batch.loss_mask[b], spans, generators, total=total))
         return torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
+
+    def _device_anchors(self, batch: MicroBatch, stream: int, epoch: int) -> tuple[Tensor, Tensor]:
+        """`anchors` of a CPU micro-batch (no host sync for packed rows), moved to the device."""
+        anchors, keep = self.anchors(batch, stream, epoch)
+        return anchors.to(self.info.device, non_blocking=True), keep.to(self.info.device, non_blocking=True)
 
     def _to_device(self, batch: MicroBatch) -> MicroBatch:
         if not is_right_padded(batch.attention_mask):  # a CPU batch from the loader: no device sync
@@ -162,8 +171,8 @@ class DSparkStep:
         """One optimizer step over this rank's micro-batches; returns (detached sums, grad norm) as tensors."""
         self.last_lr = optimizer.param_groups[0]["lr"]
         with self.timer("other"):
+            blocks = [self._device_anchors(mb, _TRAIN, epoch) for mb in micro_batches]
             batches = [self._to_device(mb) for mb in micro_batches]
-            blocks = [self.anchors(mb, _TRAIN, epoch) for mb in batches]
             local = sum(
                 slot_weights(
                     build_eval_mask(mb.loss_mask, a, k, self.draft.dspark.block_size, mb.position_ids),
@@ -174,28 +183,40 @@ class DSparkStep:
             global_den = D.all_reduce_sum(torch.as_tensor(local, dtype=torch.float32, device=self.info.device))
             scale = self.info.world_size / global_den.clamp(min=1e-12)
         totals: dict[str, Tensor] = {}
+        numerator = torch.zeros((), dtype=torch.float32, device=self.info.device)
         for i, (mb, (anchors, keep)) in enumerate(zip(batches, blocks, strict=True)):
             with D.grad_sync(self.model, i == len(batches) - 1, self.defer_fsdp_sync):
                 loss = self._forward_loss(mb, anchors, keep)
                 with self.timer("draft_forward_backward"):
                     (loss.numerator * scale).backward()
             _add(totals, loss.sums)
+            numerator = numerator + loss.numerator.detach().float()
         with self.timer("optimizer"):
             max_norm = self.args.max_grad_norm if self.args.max_grad_norm else float("inf")
             grad_norm = D.full_norm(torch.nn.utils.clip_grad_norm_(self.trainable, max_norm))
-            self.last_finite = self._finite_everywhere(totals, grad_norm)
-            if self.last_finite:  # a non-finite loss or gradient never reaches the weights or the optimizer state
+            self.last_loss, norm = self._global_loss_and_norm(totals, numerator, global_den, grad_norm)
+            self.last_verdict = self.guard.verdict(self.last_loss, norm)
+            if self.last_verdict is None:  # a refused step never reaches the weights or the optimizer state
                 optimizer.step()
+                self.guard.record(self.last_loss)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
         return totals, grad_norm.detach()
 
-    def _finite_everywhere(self, sums: dict[str, Tensor], grad_norm: Tensor) -> bool:
-        """True when the loss sums and the grad norm are finite on every rank (one scalar all-reduce, one host sync)."""
-        bad = ~torch.isfinite(grad_norm.detach().float())
+    def _global_loss_and_norm(
+        self, sums: dict[str, Tensor], numerator: Tensor, global_den: Tensor, grad_norm: Tensor
+    ) -> tuple[float | None, float]:
+        """(the step's loss over every rank, its grad norm) on the host, identical on every rank (one all-reduce,
+        one host sync). A sum that is non-finite on any rank makes the loss NaN; no supervised token: loss None."""
+        bad = torch.zeros((), dtype=torch.bool, device=self.info.device)
         for value in sums.values():
             bad = bad | ~torch.isfinite(value.detach().float()).all()
-        return float(D.all_reduce_sum(bad.float().reshape(1).to(self.info.device))) == 0.0
+        summed = D.all_reduce_sum(torch.stack([bad.float(), numerator]))
+        step_wide = torch.stack([global_den.float(), grad_norm.detach().float().reshape(()).to(global_den.device)])
+        total_bad, total_numerator, den, norm = torch.cat([summed, step_wide]).tolist()
+        if total_bad:
+            return float("nan"), norm
+        return (total_numerator / den if den > 0 else None), norm
 
     @torch.no_grad()
     def eval_sums(self, micro_batches, epoch: int = 0) -> dict:
@@ -204,8 +225,8 @@ class DSparkStep:
         self.model.eval()
         try:
             for mb in micro_batches:
+                anchors, keep = self._device_anchors(mb, _VAL, epoch)
                 mb = self._to_device(mb)
-                anchors, keep = self.anchors(mb, _VAL, epoch)
                 _add(totals, self._forward_loss(mb, anchors, keep).sums)
         finally:
             self.model.train()

@@ -33,7 +33,7 @@ def check_model_path(path: str, key: str) -> None:
 
 
 def load_target_config(path: str, key: str, trust_remote_code: bool = False):
-    """The target's HF config, or one line naming `key` when it is neither a local model folder nor on the Hub."""
+    """The target's HF config (config.json only, no weights), or one line naming `key` when it cannot be read."""
     from transformers import AutoConfig
 
     check_model_path(path, key)
@@ -41,7 +41,9 @@ def load_target_config(path: str, key: str, trust_remote_code: bool = False):
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ToolError(f"{key} {path}: not a local model folder and not loadable from the Hub ({first})") from err
+        local = os.path.isdir(os.path.expanduser(path))
+        where = "cannot read its config.json" if local else "not loadable from the Hub"
+        raise ToolError(f"{key} {path}: {where} ({first})") from err
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):

@@ -5,8 +5,7 @@ Names resolve lazily so that importing the package (e.g. for `dspark --help`) do
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from nemo_automodel_dspark.lazy import lazy_getattr
 
 _EXPORTS = {
     "build_tiny_target": "nemo_automodel_dspark.tools.tiny_target",
@@ -18,8 +17,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'nemo_automodel_dspark.tools' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

@@ -19,7 +19,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from nemo_automodel_dspark.errors import ToolError, require_count
-from nemo_automodel_dspark.io import atomic_path, atomic_write_json, atomic_write_jsonl
+from nemo_automodel_dspark.io import atomic_path, atomic_write_json, atomic_write_jsonl, remove_leftover_temps
 from nemo_automodel_dspark.target.loading import check_model_path
 from nemo_automodel_dspark.tools.chat_rows import PromptRow, RowError, output_row, parse_row
 from nemo_automodel_dspark.tools.generators import Generation, SamplingConfig
@@ -147,6 +147,9 @@ def regenerate(config: RegenerateConfig) -> RegenerateSummary:
         raise ToolError(f"--data {config.data} is not a file")
     manifest = _start_manifest(config)
     directory = shards_dir(config.out)
+    out = Path(config.out)  # temps of a killed shard, manifest or output write (this run owns these names now)
+    remove_leftover_temps(directory)
+    remove_leftover_temps(out.parent, (out.name,))
     generator = None  # loaded only when a shard remains to be generated
     done = len(manifest["shards"])
     total = _count_rows(Path(config.data), config.num_rows)

@@ -1,4 +1,7 @@
-"""The five large targets of issue 14 as `config.json` data (values as published on the Hugging Face hub).
+"""The five large targets of issue 14 as `config.json` data.
+
+The Qwen3 values are those published on the Hugging Face hub. Gemma4-31B's are RECONSTRUCTED: no download was
+possible here, so they are our reading of its published text config, not a copy of its config.json.
 
 Only the fields that decide parameter counts and layer shapes are written; everything else takes the
 transformers default. The issue's hand-worked table (8 x 80 GB, FSDP2, micro-batch 1, seq 4096, 512 anchors,
@@ -58,7 +61,7 @@ LARGE_TARGETS: dict[str, dict] = {
         "num_attention_heads": 32,
         "num_key_value_heads": 4,
     },
-    # Gemma4-31B: the values below are our best reading of the published text config and are UNCERTAIN
+    # Gemma4-31B: RECONSTRUCTED (no download possible); our best reading of the published text config, UNCERTAIN
     # (hidden 5376, 60 layers, 5 sliding : 1 full attention, sliding kv 16 x 256, full-attention kv 4 x 512 with
     # keys reused as values). The vision tower (~0.5B parameters) is left out, so the target term is ~1 GiB low.
     "Gemma4-31B": {

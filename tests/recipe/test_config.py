@@ -287,7 +287,7 @@ def test_a_bad_option_is_one_line_and_status_2_before_anything_loads():
     cmd = [sys.executable, "-m", "nemo_automodel_dspark.train_dspark", "-c", str(TINY), "--recipe_args.block_size=0"]
     out = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=60)
     assert out.returncode == 2
-    assert out.stderr.splitlines() == ["[dspark] error: 'recipe_args.block_size' must be >= 1, got 0"]
+    assert out.stderr.splitlines() == ["dspark train: error: 'recipe_args.block_size' must be >= 1, got 0"]
     assert out.stdout == ""
 
 
@@ -297,7 +297,7 @@ def test_under_torchrun_every_rank_stops_with_one_line_and_no_traceback():
     cmd += ["-m", "nemo_automodel_dspark.train_dspark", "-c", str(TINY), "--recipe_args.markov_head_type=gatd"]
     out = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
     assert out.returncode != 0
-    line = "[dspark] error: 'recipe_args.markov_head_type' must be one of vanilla, gated, rnn; got 'gatd'"
+    line = "dspark train: error: 'recipe_args.markov_head_type' must be one of vanilla, gated, rnn; got 'gatd'"
     assert (out.stdout + out.stderr).count(line) == 1  # rank 0 says it once; rank 1 exits 2 silently
     # torchrun's launcher prints its own ChildFailedError summary; no frame of ours appears in any traceback
     assert 'File "' not in "".join(ln for ln in (out.stdout + out.stderr).splitlines() if "nemo_automodel_dspark" in ln)

@@ -109,6 +109,9 @@ def test_full_disk_during_a_checkpoint_is_one_line_and_the_run_resumes(copy, two
     ref = weights(two_steps[1], 3)
     assert all(torch.equal(ref[k], v) for k, v in weights(out, 3).items())
     assert logged_steps(out) == [1, 2, 3]
+    # the divergence guard's reference (recent losses) is restored exactly: resumed == uninterrupted, bit for bit
+    states = [ckpt.load_trainer_state(run / "ckpt" / "epoch_0_step_3") for run in (out, two_steps[1])]
+    assert states[0]["divergence"] == states[1]["divergence"] and len(states[0]["divergence"]["recent"]) == 3
 
 
 def test_full_disk_during_a_metrics_append_rolls_the_line_back(copy, monkeypatch):
@@ -151,11 +154,20 @@ def test_damaged_latest_checkpoint_falls_back_with_a_warning(copy, capsys):
         TrainDSparkRecipe(explicit).setup()
 
 
-def test_leftover_temp_folders_are_removed_at_start(copy, capsys):
+def test_leftover_temps_are_removed_at_start(copy, capsys):
+    """What a kill leaves in each writer: a checkpoint temp folder (killed inside `save_draft`, so with its own
+    weights temp inside), a metrics rewrite's temp in output_dir, a draft save's temp in checkpoint_dir."""
     out = Path(copy["recipe_args"]["output_dir"])
-    leftover = out / "ckpt" / ".epoch_0_step_3.tmp"
-    leftover.mkdir()
-    (leftover / "model.safetensors").write_bytes(b"half")
+    folder = out / "ckpt" / ".epoch_0_step_3.tmp"
+    folder.mkdir()
+    (folder / ".model.safetensors.0123456789ab").write_bytes(b"half")
+    leftovers = [folder, out / ".dspark_train_metrics.jsonl.a1b2c3d4e5f6", out / "ckpt" / ".config.json.00aa11bb22cc"]
+    for path in leftovers[1:]:
+        path.write_bytes(b"half")
+    metrics_before = (out / "dspark_train_metrics.jsonl").read_bytes()
     TrainDSparkRecipe(resume(copy, max_steps=3)).setup()
-    assert not leftover.exists() and f"removed {leftover}" in capsys.readouterr().out
+    log = capsys.readouterr().out
+    for path in leftovers:
+        assert not path.exists() and f"removed {path}, left by a write that never finished" in log
     assert sorted(p.name for p in (out / "ckpt").iterdir()) == ["epoch_0_step_1", "epoch_0_step_2"]
+    assert (out / "dspark_train_metrics.jsonl").read_bytes() == metrics_before  # nothing earlier was lost

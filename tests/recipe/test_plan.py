@@ -21,10 +21,10 @@ from nemo_automodel_dspark.recipe.plan import (
     PlanSettings,
     choose_sharding,
     count_models,
-    load_target_config,
     make_plan,
     parse_gib,
 )
+from nemo_automodel_dspark.target.loading import load_target_config
 
 # The issue's hand estimate counted [rows, V] logits (the objective was not fused then): compare unfused.
 ISSUE_RUN = dict(
@@ -39,7 +39,9 @@ def large_counts(tmp_path_factory):
     with warnings.catch_warnings():  # serving notes about layer ids are not what these tests check
         warnings.simplefilter("ignore")
         return {
-            name: count_models(load_target_config(str(write_target_config(name, root))), DSparkConfig(**draft))
+            name: count_models(
+                load_target_config(str(write_target_config(name, root)), "target"), DSparkConfig(**draft)
+            )
             for name in LARGE_TARGETS
         }
 
@@ -89,7 +91,11 @@ def test_plan_terms_follow_their_formulas(large_counts):
     assert base["optimizer_state"] == pytest.approx(counts.draft_trainable * 8 / 8 / GIB)
     ckpt = make_plan(counts, PlanSettings(**ISSUE_RUN, activation_checkpointing=True)).terms
     assert ckpt["activations"] < base["activations"]
-    fused = make_plan(counts, PlanSettings(**{**ISSUE_RUN, "fused_objective": True})).terms
+    fused_plan = make_plan(counts, PlanSettings(**{**ISSUE_RUN, "fused_objective": True}))
+    unfused_plan = make_plan(counts, PlanSettings(**ISSUE_RUN))
+    assert unfused_plan.objective == "unfused" and fused_plan.objective == "fused"
+    assert "objective: unfused (logits = whole [rows, V] tensors" in unfused_plan.table()
+    fused = fused_plan.terms
     chunk = default_chunk_rows(counts.vocab)
     assert fused["logits"] == pytest.approx(LOGIT_CHUNKS * chunk * counts.vocab * 4 / GIB)
     assert fused["logits"] < base["logits"] / 10 and {k: v for k, v in fused.items() if k != "logits"} == {
@@ -156,6 +162,7 @@ def test_cli_json_and_overrides(tiny_yaml, capsys):
     assert dspark(["plan", "-c", str(tiny_yaml), "--gpus", "2", "--gpu-memory", "80GiB", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["fits"] is True and plan["budget_gib"] == 80.0 and plan["target_sharded"] is False
+    assert plan["objective"] == "fused"  # the recipe's objective: the logits term is its fp32 chunks
     expected = {"target_weights", "draft_params", "draft_grads", "optimizer_state", "frozen_embed_lm_head"}
     assert expected | {"activations", "logits"} <= plan["terms"].keys()
     assert plan["per_gpu_gib"] == pytest.approx(sum(plan["terms"].values()), abs=0.01)
@@ -172,6 +179,7 @@ def test_cli_table_and_user_errors(tiny_yaml, tmp_path, capsys):
     assert dspark([*tiny, "--recipe_args.shard_dense_target=false"]) == 0
     out = capsys.readouterr().out
     assert "DOES NOT FIT" in out and "target_weights" in out and "shard the target" in out
+    assert "objective: fused (the recipe's; logits = 6 fp32 [chunk_rows, V]" in out
     assert dspark(tiny) == 0  # auto: the replicated plan does not fit, so the target is sharded
     assert "target sharded over 2" in capsys.readouterr().out
     assert dspark(["plan", "-c", str(tiny_yaml), "--gpus", "2", "--gpu-memory", "lots"]) == 2
@@ -180,8 +188,12 @@ def test_cli_table_and_user_errors(tiny_yaml, tmp_path, capsys):
     empty.mkdir()
     bad = ["plan", "-c", str(tiny_yaml), "--gpus", "2", f"--recipe_args.target_model_name_or_path={empty}"]
     assert dspark(bad) == 2
+    key = "recipe_args.target_model_name_or_path"
+    assert capsys.readouterr().err == f"dspark plan: error: {key} {empty}: not a model folder (no config.json)\n"
+    (empty / "config.json").write_text('{"model_type": "no_such_family"}')
+    assert dspark(bad) == 2
     err = capsys.readouterr().err
-    assert "recipe_args.target_model_name_or_path" in err and len(err.strip().splitlines()) == 1
+    assert err.startswith(f"dspark plan: error: {key} {empty}: cannot read its config.json (") and err.count("\n") == 1
 
 
 def test_parse_gib():
@@ -201,3 +213,13 @@ def test_config_keys(tiny_assets, tmp_path):
     cfg["recipe_args"].pop("eval_decode")
     cfg["distributed"] = {"activation_checkpointing": True}
     assert parse_config(cfg).distributed.activation_checkpointing is True
+
+
+def test_default_layer_ids_count_as_features(tiny_assets):
+    """Without configured target_layer_ids the plan counts the default spread's features, not none."""
+    config = load_target_config(str(tiny_assets["target"]), "target")
+    base = dict(mask_token_id=3, draft_num_hidden_layers=2, block_size=4)
+    resolved = DSparkConfig(**base).for_target(config.num_hidden_layers, config.vocab_size).target_layer_ids
+    implicit = count_models(config, DSparkConfig(**base))
+    explicit = count_models(config, DSparkConfig(**base, target_layer_ids=resolved))
+    assert resolved and implicit.num_features == explicit.num_features == len(resolved)

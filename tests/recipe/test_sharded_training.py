@@ -14,7 +14,8 @@ from _helpers.recipe_assets import base_config, write_config
 from safetensors.torch import load_file
 
 from nemo_automodel_dspark.recipe.config import parse_config
-from nemo_automodel_dspark.recipe.plan import load_target_config, plan_for_config
+from nemo_automodel_dspark.recipe.plan import plan_for_config
+from nemo_automodel_dspark.target.loading import load_target_config
 
 pytestmark = pytest.mark.slow
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -56,7 +57,7 @@ def auto_choice(assets: dict, tmp: Path, **args) -> bool:
     """What the plan says `auto` should pick for this run on 2 CPU ranks."""
     config = parse_config(base_config(assets, tmp / "unused", max_steps=4, micro_batch_size=1, **args))
     budget = config.recipe_args.memory_budget_gib or 1e9
-    return plan_for_config(config, load_target_config(str(assets["target"])), 2, budget, "cpu").target_sharded
+    return plan_for_config(config, load_target_config(str(assets["target"]), "target"), 2, budget, "cpu").target_sharded
 
 
 def test_sharded_target_trains_like_replicated_and_resumes(tmp_path, tiny_assets):

@@ -136,6 +136,8 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path, tiny_assets):
 
     torchrun(cfg_path, 2, "--checkpoint.restore_from=LATEST")
     assert_same_weights(weights(out, 6), weights(full, 6), tol=0.0)
+    states = [json.loads((run / "ckpt" / "epoch_0_step_6" / "trainer_state.json").read_text()) for run in (out, full)]
+    assert states[0]["divergence"] == states[1]["divergence"]  # the guard's reference resumed exactly
     assert_same_metrics(records(out), records(full))
     val_keys = ("val/loss", "val/tau", "val/l1_loss")
     assert_same_metrics(

@@ -160,8 +160,12 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny_target, tmp_path,
     assert main([*_regenerate_argv(tiny_target, data, out, "--resume", "--temperature", "0.7")]) == 2
     assert "temperature" in capsys.readouterr().err
     assert main([*_regenerate_argv(tiny_target, data, out)]) == 2  # neither --resume nor --overwrite: refused
+    killed = [shards_dir(out) / ".shard_00007.jsonl.0123456789ab", tmp_path / ".out.jsonl.a1b2c3d4e5f6"]
+    for path in killed:  # what a kill inside a shard write and inside the final concatenation leave
+        path.write_bytes(b"half")
     assert main([*_regenerate_argv(tiny_target, data, out, "--resume")]) == 0
     assert out.read_bytes() == (tmp_path / "ref.jsonl").read_bytes()
+    assert not any(path.exists() for path in killed)
     assert len(_read_jsonl(out)) == 16
 
 
@@ -260,6 +264,14 @@ def test_server_retries_then_answers_and_skips_a_dead_row(flaky_server, tmp_path
     body = _FlakyChatServer.bodies[0]
     assert body["model"] == "tiny" and body["max_tokens"] == 7 and body["temperature"] == 0.0
     assert body["chat_template_kwargs"] == {"enable_thinking": False} and body["messages"][-1]["role"] == "user"
+
+
+def test_no_usable_row_is_a_one_line_error(flaky_server, tmp_path, capsys):
+    row = {"messages": [{"role": "user", "content": "ALWAYS_FAIL"}, {"role": "assistant", "content": "old"}]}
+    data = _write_jsonl(tmp_path / "in.jsonl", [json.dumps(row)])
+    argv = ["regenerate", "--data", str(data), "--out", str(tmp_path / "out.jsonl"), "--server", flaky_server]
+    assert main([*argv, "--model", "tiny", "--max-retries", "0"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == "dspark regenerate: error: no usable row was regenerated"
 
 
 def test_row_parsing_and_reasoning_split():
