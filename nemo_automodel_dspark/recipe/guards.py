@@ -6,7 +6,7 @@ A step is never applied (see `DSparkStep.train_step`) when `DivergenceGuard.verd
 - its loss (the step's global objective, `Σ numerators / Σ denominators` over every rank) is finite but above
   `recipe_args.divergence_factor` × the median loss of the last `REFERENCE_STEPS` applied steps. The rule applies
   once that many steps were applied (the warm-up), so the reference is never a single noisy step. A healthy run's
-  step loss stays within a few × its recent median (measured on the embedded default run: README "Reliability");
+  step loss stays within a few × its recent median (the embedded default run: at most 1.26×, README "Reliability");
   an exploding run's loss grows by orders of magnitude, so the default factor of 100 separates the two with
   room to spare. Only the loss is compared: with Adam the update size does not grow with the gradient norm, and
   clipping (`max_grad_norm`) already bounds it, so a large finite gradient norm alone is no sign of divergence.
