@@ -48,8 +48,16 @@ from nemo_automodel_dspark.train_dspark import TrainDSparkRecipe  # noqa: E402
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
 STEPS = 8
-KILL_STEPS = 30  # a longer run (3 epochs) for the kills, so that they land in training and checkpoint writes
-KILL_ARGS = {"max_steps": KILL_STEPS, "num_epochs": 3}
+KILL_STEPS = 30  # a longer run (several epochs) for the kills, so that they land in training and checkpoint writes
+TRAIN_ROWS, MICRO_BATCH = 24, 2  # `build_assets` and `base_config`
+
+
+def kill_args(nproc: int) -> dict:
+    """30 steps over as many epochs as `nproc` ranks need (each step takes nproc x MICRO_BATCH rows)."""
+    per_epoch = TRAIN_ROWS // (nproc * MICRO_BATCH)
+    return {"max_steps": KILL_STEPS, "num_epochs": -(-KILL_STEPS // per_epoch)}
+
+
 Result = tuple[str, bool, str]  # (case, handled, what happened)
 
 
@@ -145,7 +153,8 @@ def kills(assets: dict, root: Path, count: int, nproc: int, seed: int) -> list[R
     rng = random.Random(seed)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     cmd += ["-m", "nemo_automodel_dspark.train_dspark"]
-    ref = launch(cmd, write_config(run_config(assets, root / "kill_ref", **KILL_ARGS), root / "kill_ref.yaml"))
+    args = kill_args(nproc)
+    ref = launch(cmd, write_config(run_config(assets, root / "kill_ref", **args), root / "kill_ref.yaml"))
     wait_for_new_record(ref, root / "kill_ref" / "dspark_train_metrics.jsonl")
     first = time.perf_counter()
     while ref.poll() is None and step_folder(root / "kill_ref", KILL_STEPS) is None:
@@ -154,7 +163,7 @@ def kills(assets: dict, root: Path, count: int, nproc: int, seed: int) -> list[R
     ref.wait()
     reference = final_state(root / "kill_ref", KILL_STEPS)
     out = root / "killed"
-    cfg_path = write_config(resume(run_config(assets, out, **KILL_ARGS)), root / "killed.yaml")
+    cfg_path = write_config(resume(run_config(assets, out, **args)), root / "killed.yaml")
     results, during_write = [], 0
     for i in range(count):
         proc = launch(cmd, cfg_path)
@@ -481,7 +490,7 @@ def bad_inputs(assets: dict, root: Path, draft_dir: Path) -> list[Result]:
 def build_assets(root: Path) -> dict:
     return {
         "target": build_target_dir(root / "target"),
-        "train": write_rows(root / "train.jsonl", 24),
+        "train": write_rows(root / "train.jsonl", TRAIN_ROWS),
         "val": write_rows(root / "val.jsonl", 24, seed=1),
     }
 

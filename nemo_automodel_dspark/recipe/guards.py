@@ -91,12 +91,18 @@ class DivergenceGuard:
 
 def divergence_message(step: int, reason: str, skipped: int, allowed: int, last_good: Path | None) -> str:
     """The one line a diverged run ends with: which step and why, how many were skipped, where to resume from."""
-    where = f"the last good checkpoint is {last_good}" if last_good else "no good checkpoint was written yet"
     allowance = f" ({skipped} refused steps, recipe_args.max_skipped_steps={allowed})" if allowed else ""
+    if last_good:  # named in full: LATEST may be a newer checkpoint, written from the weights that diverged
+        where = f"the last good checkpoint is {last_good}. Lower optimizer.lr and resume with checkpoint.restore_from: "
+        where += str(last_good)
+    else:
+        where = (
+            "no good checkpoint was written yet. Lower optimizer.lr and start again (recipe_args.overwrite_output_dir: "
+            "true moves this run aside)"
+        )
     return (
-        f"step {step}: {reason}; the update was not applied and the run stopped{allowance}; {where}. Lower "
-        "optimizer.lr and resume with checkpoint.restore_from, or let the run skip such steps with "
-        "recipe_args.max_skipped_steps"
+        f"step {step}: {reason}; the update was not applied and the run stopped{allowance}; {where}, or let the run "
+        "skip such steps with recipe_args.max_skipped_steps"
     )
 
 
