@@ -143,7 +143,7 @@ def build_draft(target: nn.Module, p: Problem, backend: str, *, draft_layers: in
 
 def build_step(model: nn.Module, draft: DSparkDrafter, target: nn.Module, p: Problem, device) -> DSparkStep:
     """The recipe's step object (its autocast choice included) with the shipped loss options."""
-    args = SimpleNamespace(shuffle_seed=0, seq_length=p.seq, max_grad_norm=1.0)
+    args = SimpleNamespace(shuffle_seed=0, seq_length=p.seq, max_grad_norm=1.0, divergence_factor=None)
     info = D.DistInfo(rank=0, world_size=1, local_rank=0, device=device)
     return DSparkStep(model, draft, target, args, LossConfig(), info, defer_fsdp_sync=False)
 

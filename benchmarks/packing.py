@@ -10,8 +10,13 @@ It also prints documents per CPU-second (process time), steadier than wall time 
     python benchmarks/packing.py                      # CPU defaults (a few minutes on 2 cores)
     python benchmarks/packing.py --device cuda --scale 1 --hidden 2048 --layers 16 --vocab 151936 --docs 512
 
-Ends with one JSON line: padding_fraction_{padded,packed,token_budget} and
-docs_per_s_ratio_{packed,token_budget}_vs_padded.
+Besides documents/s it counts the anchors each mode trains (kept blocks, the recipe's anchor rule: a padded row
+draws min(num_anchors, candidates) whatever its document's length, a packed row spreads its num_anchors · P /
+seq_length blocks over its documents) and the supervised slot weight, per second.
+
+Ends with one JSON line: padding_fraction_{padded,packed,token_budget},
+docs_per_s_ratio_{packed,token_budget}_vs_padded, anchors_per_s_ratio_{packed,token_budget}_vs_padded and
+slot_weight_per_s_ratio_{packed,token_budget}_vs_padded.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from nemo_automodel_dspark.data.packing import (
 )
 from nemo_automodel_dspark.distributed import DistInfo
 from nemo_automodel_dspark.loss import LossConfig
+from nemo_automodel_dspark.masks import pack_anchor_count, split_anchor_budget
 from nemo_automodel_dspark.recipe import batching
 from nemo_automodel_dspark.recipe.config import OptimizerConfig
 from nemo_automodel_dspark.recipe.optim import build_optimizer, build_scheduler
@@ -73,6 +79,22 @@ def options(mode: str, seq: int, micro_batch: int) -> PlanOptions | None:
     return PlanOptions(max_tokens=micro_batch * seq)
 
 
+def candidates(n: int) -> int:
+    """Candidate anchors of a synthetic document of n tokens (`documents`: loss on all but the first quarter)."""
+    return max(0, n - n // 4 - 1)
+
+
+def anchors_per_doc_full_scale(lengths: list[int]) -> dict[str, float]:
+    """Anchors per document at full scale (P = seq_length = 4,096, 512 anchors): padded rows, the recipe's packed
+    rule, and the per-document rule it replaced (⌊num_anchors · L / seq_length⌋, capped by the candidates)."""
+    packs = pack_rows(epoch_permutation(len(lengths), 0, 0), lengths, FULL_SEQ, DEFAULT_BUFFER_ROWS)
+    budget = pack_anchor_count(FULL_SEQ, FULL_ANCHORS, FULL_SEQ)
+    packed = sum(sum(split_anchor_budget([candidates(lengths[r]) for r in pack], budget)) for pack in packs)
+    floor_rule = sum(min(FULL_ANCHORS * n // FULL_SEQ, candidates(n)) for n in lengths)
+    padded = sum(min(FULL_ANCHORS, candidates(n)) for n in lengths)
+    return {"padded": padded / len(lengths), "packed": packed / len(lengths), "floor": floor_rule / len(lengths)}
+
+
 def padding_fractions(lengths: list[int], seq: int, micro_batch: int) -> dict[str, float]:
     """1 − document tokens / tokens the target processes, per mode, with the recipe's plans."""
     real = sum(lengths)
@@ -93,6 +115,7 @@ def build(a: argparse.Namespace, device: torch.device, seq: int, anchors: int):
         shuffle_seed=0,
         seq_length=seq,
         max_grad_norm=1.0,
+        divergence_factor=None,
         max_tokens_per_batch=0,
         packed_sequence_size=0,
         micro_batch_size=a.micro_batch,
@@ -132,6 +155,15 @@ def collate(item, docs: list[dict], step: DSparkStep, mode: str, seq: int):
     return [batching.plan_micro_batch(docs, payload, args, 0)]
 
 
+def kept_anchors(mode, docs, lengths, a, seq, step) -> int:
+    """Anchors (kept blocks) one pass trains: the recipe's anchor rule, counted outside the timed passes."""
+    total = 0
+    for item in micro_batches(mode, docs, lengths, a, seq):
+        for batch in collate(item, docs, step, mode, seq):
+            total += int(step.anchors(batch, 0, 0)[1].sum())
+    return total
+
+
 def timed_pass(mode, docs, lengths, a, seq, step, optimizer, scheduler) -> tuple[float, float, int, float, dict]:
     """(wall s, CPU s, documents, Σ supervised slot weight, phase seconds) of one pass over the documents."""
     items = micro_batches(mode, docs, lengths, a, seq)
@@ -151,7 +183,9 @@ def timed_pass(mode, docs, lengths, a, seq, step, optimizer, scheduler) -> tuple
 def main() -> None:
     a = parse()
     device = torch.device(a.device)
-    full = padding_fractions(lognormal_lengths(20_000, 1), FULL_SEQ, a.micro_batch)
+    full_lengths = lognormal_lengths(20_000, 1)
+    full = padding_fractions(full_lengths, FULL_SEQ, a.micro_batch)
+    full_anchors = anchors_per_doc_full_scale(full_lengths)
     seq, anchors = FULL_SEQ // a.scale, max(1, FULL_ANCHORS // a.scale)
     lengths = lognormal_lengths(a.docs, a.scale, seed=1)
     docs = documents(a, lengths)
@@ -162,6 +196,7 @@ def main() -> None:
             raise SystemExit(f"--docs {a.docs} fill no {mode} micro-batch of {a.micro_batch}; use more documents")
         item = items[0]
         step.train_step(collate(item, docs, step, mode, seq), 0, optimizer, scheduler)
+    anchors_per_pass = {m: kept_anchors(m, docs, lengths, a, seq, step) for m in MODES}
     step.timer.enabled = True
     totals = {m: [0.0, 0, 0.0, 0.0] for m in MODES}  # wall s, documents, slot weight, CPU s
     phases: dict[str, float] = {}
@@ -176,11 +211,20 @@ def main() -> None:
     cost = phases.get("target_forward", 0.0) / max(phases.get("draft_forward_backward", 0.0), 1e-9)
     print(f"device={device} scale=1/{a.scale} seq={seq} anchors={anchors} docs/pass={a.docs} rounds={a.rounds}")
     print(f"target forward / draft forward+backward time (padded): {cost:.1f}x")
+    print(
+        f"anchors per document at full scale (20,000 documents, 512 anchors, P = seq = 4,096): padded "
+        f"{full_anchors['padded']:.1f}, packed {full_anchors['packed']:.1f} (the per-document floor rule it replaced: "
+        f"{full_anchors['floor']:.1f}); a packed row's {pack_anchor_count(FULL_SEQ, FULL_ANCHORS, FULL_SEQ)} blocks "
+        f"train {full_anchors['packed'] / full_anchors['floor']:.3f}x the floor rule's anchors"
+    )
     slots = {m: totals[m][2] / totals[m][0] for m in MODES}  # supervised slot weight per second
+    anchor_rate = {m: anchors_per_pass[m] * a.rounds / totals[m][0] for m in MODES}  # kept anchors per second
     header = (
         ("padding (4096)", 16),
         ("docs/s", 10),
         ("vs padded", 11),
+        ("anchors/doc", 13),
+        ("anchors/s vs padded", 21),
         ("slot weight/doc", 17),
         ("slots/s vs padded", 19),
         ("docs/CPU-s vs padded", 22),
@@ -188,11 +232,13 @@ def main() -> None:
     print(f"{'mode':<14}" + "".join(f"{name:>{width}}" for name, width in header))
     for m in MODES:
         per_doc = totals[m][2] / max(totals[m][1], 1)
+        anchors_per_doc = anchors_per_pass[m] * a.rounds / max(totals[m][1], 1)
         ratio, slot_ratio = rate[m] / rate["padded"], slots[m] / slots["padded"]
+        anchor_ratio = anchor_rate[m] / anchor_rate["padded"]
         cpu_ratio = cpu_rate[m] / cpu_rate["padded"]
         print(
-            f"{m:<14}{full[m]:>16.2%}{rate[m]:>10.2f}{ratio:>10.2f}x{per_doc:>17.1f}{slot_ratio:>18.2f}x"
-            f"{cpu_ratio:>21.2f}x"
+            f"{m:<14}{full[m]:>16.2%}{rate[m]:>10.2f}{ratio:>10.2f}x{anchors_per_doc:>13.1f}{anchor_ratio:>20.2f}x"
+            f"{per_doc:>17.1f}{slot_ratio:>18.2f}x{cpu_ratio:>21.2f}x"
         )
     figures = {
         "padding_fraction_padded": round(full["padded"], 4),
@@ -200,6 +246,13 @@ def main() -> None:
         "padding_fraction_token_budget": round(full["token_budget"], 4),
         "docs_per_s_ratio_packed_vs_padded": round(rate["packed"] / rate["padded"], 3),
         "docs_per_s_ratio_token_budget_vs_padded": round(rate["token_budget"] / rate["padded"], 3),
+        "anchors_per_doc_full_scale_padded": round(full_anchors["padded"], 1),
+        "anchors_per_doc_full_scale_packed": round(full_anchors["packed"], 1),
+        "anchors_per_doc_full_scale_floor_rule": round(full_anchors["floor"], 1),
+        "anchors_per_s_ratio_packed_vs_padded": round(anchor_rate["packed"] / anchor_rate["padded"], 3),
+        "anchors_per_s_ratio_token_budget_vs_padded": round(anchor_rate["token_budget"] / anchor_rate["padded"], 3),
+        "slot_weight_per_s_ratio_packed_vs_padded": round(slots["packed"] / slots["padded"], 3),
+        "slot_weight_per_s_ratio_token_budget_vs_padded": round(slots["token_budget"] / slots["padded"], 3),
     }
     print(json.dumps(figures))
 

@@ -7,13 +7,18 @@ every slot of its own block; a padding block (kept = False) sees only itself so 
 Packed rows (several documents end to end, `position_ids` restarting at 0 per document) keep every rule per
 document: a block sees context rows `start(a_n) ≤ j < a_n` with `start(a) = a − position_ids[a]`, a slot is
 supervised only while its label stays inside the anchor's document, and RoPE uses the document's positions.
-Anchor counts follow document length (`document_anchor_count`): `num_anchors` per `seq_length` tokens, rounded
-down, so a pack of P tokens never needs more than `num_anchors · P // seq_length` blocks.
+Anchor counts (`pack_anchor_count`, `split_anchor_budget`): a packed row of P tokens has the blocks of a padded
+step of the same token count, `B = max(1, ⌊num_anchors · P / seq_length⌋)` (a static shape: the draft costs what
+it costs on padded rows), and draws `min(B, C)` anchors, `C` its documents' candidates, spread over its documents
+in proportion to their candidate counts (largest remainder, ties to the earlier document); each document draws its
+share uniformly among its own candidates from its own generator. Every candidate of the row is (up to rounding)
+equally likely to be an anchor, a document never draws more than its candidates, and a row holding one document
+draws `min(num_anchors, C)` when `P = seq_length` — the padded rule.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -40,38 +45,54 @@ def sample_anchors(loss_mask: Tensor, num_anchors: int, generator: torch.Generat
     return torch.where(keep, picked, torch.zeros_like(picked)), keep
 
 
-def document_anchor_count(doc_len: int, num_anchors: int, seq_length: int) -> int:
-    """Anchors a packed document draws: `⌊num_anchors · len / seq_length⌋` (a full-length row keeps num_anchors)."""
-    return num_anchors * doc_len // seq_length
-
-
 def pack_anchor_count(packed_sequence_size: int, num_anchors: int, seq_length: int) -> int:
-    """Blocks per packed row: the most its documents can draw together (Σ of floors ≤ floor of the sum)."""
-    return max(1, document_anchor_count(packed_sequence_size, num_anchors, seq_length))
+    """Blocks per packed row, `max(1, ⌊num_anchors · P / seq_length⌋)`: a padded step's blocks for P tokens."""
+    return max(1, num_anchors * packed_sequence_size // seq_length)
+
+
+def candidate_count(loss_mask: Tensor) -> int:
+    """Candidate anchors of one document [L]: `i` with `loss_mask[i] = loss_mask[i+1] = 1` (host-side, CPU)."""
+    mask = loss_mask.bool()
+    return int((mask[:-1] & mask[1:]).sum())
+
+
+def split_anchor_budget(candidates: Sequence[int], budget: int) -> list[int]:
+    """Anchors per document of a packed row: `min(budget, Σc)` in proportion to the candidate counts `c`.
+
+    Largest remainder: document i gets `⌊take·c_i / Σc⌋`, and the anchors left go one each to the largest
+    remainders `take·c_i mod Σc` (ties: the earlier document). No share exceeds its document's candidates.
+    """
+    total = sum(candidates)
+    take = min(budget, total)
+    if take == 0:
+        return [0] * len(candidates)
+    shares = [take * c // total for c in candidates]
+    by_remainder = sorted(range(len(candidates)), key=lambda i: (-(take * candidates[i] % total), i))
+    for i in by_remainder[: take - sum(shares)]:
+        shares[i] += 1
+    return shares
 
 
 def sample_pack_anchors(
-    loss_mask: Tensor,  # [P] one packed row
+    loss_mask: Tensor,  # [P] one packed row, on the CPU (its candidate counts are read on the host)
     spans: list[tuple[int, int]],  # (start, length) of each document in the row
     generators: list[torch.Generator],  # one per document
     *,
-    num_anchors: int,
-    seq_length: int,
-    total: int,
+    total: int,  # the row's blocks (`pack_anchor_count`)
 ) -> tuple[Tensor, Tensor]:
-    """Per-document `sample_anchors` with `document_anchor_count` anchors each, shifted to the row: `[1, total]` x2."""
+    """`split_anchor_budget` shares of the row's `total` blocks, each drawn by `sample_anchors` inside its document
+    and shifted to the row: anchors and keep `[1, total]`, documents in row order, padding blocks last."""
+    docs = [loss_mask[start : start + length] for start, length in spans]
+    shares = split_anchor_budget([candidate_count(doc) for doc in docs], total)
     anchors, keep = [], []
-    for (start, length), generator in zip(spans, generators, strict=True):
-        count = document_anchor_count(length, num_anchors, seq_length)
-        if count == 0:
+    for (start, _), doc, share, generator in zip(spans, docs, shares, generators, strict=True):
+        if share == 0:
             continue
-        a, k = sample_anchors(loss_mask[start : start + length].unsqueeze(0), count, generator)
+        a, k = sample_anchors(doc.unsqueeze(0), share, generator)
         anchors.append(a[0] + start)
         keep.append(k[0])
     a_row = torch.cat([*anchors, loss_mask.new_zeros(0)]).long()
     k_row = torch.cat([*keep, torch.zeros(0, dtype=torch.bool, device=loss_mask.device)])
-    if a_row.numel() > total:
-        raise ValueError(f"documents drew {a_row.numel()} anchors, more than the row's {total} blocks")
     pad = total - a_row.numel()
     a_row = torch.cat([a_row, a_row.new_zeros(pad)])
     k_row = torch.cat([k_row, k_row.new_zeros(pad)])

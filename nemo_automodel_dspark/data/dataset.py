@@ -36,6 +36,7 @@ from nemo_automodel_dspark.data.chat import (
     tokenize_row,
 )
 from nemo_automodel_dspark.data.render import resolve_chat_template
+from nemo_automodel_dspark.data.sampler import EpochShard
 from nemo_automodel_dspark.data.sources import RowError, open_rows
 
 _PROGRESS_MIN_ROWS = 1000
@@ -194,7 +195,7 @@ def collate(items: list[dict[str, torch.Tensor]], *, seq_length: int, pad_token_
     return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
 
 
-class ResumableSampler:
+class ResumableSampler(EpochShard[int]):
     """Per-epoch permutation from (seed, epoch), strided over ranks in equal shards; resumes at the exact next item."""
 
     def __init__(self, num_items: int, *, seed: int, rank: int = 0, world_size: int = 1, drop_last: bool = True):
@@ -211,11 +212,6 @@ class ResumableSampler:
         """Items per rank per epoch (the same on every rank)."""
         return self.num_items // self.world_size if self.drop_last else -(-self.num_items // self.world_size)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Move to the start of `epoch`; calling it with the current epoch keeps a resumed position."""
-        if epoch != self.epoch:
-            self.epoch, self.consumed = epoch, 0
-
     def indices(self) -> list[int]:
         """This rank's items for the current epoch, in order; ranks' shards are disjoint when drop_last."""
         generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2**63)
@@ -223,12 +219,6 @@ class ResumableSampler:
         total = len(self) * self.world_size
         order = (order * -(-total // self.num_items))[:total]  # drop the tail, or wrap around to pad it
         return order[self.rank : total : self.world_size]
-
-    def __iter__(self) -> Iterator[int]:
-        shard = self.indices()
-        while self.consumed < len(shard):
-            self.consumed += 1  # counted as it is handed out, so a checkpoint taken after a batch is exact
-            yield shard[self.consumed - 1]
 
     def state_dict(self) -> dict[str, int]:
         """Data position (epoch, items consumed this epoch on this rank) and what it is only valid for."""
@@ -250,9 +240,7 @@ class ResumableSampler:
         for key in ("packed_sequence_size", "max_tokens_per_batch"):  # a position counted in micro-batches
             if state.get(key):
                 raise ValueError(f"cannot resume the data position: checkpoint {key}={state[key]}, now 0")
-        if not 0 <= state["consumed"] <= len(self):
-            raise ValueError(f"checkpoint consumed={state['consumed']} is outside [0, {len(self)}]")
-        self.epoch, self.consumed = state["epoch"], state["consumed"]
+        self._seek(state["epoch"], state["consumed"])
 
 
 def batches(

@@ -8,11 +8,13 @@ skips the micro-batches it had consumed.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from nemo_automodel_dspark.data.sampler import EpochShard
 
 # Rows considered together by one first-fit-decreasing (or length-sorting) pass: large enough to pack tightly,
 # bounded so that the plan stays a shuffle (a row never moves further than one buffer from its shuffled place).
@@ -123,10 +125,10 @@ def rows_plan(
     return [[[row] for row in batch] for batch in batches]
 
 
-class PlanSampler:
+class PlanSampler(EpochShard[list[list[int]]]):
     """This rank's micro-batches of each epoch's plan (every `world_size`-th, equal counts); resumes exactly.
 
-    The interface mirrors `ResumableSampler`, counted in micro-batches instead of rows.
+    Like `ResumableSampler` (both are `EpochShard`s), counted in micro-batches instead of rows.
     """
 
     def __init__(
@@ -154,21 +156,10 @@ class PlanSampler:
     def __len__(self) -> int:
         return self.batches_in_epoch(self.epoch)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Move to the start of `epoch`; calling it with the current epoch keeps a resumed position."""
-        if epoch != self.epoch:
-            self.epoch, self.consumed = epoch, 0
-
     def indices(self) -> list[list[list[int]]]:
         """This rank's micro-batches for the current epoch, in order."""
         plan, count = self.plan(self.epoch), len(self)
         return plan[self.rank : count * self.world_size : self.world_size]
-
-    def __iter__(self) -> Iterator[list[list[int]]]:
-        shard = self.indices()
-        while self.consumed < len(shard):
-            self.consumed += 1  # counted as it is handed out, so a checkpoint taken after a step is exact
-            yield shard[self.consumed - 1]
 
     def _fingerprint(self) -> dict[str, int]:
         return {
@@ -191,10 +182,7 @@ class PlanSampler:
         for key, value in self._fingerprint().items():
             if state.get(key) != value:  # a position counted in rows (no packing keys) is refused too
                 raise ValueError(f"cannot resume the data position: checkpoint {key}={state.get(key)}, now {value}")
-        self.epoch = state["epoch"]
-        if not 0 <= state["consumed"] <= len(self):
-            raise ValueError(f"checkpoint consumed={state['consumed']} is outside [0, {len(self)}]")
-        self.consumed = state["consumed"]
+        self._seek(state["epoch"], state["consumed"])
 
 
 def collate_packed(

@@ -93,7 +93,8 @@ class DSparkStep:
         return torch.Generator().manual_seed(anchor_seed(self.args.shuffle_seed, stream, epoch, index))
 
     def anchors(self, batch: MicroBatch, stream: int, epoch: int) -> tuple[Tensor, Tensor]:
-        """Anchors [B, N] and keep [B, N]; a packed row's documents draw their own (rule: `masks` docstring)."""
+        """Anchors [B, N] and keep [B, N] on the batch's device; a packed row's documents draw their own shares of
+        the row's blocks (rule: `masks` docstring), which are counted on the host: give packed rows on the CPU."""
         if batch.spans is not None:
             return self._pack_anchors(batch, stream, epoch)
         rows = []
@@ -104,14 +105,18 @@ class DSparkStep:
 
     def _pack_anchors(self, batch: MicroBatch, stream: int, epoch: int) -> tuple[Tensor, Tensor]:
         assert batch.spans is not None
-        args, documents = self.args, iter(batch.indices)
-        total = pack_anchor_count(batch.loss_mask.shape[1], self.draft.dspark.num_anchors, args.seq_length)
+        documents = iter(batch.indices)
+        total = pack_anchor_count(batch.loss_mask.shape[1], self.draft.dspark.num_anchors, self.args.seq_length)
         rows = []
         for b, spans in enumerate(batch.spans):
             generators = [self._generator(stream, epoch, next(documents)) for _ in spans]
-            options = dict(num_anchors=self.draft.dspark.num_anchors, seq_length=args.seq_length, total=total)
-            rows.append(sample_pack_anchors(batch.loss_mask[b], spans, generators, **options))
+            rows.append(sample_pack_anchors(batch.loss_mask[b], spans, generators, total=total))
         return torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
+
+    def _device_anchors(self, batch: MicroBatch, stream: int, epoch: int) -> tuple[Tensor, Tensor]:
+        """`anchors` of a CPU micro-batch (no host sync for packed rows), moved to the device."""
+        anchors, keep = self.anchors(batch, stream, epoch)
+        return anchors.to(self.info.device, non_blocking=True), keep.to(self.info.device, non_blocking=True)
 
     def _to_device(self, batch: MicroBatch) -> MicroBatch:
         if not is_right_padded(batch.attention_mask):  # a CPU batch from the loader: no device sync
@@ -166,8 +171,8 @@ class DSparkStep:
         """One optimizer step over this rank's micro-batches; returns (detached sums, grad norm) as tensors."""
         self.last_lr = optimizer.param_groups[0]["lr"]
         with self.timer("other"):
+            blocks = [self._device_anchors(mb, _TRAIN, epoch) for mb in micro_batches]
             batches = [self._to_device(mb) for mb in micro_batches]
-            blocks = [self.anchors(mb, _TRAIN, epoch) for mb in batches]
             local = sum(
                 slot_weights(
                     build_eval_mask(mb.loss_mask, a, k, self.draft.dspark.block_size, mb.position_ids),
@@ -220,8 +225,8 @@ class DSparkStep:
         self.model.eval()
         try:
             for mb in micro_batches:
+                anchors, keep = self._device_anchors(mb, _VAL, epoch)
                 mb = self._to_device(mb)
-                anchors, keep = self.anchors(mb, _VAL, epoch)
                 _add(totals, self._forward_loss(mb, anchors, keep).sums)
         finally:
             self.model.train()

@@ -18,10 +18,11 @@ from nemo_automodel_dspark.data import collate
 from nemo_automodel_dspark.data.packing import collate_packed
 from nemo_automodel_dspark.loss import LossConfig
 from nemo_automodel_dspark.masks import (
-    document_anchor_count,
+    candidate_count,
     pack_anchor_count,
     sample_anchors,
     sample_pack_anchors,
+    split_anchor_budget,
 )
 from nemo_automodel_dspark.model.config import DSparkConfig
 from nemo_automodel_dspark.model.drafter import DSparkDrafter
@@ -57,7 +58,7 @@ def make_step(family: str) -> DSparkStep:
     )
     torch.manual_seed(0)
     draft = DSparkDrafter.from_target(target, dspark)
-    args = SimpleNamespace(shuffle_seed=1, seq_length=SEQ, max_grad_norm=1.0)
+    args = SimpleNamespace(shuffle_seed=1, seq_length=SEQ, max_grad_norm=1.0, divergence_factor=None)
     loss = LossConfig(loss_decay_gamma=4.0, ce_loss_alpha=0.1, l1_loss_alpha=0.9, confidence_head_alpha=1.0)
     info = D.DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     return DSparkStep(draft, draft, target, args, loss, info, defer_fsdp_sync=False)
@@ -145,24 +146,33 @@ def test_target_sees_only_its_own_document(family):
             torch.testing.assert_close(cap_p.last_hidden[b, start : start + n], cap_u.last_hidden[d, :n])
 
 
-def test_packed_anchor_counts_follow_document_length():
-    # num_anchors per seq_length tokens, rounded down: 5 · 19 // 20 = 4, 5 · 13 // 20 = 3, 5 · 11 // 20 = 2
-    assert [document_anchor_count(n, NUM_ANCHORS, SEQ) for n in LENGTHS] == [4, 3, 2]
-    assert pack_anchor_count(PACK, NUM_ANCHORS, SEQ) == 8  # ≥ 4 + 3, the most one packed row can draw
+def test_packed_anchors_spread_the_rows_blocks_over_documents_by_candidates():
     docs = documents()
+    # candidates (loss tokens i, i+1 both inside the document): 19 - 6 - 1, 13 - 4 - 1, 11 - 3 - 1
+    assert [candidate_count(d["loss_mask"]) for d in docs] == [12, 8, 7]
+    assert pack_anchor_count(PACK, NUM_ANCHORS, SEQ) == 8  # 5 · 32 // 20: a padded step's blocks for 32 tokens
+    # 8 blocks over candidates 12 and 8: quotas 4.8 and 3.2 → 4 + 3, the one left to the larger remainder → 5 + 3
+    assert split_anchor_budget([12, 8], 8) == [5, 3]
+    assert split_anchor_budget([7], 8) == [7]  # fewer candidates than blocks: every candidate (the padded rule)
+    assert split_anchor_budget([3, 3, 3], 4) == [2, 1, 1]  # equal remainders: the earlier document first
+    assert split_anchor_budget([0, 5], 3) == [0, 3] and split_anchor_budget([0, 0], 3) == [0, 0]
     _, packed = both_layouts(docs)
     generators = [torch.Generator().manual_seed(d) for d in PACKS[0]]
-    anchors, keep = sample_pack_anchors(
-        packed.loss_mask[0], spans_of(PACKS[0]), generators, num_anchors=NUM_ANCHORS, seq_length=SEQ, total=8
-    )
-    assert keep.tolist() == [[True] * 7 + [False]]
-    first, second = anchors[0, :4], anchors[0, 4:7]
-    assert ((first >= 19 // 3) & (first < 18)).all()  # candidates of document 0: loss tokens i, i+1 inside it
+    anchors, keep = sample_pack_anchors(packed.loss_mask[0], spans_of(PACKS[0]), generators, total=8)
+    assert keep.tolist() == [[True] * 8]  # the row's every block trains
+    first, second = anchors[0, :5], anchors[0, 5:]
+    assert ((first >= 19 // 3) & (first < 18)).all() and first.unique().numel() == 5
     assert ((second >= 19 + 13 // 3) & (second < 19 + 12)).all()  # document 1 starts at row position 19
+    # Each document's draw is `sample_anchors` of its share, from its own generator.
+    alone, _ = sample_anchors(docs[1]["loss_mask"][None], 3, torch.Generator().manual_seed(1))
+    assert second.tolist() == (alone[0] + 19).tolist()
 
 
-def test_pack_anchors_refuse_more_documents_than_blocks():
-    spans = [(0, 20), (20, 20)]
-    generators = [torch.Generator(), torch.Generator()]
-    with pytest.raises(ValueError, match="documents drew 10 anchors, more than the row's 6 blocks"):
-        sample_pack_anchors(torch.ones(40), spans, generators, num_anchors=5, seq_length=20, total=6)
+def test_a_packed_row_of_one_document_draws_like_a_padded_row():
+    doc = documents()[0]
+    row = torch.cat([doc["loss_mask"], torch.zeros(SEQ - LENGTHS[0], dtype=torch.long)])  # P = seq_length
+    for num_anchors in (3, NUM_ANCHORS, 12, 19):
+        total = pack_anchor_count(SEQ, num_anchors, SEQ)
+        packed = sample_pack_anchors(row, [(0, LENGTHS[0])], [torch.Generator().manual_seed(4)], total=total)
+        padded = sample_anchors(row[None], num_anchors, torch.Generator().manual_seed(4))  # the padded row
+        assert torch.equal(packed[0], padded[0]) and torch.equal(packed[1], padded[1])

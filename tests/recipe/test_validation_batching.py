@@ -55,6 +55,7 @@ def args(mode: str) -> SimpleNamespace:
         shuffle_seed=3,
         seq_length=SEQ,
         max_grad_norm=1.0,
+        divergence_factor=None,
     )
     return SimpleNamespace(**{**values, **MODES[mode]})
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 from torch import nn
 
@@ -22,6 +23,17 @@ class DecoderParts:
     layers: nn.ModuleList
     norm: nn.Module
     lm_head: nn.Module
+
+    @classmethod
+    def of(cls, model: nn.Module, text: nn.Module) -> DecoderParts:
+        """The parts of a causal LM `model` whose text stack `text` holds `embed_tokens`, `layers` and `norm`."""
+        return cls(
+            text,
+            cast(nn.Module, text.embed_tokens),
+            cast(nn.ModuleList, text.layers),
+            cast(nn.Module, text.norm),
+            cast(nn.Module, model.lm_head),
+        )
 
 
 @dataclass(frozen=True)

@@ -36,14 +36,7 @@ class Qwen3DraftLayer(nn.Module):
 
 
 def _decoder_parts(model: nn.Module) -> DecoderParts:
-    base = cast(nn.Module, model.model)
-    return DecoderParts(
-        base,
-        cast(nn.Module, base.embed_tokens),
-        cast(nn.ModuleList, base.layers),
-        cast(nn.Module, base.norm),
-        cast(nn.Module, model.lm_head),
-    )
+    return DecoderParts.of(model, cast(nn.Module, model.model))
 
 
 QWEN3 = register_family(
