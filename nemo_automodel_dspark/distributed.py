@@ -102,8 +102,6 @@ def load_from_rank0(model: nn.Module, source: nn.Module | None, device: torch.de
     Each tensor is broadcast whole and every rank keeps only its shard, so a rank holds its shards plus one full
     tensor at most; non-persistent buffers (RoPE frequencies) come the same way. Only rank 0 holds a full copy.
     """
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
     model.to_empty(device=device)
     full_state = source.state_dict() if source is not None else {}
     own_buffers = dict(source.named_buffers()) if source is not None else {}
@@ -115,12 +113,25 @@ def load_from_rank0(model: nn.Module, source: nn.Module | None, device: torch.de
             else:
                 full = torch.empty(tensor.shape, dtype=tensor.dtype, device=device)
             dist.broadcast(full, src=0)
-            if isinstance(tensor, DTensor):  # keep this rank's slice only (the placement's own chunking)
-                mine = distribute_tensor(full, tensor.device_mesh, tensor.placements, src_data_rank=None)
-                tensor.to_local().copy_(mine.to_local())
-            else:
-                tensor.copy_(full)
+            copy_full_into(tensor, full)
             del full
+
+
+def copy_full_into(tensor: torch.Tensor, full: torch.Tensor) -> None:
+    """Write the whole value `full` into `tensor`: only this rank's slice when it is a sharded DTensor.
+
+    Every rank must pass the same `full` (no communication: each keeps its own slice, by the placement's own
+    chunking); a plain tensor takes all of it. Dtype and device are converted as `copy_` does.
+    """
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    with torch.no_grad():
+        if isinstance(tensor, DTensor):
+            full = full.to(tensor.device)
+            mine = distribute_tensor(full, tensor.device_mesh, tensor.placements, src_data_rank=None)
+            tensor.to_local().copy_(mine.to_local())
+        else:
+            tensor.copy_(full)
 
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:

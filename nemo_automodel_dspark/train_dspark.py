@@ -37,7 +37,6 @@ from nemo_automodel_dspark.loss import flatten_sums, metrics_from_sums, unflatte
 from nemo_automodel_dspark.model.config import DSparkConfig
 from nemo_automodel_dspark.model.drafter import DSparkDrafter
 from nemo_automodel_dspark.model.families import family_for
-from nemo_automodel_dspark.model.warm_start import load_warm_start
 from nemo_automodel_dspark.recipe import batching, resume, run_folder
 from nemo_automodel_dspark.recipe import checkpoint as ckpt
 from nemo_automodel_dspark.recipe.guards import RunStopped, divergence_message, non_finite_tensors
@@ -46,6 +45,7 @@ from nemo_automodel_dspark.recipe.metrics import console_line
 from nemo_automodel_dspark.recipe.optim import build_optimizer, build_scheduler
 from nemo_automodel_dspark.recipe.plan import MemoryPlan, device_memory_gib, plan_for_config
 from nemo_automodel_dspark.recipe.serving_checks import check_serving, warning_text
+from nemo_automodel_dspark.recipe.sharded_draft import build_draft
 from nemo_automodel_dspark.recipe.sharded_target import load_sharded_target
 from nemo_automodel_dspark.recipe.state import MetricsWindow, Progress, due_after_step
 from nemo_automodel_dspark.recipe.step import DSparkStep, MicroBatch
@@ -210,15 +210,21 @@ class TrainDSparkRecipe(BaseRecipe):
         parts = family_for(self.frozen.model.config).decoder_parts(self.frozen.model)
         embed = D.full_tensor(cast(torch.Tensor, parts.embed_tokens.weight))  # gathered when the target is sharded
         lm_head = D.full_tensor(cast(torch.Tensor, parts.lm_head.weight))
-        torch.manual_seed(args.shuffle_seed)  # identical initial draft on every rank and every world size
-        draft = DSparkDrafter.from_embeddings(self.frozen.model.config, self.draft_config, embed, lm_head)
+        dist = self.config.distributed
+        self.draft, self.model = build_draft(
+            self.frozen.model.config,
+            self.draft_config,
+            embed,
+            lm_head,
+            info=self.info,
+            strategy=dist.strategy,
+            activation_checkpointing=dist.activation_checkpointing,
+            seed=args.shuffle_seed,
+            warm_start=args.draft_weights_path,
+        )
         del embed, lm_head
         if args.draft_weights_path:
-            load_warm_start(draft, args.draft_weights_path)
             self._log(f"draft_weights_path: started from {args.draft_weights_path}")
-        self.draft = draft.to(self.info.device)
-        dist = self.config.distributed
-        self.model = D.wrap_draft(self.draft, dist.strategy, self.info, dist.activation_checkpointing)
         self.runner = DSparkStep(
             self.model,
             self.draft,

@@ -1,14 +1,16 @@
-"""The tokenised-row cache: a `datasets` Arrow table built once per node and memory-mapped by every rank.
+"""The tokenised-row cache: one Arrow file (the IPC stream `datasets` writes) built once per node, memory-mapped by
+every rank.
 
 The cache folder is named by a fingerprint of everything the tokens depend on: the data files (path, size,
 modification time; a Hub id by name and split), the tokenizer (its serialised vocabulary, merges and special
 tokens), the chat template, `seq_length`, `mask_reasoning_content`, `mask_token_id` and `CACHE_FORMAT_VERSION`.
 Change any of them and a new cache is built; a restart with the same inputs reopens the old one in milliseconds.
 
-Building: the rows are read by the one reader (`sources.open_rows`), tokenised with `datasets.map(num_proc=…)` by
-the same per-row function the in-memory loop uses (`tokenize_row`), and the bad-row accounting (skips per reason with
-the first line number, truncations, rows used as token ids, empty answers) is computed from per-row columns and
-stored beside the table, so a reopened cache reports exactly what a fresh tokenisation would. The first process to
+Building (`cache_build`, one pass, `num_proc` forked workers): token-id rows of a JSONL file are tokenised in bulk
+(`fast_ids`), every other row by the per-row function of the in-memory loop (`tokenize_row`), which also takes every
+row the bulk path cannot prove clean. The bad-row accounting (skips per reason with the first line number,
+truncations, rows used as token ids, empty answers) is computed from every row's number, reason and flags and stored
+beside the table, so a reopened cache reports exactly what the loop would. The first process to
 take the folder's file lock builds (into a temporary folder, renamed into place when complete); the others block on
 the lock and then open what it built.
 """
@@ -29,14 +31,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from nemo_automodel_dspark.data.chat import EMPTY_ANSWER, MASK_TOKEN_HIT, TOKEN_IDS, TRUNCATED, RowOptions, tokenize_row
-from nemo_automodel_dspark.data.sources import RowError, jsonl_lines, open_rows, parse_line
+from nemo_automodel_dspark.data.cache_build import build_rows
+from nemo_automodel_dspark.data.chat import EMPTY_ANSWER, MASK_TOKEN_HIT, TOKEN_IDS, TRUNCATED, RowOptions
 from nemo_automodel_dspark.io import atomic_write_json, commit_dir, temp_dir_for
 
-CACHE_FORMAT_VERSION = 1  # bump whenever the table's layout or the tokenisation rules change
+CACHE_FORMAT_VERSION = 2  # bump whenever the table's layout or the tokenisation rules change
 _META = "meta.json"
-_TABLE = "rows"
-_ROW_ERROR = "__dspark_row_error__"  # a row the reader could not parse, carried to the workers
+_TABLE = "rows.arrow"
 
 
 @dataclass
@@ -104,50 +105,6 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _raw_rows(path_or_id: str, split: str) -> Iterator[dict[str, Any]]:
-    """The source's rows as {number, line}: a JSONL line as read (parsed by the workers), other rows as JSON."""
-    if _raw_line(path_or_id):
-        for number, line in jsonl_lines(os.path.expanduser(path_or_id)):
-            yield {"number": number, "line": line}
-        return
-    _, rows = open_rows(path_or_id, split=split)
-    for number, row in rows:
-        yield {"number": number, "line": _as_line(row)}
-
-
-def _as_line(row: Any) -> bytes:
-    if isinstance(row, RowError):
-        return json.dumps({_ROW_ERROR: row.reason}).encode()
-    return json.dumps(row, ensure_ascii=False, default=str).encode()
-
-
-def _raw_line(path_or_id: str) -> bool:
-    return os.path.isfile(os.path.expanduser(path_or_id)) and path_or_id.endswith(".jsonl")
-
-
-def _tokenize_batch(batch: dict[str, list], *, tokenizer: Any, options: RowOptions) -> dict[str, list]:
-    """`datasets.map` body: one output row per input row, failed rows kept (empty ids) with their reason."""
-    out: dict[str, list] = {key: [] for key in ("input_ids", "loss_mask", "error", "flags")}
-    for line in batch["line"]:
-        row = parse_line(line)
-        if isinstance(row, dict) and _ROW_ERROR in row:
-            row = RowError(row[_ROW_ERROR])
-        ids, mask, error, flags = np.zeros(0, np.int32), np.zeros(0, np.int8), "", 0
-        try:
-            if isinstance(row, RowError):
-                raise row
-            result = tokenize_row(row, tokenizer, options)
-            ids, mask = result.input_ids, result.loss_mask
-            flags = result.flags
-        except RowError as err:
-            error = err.reason
-        out["input_ids"].append(ids)
-        out["loss_mask"].append(mask)
-        out["error"].append(error)
-        out["flags"].append(flags)
-    return out
-
-
 def _account(numbers: list[int], errors: list[str], flags: list[int], unit: str) -> CacheReport:
     """The loop's accounting from the per-row columns: skips by reason in first-seen order, counts of used rows."""
     report = CacheReport(unit=unit)
@@ -169,63 +126,39 @@ def _account(numbers: list[int], errors: list[str], flags: list[int], unit: str)
 
 
 def _build(path_or_id: str, split: str, tokenizer: Any, options: RowOptions, num_proc: int, tmp: Path) -> None:
-    """Tokenise every row into `tmp/rows` (used rows only) and write `tmp/meta.json` (the accounting)."""
-    import datasets
-
-    raw = datasets.Dataset.from_generator(
-        _raw_rows, gen_kwargs={"path_or_id": path_or_id, "split": split}, cache_dir=str(tmp / "build")
-    )
-    features = datasets.Features(
-        {
-            "input_ids": datasets.Sequence(datasets.Value("int32")),
-            "loss_mask": datasets.Sequence(datasets.Value("int8")),
-            "error": datasets.Value("string"),
-            "flags": datasets.Value("int32"),
-        }
-    )
-    tokenized = raw.map(
-        _tokenize_batch,
-        batched=True,
-        batch_size=256,
-        num_proc=num_proc if num_proc > 1 and len(raw) > 1 else None,
-        fn_kwargs={"tokenizer": tokenizer, "options": options},
-        remove_columns=["line"],
-        features=datasets.Features({"number": datasets.Value("int64"), **features}),
-        new_fingerprint="dspark-tokenize",
-        desc=f"tokenising {path_or_id}",
-    )
-    columns = tokenized.select_columns(["number", "error", "flags"]).to_dict()
+    """Tokenise every row into `tmp/rows.arrow` (used rows only) and write `tmp/meta.json` (the accounting)."""
+    numbers, errors, flags = build_rows(path_or_id, split, tokenizer, options, num_proc, tmp / _TABLE)
     unit = "line" if path_or_id.endswith(".jsonl") else "row"
-    report = _account(columns["number"], columns["error"], columns["flags"], unit)
-    used = [i for i, error in enumerate(columns["error"]) if not error]
-    rows = tokenized.select(used).select_columns(["input_ids", "loss_mask"])
-    rows.save_to_disk(str(tmp / _TABLE))
-    del raw, tokenized, rows
-    shutil.rmtree(tmp / "build", ignore_errors=True)
-    atomic_write_json(tmp / _META, {"report": report.__dict__, "rows": len(used)})
+    report = _account(numbers, errors, flags, unit)
+    atomic_write_json(tmp / _META, {"report": report.__dict__, "rows": len(numbers) - sum(map(bool, errors))})
 
 
 class ArrowRows:
     """Rows of a cache table, memory-mapped: item i → (input_ids [L] long, loss_mask [L] long)."""
 
-    def __init__(self, folder: Path) -> None:
-        import datasets
+    def __init__(self, path: Path) -> None:
+        import pyarrow as pa
 
-        table = datasets.load_from_disk(str(folder)).data.table  # memory-mapped Arrow files
-        self._ids, self._mask = table.column("input_ids"), table.column("loss_mask")
+        batches = list(pa.ipc.open_stream(pa.memory_map(str(path))))  # zero-copy views of the mapped file
+        self._ids = [b.column(0).values.to_numpy() for b in batches]  # per batch: [T_b] int32
+        self._mask = [b.column(1).values.to_numpy() for b in batches]  # per batch: [T_b] int8
+        self._offsets = [b.column(0).offsets.to_numpy() for b in batches]  # per batch: [rows_b + 1]
+        self._first = np.cumsum([0] + [b.num_rows for b in batches])  # [batches + 1] first row of each batch
 
     def __len__(self) -> int:
-        return len(self._ids)
+        return int(self._first[-1])
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = np.asarray(self._ids[index].values, dtype=np.int64)  # one copy, out of the mapped file
-        mask = np.asarray(self._mask[index].values, dtype=np.int64)
-        return torch.from_numpy(ids), torch.from_numpy(mask)
+        if not 0 <= index < len(self):
+            raise IndexError(f"row {index} of {len(self)}")
+        batch = int(np.searchsorted(self._first, index, side="right")) - 1
+        row = index - int(self._first[batch])
+        start, end = self._offsets[batch][row : row + 2].tolist()
+        ids = self._ids[batch][start:end].astype(np.int64)  # one copy, out of the mapped file
+        return torch.from_numpy(ids), torch.from_numpy(self._mask[batch][start:end].astype(np.int64))
 
     def lengths(self) -> list[int]:
-        import pyarrow.compute as pc
-
-        return pc.list_value_length(self._ids).to_pylist()
+        return np.concatenate([np.diff(o) for o in self._offsets] or [np.zeros(0, np.int64)]).tolist()
 
 
 def open_cache(

@@ -50,10 +50,18 @@ class DSparkOutput:
         return None if self.teacher_hidden is None else self.head.teacher_logits(self.teacher_hidden)
 
 
+def init_weight_and_bias(weight: Tensor, bias: Tensor | None) -> None:
+    """The draft's initialisation of every Linear and Embedding (after construction): N(0, 0.02), zero bias."""
+    nn.init.normal_(weight, std=0.02)
+    if bias is not None:
+        nn.init.zeros_(bias)
+
+
 class DSparkDrafter(nn.Module):
     """A DSpark draft for one target; module names are the serving tensor names (SPEC §8)."""
 
-    def __init__(self, target_config, dspark: DSparkConfig) -> None:
+    def __init__(self, target_config, dspark: DSparkConfig, *, init_weights: bool = True) -> None:
+        """`init_weights=False` leaves the N(0, 0.02) draws to `model.meta_init.materialize_draft` (meta builds)."""
         super().__init__()
         self.family: TargetFamily = family_for(target_config)
         text = self.family.text_config(target_config)
@@ -72,7 +80,8 @@ class DSparkDrafter(nn.Module):
         self.norm = self.family.build_norm(text)
         self.lm_head = nn.Linear(hidden, vocab, bias=False)
         head_dim = getattr(text, "head_dim", None) or hidden // text.num_attention_heads
-        self.rotary = RotaryEmbedding(*rope_inv_freq(text, head_dim))
+        with torch.device("cpu"):  # real frequencies even when the draft is built on the meta device
+            self.rotary = RotaryEmbedding(*rope_inv_freq(text, head_dim))
         self.markov_head = (
             MarkovHead(hidden, vocab, dspark.markov_rank, dspark.markov_head_type) if dspark.markov_rank else None
         )
@@ -83,16 +92,14 @@ class DSparkDrafter(nn.Module):
         )
         self.embed_scale = float(self.family.embed_scale(text))
         self.logit_softcap = self.family.logit_softcap(text)
-        self.apply(self._init_weights)
+        if init_weights:
+            self.apply(self._init_weights)
         self.set_embeddings_trainable(not dspark.freeze_embeddings)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
         if isinstance(module, nn.Linear | nn.Embedding):
-            nn.init.normal_(module.weight, std=0.02)
-            bias = getattr(module, "bias", None)  # nn.Embedding has none
-            if bias is not None:
-                nn.init.zeros_(bias)
+            init_weight_and_bias(module.weight, getattr(module, "bias", None))  # nn.Embedding has no bias
 
     def set_embeddings_trainable(self, trainable: bool) -> None:
         self.embed_tokens.weight.requires_grad_(trainable)

@@ -22,10 +22,16 @@ class RMSNorm(nn.Module):
 
     def __init__(self, dim: int, eps: float, offset: float = 0.0, *, multiply_in_fp32: bool = False) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
+        self.weight = nn.Parameter(torch.empty(dim))
         self.eps = eps
         self.offset = offset
         self.multiply_in_fp32 = multiply_in_fp32
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The initial scale: 1 (or 0 under the `1 + w` offset), whether built eagerly or materialised from meta."""
+        with torch.no_grad():
+            self.weight.fill_(0.0 if self.offset else 1.0)
 
     def forward(self, x: Tensor) -> Tensor:
         x32 = x.float()
@@ -41,8 +47,14 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, inv_freq: Tensor, attention_scaling: float = 1.0) -> None:
         super().__init__()
-        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+        self._initial = inv_freq.detach().float().cpu()  # plain attribute: kept by `_apply`, for `reset_parameters`
+        self.register_buffer("inv_freq", self._initial.clone(), persistent=False)
         self.attention_scaling = attention_scaling
+
+    def reset_parameters(self) -> None:
+        """Restore the constructor's frequencies (after `to_empty`, when the draft was built on the meta device)."""
+        with torch.no_grad():
+            self.inv_freq.copy_(self._initial)
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]
         fp32 = self.inv_freq

@@ -11,8 +11,9 @@ import json
 import os
 from pathlib import Path
 
-from safetensors.torch import load_file
-from torch import Tensor
+from safetensors import safe_open
+
+from nemo_automodel_dspark import distributed as D
 
 SHARED_WITH_TARGET = ("embed_tokens.weight", "lm_head.weight")
 
@@ -45,33 +46,40 @@ def check_compatible(draft, directory: str | os.PathLike) -> None:
             raise ValueError(f"{where}: {key} is {theirs!r} in its config.json but {ours!r} in this run's config")
 
 
-def read_weights(directory: str | os.PathLike) -> dict[str, Tensor]:
-    """Every tensor of the folder's safetensors files (one file, or shards with an index)."""
-    files = sorted(Path(directory).glob("*.safetensors"))
-    if not files:
-        raise ValueError(f"recipe_args.draft_weights_path {directory}: no *.safetensors file")
-    state: dict[str, Tensor] = {}
+def _saved_shapes(files: list[Path]) -> dict[str, list[int]]:
+    """Every tensor name in the folder's safetensors files and its shape, from the headers (no tensor is read)."""
+    shapes: dict[str, list[int]] = {}
     for file in files:
-        state.update(load_file(str(file)))
-    return state
+        with safe_open(str(file), "pt") as f:
+            names = f.keys()  # a safe_open handle is not iterable
+            shapes.update({key: list(f.get_slice(key).get_shape()) for key in names})
+    return shapes
 
 
 def load_warm_start(draft, directory: str | os.PathLike) -> None:
-    """Check the saved draft against `draft`, then load its weights into `draft` (before any wrapping)."""
+    """Check the saved draft against `draft`, then copy its weights in, one tensor at a time.
+
+    `draft` may be plain or already sharded (FSDP2 over a meta-built draft): each rank keeps its slice of every
+    tensor, so no rank holds more than its shards plus one saved tensor.
+    """
     check_compatible(draft, directory)
-    state = read_weights(directory)
-    own = draft.state_dict()
-    missing = [k for k in own if k not in state and k not in SHARED_WITH_TARGET]
-    unexpected = [k for k in state if k not in own]
+    where = f"recipe_args.draft_weights_path {directory}"
+    files = sorted(Path(directory).glob("*.safetensors"))  # one file, or shards with an index
+    if not files:
+        raise ValueError(f"{where}: no *.safetensors file")
+    saved = _saved_shapes(files)
+    own = draft.state_dict()  # the parameters themselves (DTensors when sharded); global shapes
+    missing = [k for k in own if k not in saved and k not in SHARED_WITH_TARGET]
+    unexpected = [k for k in saved if k not in own]
     if missing or unexpected:
         raise ValueError(
-            f"recipe_args.draft_weights_path {directory}: tensors do not match this draft "
-            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+            f"{where}: tensors do not match this draft (missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
-    for key, value in state.items():
-        if value.shape != own[key].shape:
-            raise ValueError(
-                f"recipe_args.draft_weights_path {directory}: tensor {key} has shape {list(value.shape)}, "
-                f"this draft's has {list(own[key].shape)}"
-            )
-    draft.load_state_dict(state, strict=False)
+    for key, shape in saved.items():
+        if shape != list(own[key].shape):
+            raise ValueError(f"{where}: tensor {key} has shape {shape}, this draft's has {list(own[key].shape)}")
+    for file in files:
+        with safe_open(str(file), "pt") as f:
+            names = f.keys()
+            for key in names:
+                D.copy_full_into(own[key], f.get_tensor(key))

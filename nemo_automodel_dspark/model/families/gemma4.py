@@ -118,6 +118,11 @@ class Gemma4DraftLayer(nn.Module):
         self.post_feedforward_layernorm = _norm(hidden, eps)
         self.register_buffer("layer_scalar", torch.ones(1))  # HF Gemma4 keeps (and serves) this per-layer constant
 
+    def reset_parameters(self) -> None:
+        """This layer's own tensor (its children reset themselves): `layer_scalar` = 1."""
+        with torch.no_grad():
+            self.layer_scalar.fill_(1.0)
+
     def forward(self, x: Tensor, ctx: Tensor | None, rope_q, rope_kv, mask, ctx_kv=None) -> Tensor:
         attn = self.self_attn(self.input_layernorm(x), ctx, rope_q, rope_kv, mask, ctx_kv)
         x = x + self.post_attention_layernorm(attn)
