@@ -3,11 +3,12 @@
 Classes: SIGKILLs during training and checkpoint writes, each resumed with `restore_from: LATEST` (the final weights
 and optimizer state must be bit-identical to an uninterrupted run); a full disk, simulated by making a checkpoint
 or metrics write fail with ENOSPC (one line, nothing half-written, resumable to the same weights); torn and damaged
-files (metrics line, weights, optimizer state, trainer state); divergence (a NaN injected into a step, an absurd
-learning rate, a NaN draft given to the tools); bad inputs to training and to the tools (each one line, no traceback).
+files (metrics line, weights, optimizer state, trainer state) and a kill inside `save_draft`; divergence (a NaN or
+an exploding finite loss injected into a step, an absurd learning rate, a NaN draft given to the tools); bad inputs
+to training and to the tools (each one line, no traceback). The kills hit a 2-process FSDP2 run, as in the issue.
 
-    python benchmarks/reliability.py              # ~5 min on 2 busy CPU cores
-    python benchmarks/reliability.py --kills 20 --nproc 2
+    python benchmarks/reliability.py              # ~10 min on 2 busy CPU cores
+    python benchmarks/reliability.py --kills 20 --nproc 1
 
 Prints one line per case and ends with one JSON line: per class, cases tried and cases handled.
 """
@@ -40,14 +41,23 @@ from _helpers.recipe_assets import base_config, build_target_dir, write_config, 
 
 from nemo_automodel_dspark.cli import main as cli_main  # noqa: E402
 from nemo_automodel_dspark.errors import ToolError  # noqa: E402
+from nemo_automodel_dspark.io import leftover_temps  # noqa: E402
 from nemo_automodel_dspark.recipe import metrics as metrics_module  # noqa: E402
-from nemo_automodel_dspark.recipe.guards import RunStopped  # noqa: E402
+from nemo_automodel_dspark.recipe.guards import REFERENCE_STEPS, RunStopped  # noqa: E402
 from nemo_automodel_dspark.train_dspark import TrainDSparkRecipe  # noqa: E402
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
 STEPS = 8
-KILL_STEPS = 30  # a longer run (3 epochs) for the kills, so that they land in training and checkpoint writes
-KILL_ARGS = {"max_steps": KILL_STEPS, "num_epochs": 3}
+KILL_STEPS = 30  # a longer run (several epochs) for the kills, so that they land in training and checkpoint writes
+TRAIN_ROWS, MICRO_BATCH = 24, 2  # `build_assets` and `base_config`
+
+
+def kill_args(nproc: int) -> dict:
+    """30 steps over as many epochs as `nproc` ranks need (each step takes nproc x MICRO_BATCH rows)."""
+    per_epoch = TRAIN_ROWS // (nproc * MICRO_BATCH)
+    return {"max_steps": KILL_STEPS, "num_epochs": -(-KILL_STEPS // per_epoch)}
+
+
 Result = tuple[str, bool, str]  # (case, handled, what happened)
 
 
@@ -143,7 +153,8 @@ def kills(assets: dict, root: Path, count: int, nproc: int, seed: int) -> list[R
     rng = random.Random(seed)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     cmd += ["-m", "nemo_automodel_dspark.train_dspark"]
-    ref = launch(cmd, write_config(run_config(assets, root / "kill_ref", **KILL_ARGS), root / "kill_ref.yaml"))
+    args = kill_args(nproc)
+    ref = launch(cmd, write_config(run_config(assets, root / "kill_ref", **args), root / "kill_ref.yaml"))
     wait_for_new_record(ref, root / "kill_ref" / "dspark_train_metrics.jsonl")
     first = time.perf_counter()
     while ref.poll() is None and step_folder(root / "kill_ref", KILL_STEPS) is None:
@@ -152,7 +163,7 @@ def kills(assets: dict, root: Path, count: int, nproc: int, seed: int) -> list[R
     ref.wait()
     reference = final_state(root / "kill_ref", KILL_STEPS)
     out = root / "killed"
-    cfg_path = write_config(resume(run_config(assets, out, **KILL_ARGS)), root / "killed.yaml")
+    cfg_path = write_config(resume(run_config(assets, out, **args)), root / "killed.yaml")
     results, during_write = [], 0
     for i in range(count):
         proc = launch(cmd, cfg_path)
@@ -172,9 +183,49 @@ def kills(assets: dict, root: Path, count: int, nproc: int, seed: int) -> list[R
         results.append((f"kill {i + 1}", True, "during a checkpoint write" if in_write else "during training"))
     subprocess.run([*cmd, "-c", str(cfg_path)], env=ENV, check=True, capture_output=True)
     same = identical(final_state(out, KILL_STEPS), reference)
-    case = f"resume after {len(results)} kills ({during_write} during checkpoint writes)"
-    results.append((case, same, "bit-identical weights and optimizer state" if same else "DIFFERENT"))
+    left = leftover_temps(out) + leftover_temps(out / "ckpt")
+    case = f"resume after {len(results)} kills ({during_write} during checkpoint writes), {nproc} process(es)"
+    detail = ("bit-identical weights and optimizer state" if same else "DIFFERENT") + f"; temps left: {len(left)}"
+    results.append((case, same and not left, detail))
     return results
+
+
+KILL_INSIDE_SAVE_DRAFT = """
+import os, signal, sys
+from nemo_automodel_dspark.model import serving
+from safetensors.torch import load_file
+
+def half_then_kill(tensors, path, metadata=None):
+    with open(path, "wb") as f:
+        f.write(b"half of the weights")
+        f.flush()
+        os.fsync(f.fileno())
+    os.kill(os.getpid(), signal.SIGKILL)
+
+serving.save_file = half_then_kill
+serving.save_draft(None, sys.argv[1], state_dict=load_file(os.path.join(sys.argv[1], "model.safetensors")))
+"""
+
+
+def kill_inside_save_draft(root: Path, draft_dir: Path) -> Result:
+    """SIGKILL in the middle of `save_draft` into a draft folder: the draft there stays whole, and the next save
+    into that folder (here an export) removes the temp the kill left."""
+    from nemo_automodel_dspark.export.dialects import export_draft
+    from nemo_automodel_dspark.model.serving import read_weights
+
+    folder = root / "killed_save"
+    shutil.copytree(draft_dir, folder)
+    before = read_weights(folder)
+    code = subprocess.run([sys.executable, "-c", KILL_INSIDE_SAVE_DRAFT, str(folder)], env=ENV).returncode
+    left = [p.name for p in leftover_temps(folder)]
+    whole = all(torch.equal(before[k], v) for k, v in read_weights(folder).items())
+    export_draft(draft_dir, "nemo", folder.with_name("unused_export"))  # an unrelated export leaves it alone
+    captured(lambda: export_draft(draft_dir, "nemo", folder))  # the next writer of the folder
+    cleaned = not leftover_temps(folder) and sorted(p.name for p in folder.iterdir()) == sorted(
+        p.name for p in draft_dir.iterdir()
+    )
+    ok = code == -signal.SIGKILL and len(left) == 1 and whole and cleaned
+    return "kill inside save_draft", ok, f"left {left}; earlier draft whole={whole}; removed by the next save={cleaned}"
 
 
 # ------------------------------------------------------------------------------------------------------- disk full
@@ -275,14 +326,15 @@ def torn(assets: dict, root: Path, reference: tuple[dict, dict]) -> list[Result]
 
 
 # ------------------------------------------------------------------------------------------------------- divergence
-def poison(recipe: TrainDSparkRecipe, bad_steps: set[int]) -> None:
+def poison(recipe: TrainDSparkRecipe, bad_steps: set[int], factor: float = float("nan")) -> None:
+    """Multiply the loss of `bad_steps` by `factor`: NaN, or a huge finite factor (a loss that explodes)."""
     forward = recipe.runner._forward_loss
 
     def patched(batch, *args, **kwargs):
         loss = forward(batch, *args, **kwargs)
         if recipe.step + 1 in bad_steps:
-            loss.numerator = loss.numerator * float("nan")
-            loss.sums = {k: v * float("nan") for k, v in loss.sums.items()}
+            loss.numerator = loss.numerator * factor
+            loss.sums = {k: v * factor for k, v in loss.sums.items()}
         return loss
 
     recipe.runner._forward_loss = patched
@@ -302,9 +354,10 @@ def divergence(assets: dict, root: Path, draft_dir: Path) -> list[Result]:
             detail = f"skipped and counted ({recipe.skipped_steps}), run finished, weights finite={finite}"
         else:
             ok = isinstance(err, RunStopped) and str(err).startswith(f"step {step}: non-finite") and finite
-            ok = ok and f"epoch_0_step_{step - 1}" in str(err)
+            ok = ok and f"epoch_0_step_{step - 2}" in str(err)  # step's loss came from step - 1's weights
             detail = f"{str(err)[:100]}…"
         results.append((f"NaN injected at step {step}, max_skipped_steps={allowed}", ok, detail))
+    results += explosions(assets, root)
     cfg = run_config(assets, root / "lr", val_data_path=None)
     cfg["optimizer"]["lr"] = 1e30
     err, _ = captured(lambda: train(cfg))
@@ -336,6 +389,31 @@ def divergence(assets: dict, root: Path, draft_dir: Path) -> list[Result]:
     }
     for name, argv in tool_cases.items():
         results.append(one_line_case(name, argv, "non-finite weights"))
+    return results
+
+
+def explosions(assets: dict, root: Path) -> list[Result]:
+    """A finite loss multiplied by 8e11 after the guard's warm-up: stopped (or skipped and counted), never applied."""
+    results, step = [], REFERENCE_STEPS + 2
+    for allowed in (0, 1):
+        out = root / f"explode_{allowed}"
+        cfg = run_config(assets, out, max_steps=step + 2, max_skipped_steps=allowed, val_data_path=None)
+        recipe = TrainDSparkRecipe(cfg)
+        captured(recipe.setup)
+        poison(recipe, {step}, factor=8e11)
+        err, _ = captured(recipe.run_train_validation_loop)
+        finite = all(bool(torch.isfinite(p).all()) for p in recipe.draft.parameters())
+        if allowed:
+            ok = err is None and recipe.skipped_steps == 1 and finite
+            detail = f"skipped and counted ({recipe.skipped_steps}), run finished, weights finite={finite}"
+        else:
+            kept, _ = final_state(out, step - 1)
+            unapplied = all(torch.equal(kept[k], v) for k, v in recipe.draft.state_dict().items() if k in kept)
+            text = str(err)
+            ok = isinstance(err, RunStopped) and text.startswith(f"step {step}: loss ") and unapplied
+            ok = ok and "divergence_factor=100" in text and f"epoch_0_step_{step - 2}" in text
+            detail = f"{text[:150]}…"
+        results.append((f"loss x 8e11 at step {step}, max_skipped_steps={allowed}", ok, detail))
     return results
 
 
@@ -412,7 +490,7 @@ def bad_inputs(assets: dict, root: Path, draft_dir: Path) -> list[Result]:
 def build_assets(root: Path) -> dict:
     return {
         "target": build_target_dir(root / "target"),
-        "train": write_rows(root / "train.jsonl", 24),
+        "train": write_rows(root / "train.jsonl", TRAIN_ROWS),
         "val": write_rows(root / "val.jsonl", 24, seed=1),
     }
 
@@ -420,7 +498,7 @@ def build_assets(root: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kills", type=int, default=5, help="SIGKILLs of the training job (default: %(default)s)")
-    parser.add_argument("--nproc", type=int, default=1, help="training processes under torchrun (default: 1)")
+    parser.add_argument("--nproc", type=int, default=2, help="training processes under torchrun (default: 2, FSDP2)")
     parser.add_argument("--seed", type=int, default=0, help="kill timing seed")
     parser.add_argument("--workdir", default=None, help="keep the runs here (default: a temp folder)")
     args = parser.parse_args()
@@ -433,7 +511,10 @@ def main() -> None:
     reference = final_state(root / "reference")
     draft_dir = root / "reference" / "ckpt" / f"epoch_0_step_{STEPS}"
     classes = {
-        "kills": lambda: kills(assets, root, args.kills, args.nproc, args.seed),
+        "kills": lambda: [
+            *kills(assets, root, args.kills, args.nproc, args.seed),
+            kill_inside_save_draft(root, draft_dir),
+        ],
         "disk_full": lambda: disk_full(assets, root, reference),
         "torn_files": lambda: torn(assets, root, reference),
         "divergence": lambda: divergence(assets, root, draft_dir),

@@ -109,28 +109,30 @@ def validation_micro_batches(
 ) -> list[MicroBatch]:
     """This rank's validation micro-batches, batched like training (padded, packed or token budget).
 
-    Every mode evaluates the same documents on each rank: the padded layout's shard of the validation set
-    (`ResumableSampler`, epoch 0). Packed and token-budget plans keep every one of them (no short batch dropped).
-    Ranks run equally many micro-batches (a sharded forward is collective): a rank whose plan is shorter gets
-    document-less micro-batches (`filler_micro_batch`), which add nothing to the sums.
+    Every mode evaluates the same documents: those of the padded layout (`ResumableSampler`, epoch 0, over all
+    ranks). Packed and token-budget modes plan them once for all ranks, in the sampler's order and keeping every
+    document (no short batch dropped), and rank r takes every world_size-th micro-batch from r, as training does:
+    the same packs, so the same anchors, for any number of ranks. Ranks run equally many micro-batches (a sharded
+    forward is collective): a rank with one fewer runs a document-less `filler_micro_batch`, which adds nothing.
     """
+    world = info.world_size
     shards = [
-        ResumableSampler(len(dataset), seed=args.shuffle_seed, rank=r, world_size=info.world_size).indices()
-        for r in range(info.world_size)
+        ResumableSampler(len(dataset), seed=args.shuffle_seed, rank=r, world_size=world).indices() for r in range(world)
     ]
     options = plan_options(args)
     if options is None:
-        rows = shards[info.rank]
         return padded_micro_batches(
-            dataset, rows, micro_batch_size=args.micro_batch_size, seq_length=args.seq_length, pad_token_id=pad_token_id
+            dataset,
+            shards[info.rank],
+            micro_batch_size=args.micro_batch_size,
+            seq_length=args.seq_length,
+            pad_token_id=pad_token_id,
         )
-    lengths = dataset.lengths()
-    plans = [
-        rows_plan(rows, lengths, options, torch.Generator().manual_seed(args.shuffle_seed), drop_last=False)
-        for rows in shards
-    ]
-    batches = [plan_micro_batch(dataset, plan, args, pad_token_id) for plan in plans[info.rank]]
-    fillers = max(len(p) for p in plans) - len(batches)
+    rows = [shards[i % world][i // world] for i in range(len(shards[0]) * world)]  # the sampler's order
+    generator = torch.Generator().manual_seed(args.shuffle_seed)
+    plan = rows_plan(rows, dataset.lengths(), options, generator, drop_last=False)
+    batches = [plan_micro_batch(dataset, p, args, pad_token_id) for p in plan[info.rank :: world]]
+    fillers = -(-len(plan) // world) - len(batches)
     return batches + [filler_micro_batch(args, pad_token_id) for _ in range(fillers)]
 
 

@@ -6,7 +6,7 @@ A step is never applied (see `DSparkStep.train_step`) when `DivergenceGuard.verd
 - its loss (the step's global objective, `Σ numerators / Σ denominators` over every rank) is finite but above
   `recipe_args.divergence_factor` × the median loss of the last `REFERENCE_STEPS` applied steps. The rule applies
   once that many steps were applied (the warm-up), so the reference is never a single noisy step. A healthy run's
-  step loss stays within a few × its recent median (measured on the embedded default run: README "Reliability");
+  step loss stays within a few × its recent median (the embedded default run: at most 1.26×, README "Reliability");
   an exploding run's loss grows by orders of magnitude, so the default factor of 100 separates the two with
   room to spare. Only the loss is compared: with Adam the update size does not grow with the gradient norm, and
   clipping (`max_grad_norm`) already bounds it, so a large finite gradient norm alone is no sign of divergence.
@@ -91,12 +91,18 @@ class DivergenceGuard:
 
 def divergence_message(step: int, reason: str, skipped: int, allowed: int, last_good: Path | None) -> str:
     """The one line a diverged run ends with: which step and why, how many were skipped, where to resume from."""
-    where = f"the last good checkpoint is {last_good}" if last_good else "no good checkpoint was written yet"
     allowance = f" ({skipped} refused steps, recipe_args.max_skipped_steps={allowed})" if allowed else ""
+    if last_good:  # named in full: LATEST may be a newer checkpoint, written from the weights that diverged
+        where = f"the last good checkpoint is {last_good}. Lower optimizer.lr and resume with checkpoint.restore_from: "
+        where += str(last_good)
+    else:
+        where = (
+            "no good checkpoint was written yet. Lower optimizer.lr and start again (recipe_args.overwrite_output_dir: "
+            "true moves this run aside)"
+        )
     return (
-        f"step {step}: {reason}; the update was not applied and the run stopped{allowance}; {where}. Lower "
-        "optimizer.lr and resume with checkpoint.restore_from, or let the run skip such steps with "
-        "recipe_args.max_skipped_steps"
+        f"step {step}: {reason}; the update was not applied and the run stopped{allowance}; {where}, or let the run "
+        "skip such steps with recipe_args.max_skipped_steps"
     )
 
 

@@ -159,7 +159,8 @@ def test_second_non_finite_step_beyond_the_allowance_stops(tiny_assets, tmp_path
         if p.requires_grad:
             p.data.fill_(float("nan"))
             break
-    stop = r"step 2: non-finite .*\(2 refused steps, recipe_args.max_skipped_steps=1\); no good checkpoint"
+    stop = r"step 2: non-finite .*\(2 refused steps, recipe_args.max_skipped_steps=1\); no good checkpoint was written "
+    stop += r"yet. Lower optimizer.lr and start again \(recipe_args.overwrite_output_dir: true moves this run aside\)"
     with pytest.raises(RunStopped, match=stop):
         recipe.run_train_validation_loop()
 
@@ -199,13 +200,13 @@ def test_an_exploding_finite_loss_stops_the_run_naming_the_value_and_the_referen
     assert [r["step"] for r in records] == list(range(1, bad))
     reference = recipe.runner.guard.reference()
     assert reference == pytest.approx(statistics.median(r["loss"] for r in records[-REFERENCE_STEPS:]), rel=1e-5)
-    exploded = recipe.runner.last_loss
+    exploded, good = recipe.runner.last_loss, out / "ckpt" / f"epoch_0_step_{bad - 2}"
     assert exploded is not None and math.isfinite(exploded) and exploded > 1e10
     assert str(info.value) == (
         f"step {bad}: loss {exploded:.4g} is above recipe_args.divergence_factor=100 x {reference:.4g}, the median "
         f"loss of the last {REFERENCE_STEPS} applied steps; the update was not applied and the run stopped; the last "
-        f"good checkpoint is {out / 'ckpt' / f'epoch_0_step_{bad - 2}'}. Lower optimizer.lr and resume with "
-        "checkpoint.restore_from, or let the run skip such steps with recipe_args.max_skipped_steps"
+        f"good checkpoint is {good}. Lower optimizer.lr and resume with checkpoint.restore_from: {good}, or let the "
+        "run skip such steps with recipe_args.max_skipped_steps"
     )
     # the exploded step reached neither the weights nor a checkpoint; every earlier checkpoint is kept
     saved = ckpt_weights(out, bad - 1)

@@ -183,7 +183,13 @@ def test_batch_plans_resume_mid_epoch_exactly(tmp_path, tiny_assets, mode):
 
 
 def test_packed_two_ranks_equal_one_rank_with_accumulation(tmp_path, tiny_assets):
-    one = run(tmp_path, tiny_assets, "one", max_steps=2, grad_accumulation_steps=2, **PACKED)
-    two = run(tmp_path, tiny_assets, "two", nproc=2, max_steps=2, **PACKED)
+    """Training and validation (packed too, the same packs on any number of ranks) agree."""
+    val = dict(val_data_path=str(write_rows(tmp_path / "val.jsonl", 10, seed=7)), val_every_steps=1)
+    one = run(tmp_path, tiny_assets, "one", max_steps=2, grad_accumulation_steps=2, **PACKED, **val)
+    two = run(tmp_path, tiny_assets, "two", nproc=2, max_steps=2, **PACKED, **val)
     assert_same_weights(last_weights(two)[1], last_weights(one)[1])
-    assert_same_metrics(records(two), records(one))
+    train = lambda out: [r for r in records(out) if "loss" in r]  # noqa: E731
+    assert_same_metrics(train(two), train(one))
+    validation = lambda out: [r for r in records(out) if "val/loss" in r]  # noqa: E731
+    assert len(validation(one)) == 2
+    assert_same_metrics(validation(two), validation(one), keys=("val/loss", "val/tau", "val/l1_loss"))

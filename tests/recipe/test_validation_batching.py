@@ -64,13 +64,13 @@ def info(rank: int, world_size: int) -> D.DistInfo:
     return D.DistInfo(rank=rank, world_size=world_size, local_rank=rank, device=torch.device("cpu"))
 
 
-def step(mode: str) -> DSparkStep:
+def step(mode: str, num_anchors: int = SEQ) -> DSparkStep:
     target = tiny_model("qwen3", eos=2).float().eval()
     dspark = DSparkConfig(
         mask_token_id=63,
         draft_num_hidden_layers=1,
         block_size=BLOCK,
-        num_anchors=SEQ,  # ≥ every document's candidates: every layout anchors every candidate
+        num_anchors=num_anchors,  # SEQ ≥ every document's candidates: every layout anchors every candidate
         target_layer_ids=[0, 1],
         markov_rank=4,
         enable_confidence_head=True,
@@ -82,20 +82,35 @@ def step(mode: str) -> DSparkStep:
 
 
 @pytest.mark.parametrize("mode", ["packed", "token_budget"])
-def test_validation_batches_cover_the_padded_shard_with_equal_counts(mode):
+def test_validation_batches_cover_the_padded_documents_with_equal_counts(mode):
     docs, world = documents(), 2
-    counts = []
+    counts, real = [], []
     for rank in range(world):
         batches = batching.validation_micro_batches(docs, args(mode), info(rank, world), pad_token_id=0)
-        shard = ResumableSampler(len(docs), seed=3, rank=rank, world_size=world).indices()
-        real = [r for mb in batches for r in mb.indices if mb.loss_mask.any()]
-        assert sorted(real) == sorted(shard)  # every document of the padded layout's shard, once
+        real += [r for mb in batches for r in mb.indices if mb.loss_mask.any()]
         if mode == "packed":
             assert all(mb.input_ids.shape[1] == 24 and mb.spans is not None for mb in batches)
         else:
             assert all(mb.input_ids.shape[1] == max(LENGTHS[r] for r in mb.indices) for mb in batches if mb.indices)
         counts.append(len(batches))
+    shards = [ResumableSampler(len(docs), seed=3, rank=r, world_size=world).indices() for r in range(world)]
+    assert sorted(real) == sorted(shards[0] + shards[1])  # the padded layout's documents, each once
     assert counts[0] == counts[1]  # a sharded forward is collective: equal micro-batches on every rank
+
+
+def test_packed_validation_is_the_same_for_any_number_of_ranks():
+    docs = Docs(documents() + documents()[:1])  # 8 documents: 2 ranks drop none
+    runner = step("packed", num_anchors=3)  # a real sample of each row's candidates, not all of them
+    sums = []
+    for world in (1, 2):
+        per_rank = [
+            runner.eval_sums(batching.validation_micro_batches(docs, args("packed"), info(r, world), pad_token_id=0))
+            for r in range(world)
+        ]
+        sums.append({k: sum(s[k] for s in per_rank) for k in per_rank[0]})
+    assert sums[0]["weight"] > 0
+    for key in sums[0]:
+        torch.testing.assert_close(sums[1][key], sums[0][key], rtol=1e-6, atol=1e-6, msg=key)
 
 
 def test_a_filler_micro_batch_adds_nothing_to_the_sums():
