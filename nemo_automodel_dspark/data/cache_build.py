@@ -26,7 +26,7 @@ from nemo_automodel_dspark.data.chat import RowOptions, RowTokens, tokenize_row
 from nemo_automodel_dspark.data.fast_ids import IdContext, id_context, tokenize_id_lines
 from nemo_automodel_dspark.data.sources import RowError, open_rows, parse_line
 
-CHUNK_BYTES = 4 << 20  # JSONL bytes per chunk
+CHUNK_BYTES = 1 << 20  # JSONL bytes per chunk (a few hundred rows: enough chunks to keep every worker busy)
 CHUNK_ROWS = 1024  # rows per chunk of the other sources
 
 
