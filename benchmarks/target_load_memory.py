@@ -2,16 +2,17 @@
 
 Replicated (`shard_dense_target: false`): every rank runs `from_pretrained` and keeps the whole target. Sharded
 (`true`): every rank builds the target on the meta device and FSDP2-shards it; rank 0 alone reads the safetensors
-file and each rank receives only its shard. A random Qwen3 target (default ~267M parameters) is saved once in bf16
-and loaded in fp32 (the CPU compute dtype), so every loaded weight is private memory; each mode runs in fresh
-processes. Memory is the private resident set (`RssAnon`): the checkpoint's mmapped pages (`RssFile`) are page
-cache shared by all processes on the node and are reported apart.
+file, one tensor at a time, and each rank receives only its shard. A random Qwen3 target (default ~267M
+parameters) is saved once in bf16 and loaded in fp32 (the CPU compute dtype), so every loaded weight is private
+memory; each mode runs in fresh processes. Memory is the private resident set (`RssAnon`): the checkpoint's
+mmapped pages (`RssFile`) are page cache shared by all processes on the node and are reported apart.
 
     python benchmarks/target_load_memory.py                 # ~1 minute on 2 cores
     python benchmarks/target_load_memory.py --hidden 1024 --layers 16
 
 Private memory is read right after loading, after one forward (which touches every weight) and after
-`malloc_trim` (glibc keeps freed all-gather buffers); the peak is sampled every 2 ms. Ends with one JSON line:
+`malloc_trim` (glibc keeps freed all-gather buffers); peaks are sampled every 2 ms, while loading ("load peak")
+and over loading and the forward ("peak"). Ends with one JSON line:
 per mode and rank those figures, the parameter bytes held, and the sharded / replicated ratios.
 """
 
@@ -101,18 +102,21 @@ def _worker(rank: int, port: int, mode: str, path: str, out: str) -> None:
     else:
         model = load_target(path, dtype=torch.float32, device=info.device)
     D.barrier()
+    load_peak = sampler.stop()
     loaded = rss_mib() - before
+    sampler = PeakSampler()
     # one forward touches every weight (safetensors may map pages lazily until then)
     capture_target_features(model, torch.ones(1, 32, dtype=torch.long), None, [0])
     D.barrier()
-    peak = sampler.stop()
+    peak = max(sampler.stop(), load_peak)
     after_forward = rss_mib() - before
     ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand back what glibc keeps from freed gather buffers
     report = {
         "loaded_mib": loaded,
         "after_forward_mib": after_forward,
         "rss_growth_mib": rss_mib() - before,
-        "peak_rss_growth_mib": peak - before,
+        "load_peak_rss_growth_mib": load_peak - before,  # while loading only
+        "peak_rss_growth_mib": peak - before,  # loading and the forward (gloo all-gathers into host buffers)
         "param_mib": D.local_bytes(model) / MIB,
         "page_cache_mib": rss_mib("RssFile") - file_before,  # the mmapped checkpoint, shared between processes
     }
@@ -143,16 +147,22 @@ def main() -> None:
         "private memory (RssAnon) growth from just before loading: right after loading, after one forward, after "
         "malloc_trim; peak sampled every 2 ms"
     )
-    columns = ["mode", "rank", "loaded", "after fwd", "trimmed", "peak", "param MiB", "page cache"]
+    columns = ["mode", "rank", "loaded", "load peak", "after fwd", "trimmed", "peak", "param MiB", "page cache"]
     print("  ".join(f"{c:>10}" for c in columns))
     for mode, ranks in results.items():
         for rank, r in enumerate(ranks):
-            keys = ("loaded_mib", "after_forward_mib", "rss_growth_mib", "peak_rss_growth_mib")
+            keys = (
+                "loaded_mib",
+                "load_peak_rss_growth_mib",
+                "after_forward_mib",
+                "rss_growth_mib",
+                "peak_rss_growth_mib",
+            )
             cells = [mode, str(rank), *(f"{r[k]:.0f}M" for k in keys), f"{r['param_mib']:.1f}"]
             print("  ".join(f"{c:>10}" for c in [*cells, f"{r['page_cache_mib']:.0f}M"]))
     ratios = {
         f"{key}_ratio_rank{rank}": results["sharded"][rank][key] / max(results["replicated"][rank][key], 1e-9)
-        for key in ("loaded_mib", "rss_growth_mib", "peak_rss_growth_mib", "param_mib")
+        for key in ("loaded_mib", "load_peak_rss_growth_mib", "rss_growth_mib", "peak_rss_growth_mib", "param_mib")
         for rank in range(2)
     }
     for name, value in ratios.items():

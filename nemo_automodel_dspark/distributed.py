@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import cast
 
@@ -96,25 +97,25 @@ def shard_frozen_target(target: nn.Module, layers: nn.ModuleList, decoder: nn.Mo
         fully_shard(target, reshard_after_forward=True)
 
 
-def load_from_rank0(model: nn.Module, source: nn.Module | None, device: torch.device) -> None:
-    """Fill a sharded meta-device `model` from rank 0's full `source` (None elsewhere), one tensor at a time.
+def load_from_rank0(
+    model: nn.Module, read: Callable[[str], torch.Tensor] | None, device: torch.device, names: Iterable[str]
+) -> None:
+    """Fill a sharded meta-device `model`'s tensors `names` from rank 0, one tensor at a time.
 
-    Each tensor is broadcast whole and every rank keeps only its shard, so a rank holds its shards plus one full
-    tensor at most; non-persistent buffers (RoPE frequencies) come the same way. Only rank 0 holds a full copy.
+    `read(name)` gives rank 0 the whole tensor (None on the other ranks); it is broadcast and every rank keeps only
+    its shard, so a rank holds its shards plus one full tensor at most. `model` is allocated (`to_empty`) first.
     """
     model.to_empty(device=device)
-    full_state = source.state_dict() if source is not None else {}
-    own_buffers = dict(source.named_buffers()) if source is not None else {}
     targets = {**model.state_dict(), **dict(model.named_buffers())}
-    with torch.no_grad():
-        for name, tensor in targets.items():
-            if source is not None:
-                full = (full_state[name] if name in full_state else own_buffers[name]).to(device, tensor.dtype)
-            else:
-                full = torch.empty(tensor.shape, dtype=tensor.dtype, device=device)
-            dist.broadcast(full, src=0)
-            copy_full_into(tensor, full)
-            del full
+    for name in names:
+        tensor = targets[name]
+        if read is not None:
+            full = read(name).to(device, tensor.dtype)
+        else:
+            full = torch.empty(tensor.shape, dtype=tensor.dtype, device=device)
+        dist.broadcast(full, src=0)
+        copy_full_into(tensor, full)
+        del full
 
 
 def copy_full_into(tensor: torch.Tensor, full: torch.Tensor) -> None:

@@ -179,7 +179,9 @@ class TrainDSparkRecipe(BaseRecipe):
             )
         source = args.target_model_name_or_path
         if self.plan.target_sharded:
-            model = load_sharded_target(source, dtype=dtype, info=self.info, trust_remote_code=args.trust_remote_code)
+            model = load_sharded_target(
+                source, dtype=dtype, info=self.info, trust_remote_code=args.trust_remote_code, log=self._log
+            )
         else:
             model = load_target(source, dtype=dtype, device=self.info.device, trust_remote_code=args.trust_remote_code)
         self.frozen = FrozenTarget(model)

@@ -140,9 +140,9 @@ class ArrowRows:
         import pyarrow as pa
 
         batches = list(pa.ipc.open_stream(pa.memory_map(str(path))))  # zero-copy views of the mapped file
-        self._ids = [b.column(0).values.to_numpy() for b in batches]  # per batch: [T_b] int32
-        self._mask = [b.column(1).values.to_numpy() for b in batches]  # per batch: [T_b] int8
-        self._offsets = [b.column(0).offsets.to_numpy() for b in batches]  # per batch: [rows_b + 1]
+        self._ids = [_view(b.column(0).values, np.int32) for b in batches]  # per batch: [T_b]
+        self._mask = [_view(b.column(1).values, np.int8) for b in batches]  # per batch: [T_b]
+        self._offsets = [_view(b.column(0).offsets, np.int32) for b in batches]  # per batch: [rows_b + 1]
         self._first = np.cumsum([0] + [b.num_rows for b in batches])  # [batches + 1] first row of each batch
 
     def __len__(self) -> int:
@@ -159,6 +159,12 @@ class ArrowRows:
 
     def lengths(self) -> list[int]:
         return np.concatenate([np.diff(o) for o in self._offsets] or [np.zeros(0, np.int64)]).tolist()
+
+
+def _view(array: Any, dtype: type) -> np.ndarray:
+    """A numpy view of a null-free Arrow array's values (`to_numpy` would import pandas: seconds, cold)."""
+    size = np.dtype(dtype).itemsize
+    return np.frombuffer(array.buffers()[1], dtype, len(array), array.offset * size)
 
 
 def open_cache(

@@ -16,7 +16,7 @@ import os
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from itertools import islice
+from itertools import chain, islice
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from nemo_automodel_dspark.data.chat import RowOptions, RowTokens, tokenize_row
 from nemo_automodel_dspark.data.fast_ids import IdContext, id_context, tokenize_id_lines
 from nemo_automodel_dspark.data.sources import RowError, open_rows, parse_line
 
-CHUNK_BYTES = 4 << 20  # JSONL bytes per chunk
+CHUNK_BYTES = 1 << 20  # JSONL bytes per chunk (a few hundred rows: enough chunks to keep every worker busy)
 CHUNK_ROWS = 1024  # rows per chunk of the other sources
 
 
@@ -131,18 +131,26 @@ def _in_worker(task: tuple[Callable[[_State, Any], Chunk], Any]) -> Chunk:
 
 
 def _ordered(state: _State, fn: Callable[[_State, Any], Chunk], items: Iterator[Any], num_proc: int) -> Iterator[Chunk]:
-    """fn over the items, results in order; num_proc > 1: forked workers, at most 2 chunks each in flight."""
-    if num_proc <= 1:
-        yield from (fn(state, item) for item in items)
+    """fn over the items, results in order; num_proc > 1 and more than one item: forked workers, at most two
+    items each in flight."""
+    first = list(islice(items, 2))
+    if num_proc <= 1 or len(first) < 2:
+        yield from (fn(state, item) for item in chain(first, items))
         return
-    with multiprocessing.get_context("fork").Pool(num_proc, _init_worker, (state,)) as pool:
+    pool = multiprocessing.get_context("fork").Pool(num_proc, _init_worker, (state,))
+    try:
         pending: deque = deque()
-        for item in items:
+        for item in chain(first, items):
             pending.append(pool.apply_async(_in_worker, ((fn, item),)))
             if len(pending) >= 2 * num_proc:
                 yield pending.popleft().get()
         while pending:
             yield pending.popleft().get()
+    except BaseException:  # an error in a chunk, or the caller stopped early
+        pool.terminate()
+        raise
+    pool.close()
+    pool.join()
 
 
 def build_rows(

@@ -5,12 +5,12 @@
 counts are the per-row loop's by construction, and only the clean rows (nearly all of a regenerated dataset) are
 fast:
 
-* **Reading.** Each key must occur once in the raw line, its value a `[...]` of digits, commas and blanks. Both
-  lists are cut out and replaced by a random sentinel string; the rest of the line is parsed by `json.loads` and
-  checked by `normalize_messages`, exactly as the loop reads it. The sentinel comes back as the top-level value of
-  both keys only if the cut lists were those values.
-* **Ids.** The lists of a block of rows are parsed by one numpy call and checked together: JSON integers only (the
-  digit count of the parsed values proves there was no leading zero and no misread number), ids in [0, vocab), no
+* **Reading.** The value after each key's last occurrence in the raw line must be a `[...]` of digits and commas
+  (a blank after a comma allowed, as `json.dumps` writes). Both lists are cut out and replaced by a random sentinel
+  string; the rest of the line is parsed by `json.loads` and checked by `normalize_messages`, exactly as the loop
+  reads it. The sentinel comes back as the top-level value of both keys only if the cut lists were those values.
+* **Ids.** The lists of a block of rows are parsed by one numpy call and checked together: JSON integers only (each
+  field's digits against its parsed value: no leading zero, no overflow), ids in [0, vocab), no
   end/pad token before the last one, no mask token in the response, a prompt shorter than seq_length, and no
   <think>/</think> token under mask_reasoning_content (those rows take the reference path).
 * **Decoding.** The response must decode to the final assistant message (as the reference checks): by a byte table
@@ -44,8 +44,6 @@ from nemo_automodel_dspark.data.sources import TOKEN_ID_KEYS, RowError, normaliz
 
 _KEYS = tuple(f'"{key}"'.encode() for key in TOKEN_ID_KEYS)
 _LIST_OPEN = re.compile(rb"[ \t\r]*:[ \t\r]*\[")  # after a key: the colon and the list's bracket (JSON blanks)
-_LIST_CHARS = b"0123456789, \t\r"
-_MAX_ID = 10**17  # larger than any vocabulary; a value above it is rejected by the vocabulary check anyway
 
 
 @dataclass(frozen=True)
@@ -90,8 +88,9 @@ def tokenize_id_lines(lines: list[bytes], ctx: IdContext) -> list[RowTokens | No
     """Each JSONL line's tokens when the fast path proves them equal to `tokenize_row`'s, else None."""
     out: list[RowTokens | None] = [None] * len(lines)
     rows, regions, contents = [], [], []
+    marker = json.dumps(ctx.sentinel).encode()
     for i, line in enumerate(lines):
-        parsed = _read(line, ctx.sentinel)
+        parsed = _read(line, marker, ctx.sentinel)
         if parsed is not None:
             rows.append(i)
             regions += parsed[1]
@@ -114,15 +113,16 @@ def tokenize_id_lines(lines: list[bytes], ctx: IdContext) -> list[RowTokens | No
     return out
 
 
-def _read(line: bytes, sentinel: str) -> tuple[str, list[bytes]] | None:
+def _read(line: bytes, marker: bytes, sentinel: str) -> tuple[str, list[bytes]] | None:
     """(final assistant content, [prompt list text, response list text]) of a line the loop would read as a
-    token-id row whose messages are valid; None for anything else (the reference decides)."""
+    token-id row whose messages are valid; None for anything else (the reference decides).
+
+    The last occurrence of each key is cut (Python keeps a repeated key's last value); if it was not the row's own
+    key, the row's value is not the sentinel."""
     spans = []
     for key in _KEYS:
-        at = line.find(key)
-        if at < 0 or line.find(key, at + 1) >= 0:
-            return None
-        opened = _LIST_OPEN.match(line, at + len(key))
+        at = line.rfind(key)
+        opened = _LIST_OPEN.match(line, at + len(key)) if at >= 0 else None
         close = line.find(b"]", opened.end()) if opened else -1
         if opened is None or close < 0:
             return None
@@ -130,13 +130,11 @@ def _read(line: bytes, sentinel: str) -> tuple[str, list[bytes]] | None:
     (a0, a1), (b0, b1) = sorted(spans)
     if a1 > b0:
         return None
-    marker = json.dumps(sentinel).encode()
-    rest = line[:a0] + marker + line[a1:b0] + marker + line[b1:]
     try:
-        row = json.loads(rest)
+        row = json.loads(b"".join((line[:a0], marker, line[a1:b0], marker, line[b1:])))
     except ValueError:
         return None
-    if not isinstance(row, dict) or any(row.get(key) != sentinel for key in TOKEN_ID_KEYS):
+    if not isinstance(row, dict) or row.get(TOKEN_ID_KEYS[0]) != sentinel or row.get(TOKEN_ID_KEYS[1]) != sentinel:
         return None
     try:
         messages = normalize_messages(row)
@@ -148,22 +146,26 @@ def _read(line: bytes, sentinel: str) -> tuple[str, list[bytes]] | None:
 
 
 def _parse_lists(regions: list[bytes]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(values [sum counts] int64, counts [R], ok [R] bool) of the list texts; a list that is not JSON integers is
-    not ok (count 0). Parsed in one call when all are clean, else halved until the bad ones are alone."""
+    """(values [sum counts] int64, counts [R], ok [R] bool) of the list texts; a list that is not JSON integers
+    (one blank allowed after a comma) is not ok (count 0). Parsed in one call when all are clean, else halved until
+    the bad ones are alone."""
     joined = b",".join(regions)
-    if all(regions) and not joined.translate(None, _LIST_CHARS):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                values = np.fromstring(joined, dtype=np.int64, sep=",")  # type: ignore[call-overload]
-            except ValueError:
-                values = np.zeros(0, np.int64)
-        commas = np.flatnonzero(np.frombuffer(joined, np.uint8) == ord(","))  # [values - 1] where they are
-        digits = len(joined.translate(None, b", \t\r"))
-        if len(values) == len(commas) + 1 and _num_digits(values) == digits:
-            ends = np.cumsum([len(r) + 1 for r in regions])  # [R] one past each list's text (its separator)
-            counts = np.diff(np.searchsorted(commas, ends - 1), prepend=-1)  # its commas + the separator before it
-            return values, counts.astype(np.int64), np.ones(len(regions), bool)
+    if all(regions) and not joined.translate(None, b"0123456789, "):
+        text = np.frombuffer(joined, np.uint8)
+        comma, blank = text == ord(","), text == ord(" ")
+        if not blank[0] and not (blank[1:] > comma[:-1]).any():  # a blank only right after a comma
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                try:
+                    values = np.fromstring(joined, dtype=np.int64, sep=",")  # type: ignore[call-overload]
+                except ValueError:
+                    values = np.zeros(0, np.int64)
+            starts = np.cumsum([0] + [len(r) + 1 for r in regions[:-1]])  # [R] where each list's text begins
+            counts = np.add.reduceat(comma, starts, dtype=np.int64) + 1  # its commas, and its separator's
+            counts[:-1] -= 1
+            digits = len(joined) - int(counts.sum()) + 1 - int(np.count_nonzero(blank))  # digit characters
+            if len(values) == counts.sum() and _num_digits(values) == digits:
+                return values, counts, np.ones(len(regions), bool)
     if len(regions) == 1:
         return np.zeros(0, np.int64), np.zeros(1, np.int64), np.zeros(1, bool)
     half = len(regions) // 2
@@ -172,9 +174,11 @@ def _parse_lists(regions: list[bytes]) -> tuple[np.ndarray, np.ndarray, np.ndarr
 
 
 def _num_digits(values: np.ndarray) -> int:
-    """Decimal digits of all values >= 0 together: fewer than their text had means a leading zero or an overflow."""
+    """Decimal digits of all values (>= 0) together. Each field's value has at most the digits of its text, as
+    many only without a leading zero and when read exactly (more than 18 digits saturate, far above any vocabulary),
+    so equal totals prove every field a plain JSON integer."""
     total, power = len(values), 10
-    while power <= _MAX_ID and (wider := int(np.count_nonzero(values >= power))):
+    while power < 10**18 and (wider := int(np.count_nonzero(values >= power))):
         total, power = total + wider, power * 10
     return total
 

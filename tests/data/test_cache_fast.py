@@ -52,12 +52,14 @@ def _rows(tokenizer) -> list[str]:
     return [
         _line(messages, p, r),
         _line(messages, compact(prompt), compact(ok_response), first="response_ids"),
-        _line(messages, "[ " + p[1:-1].replace(", ", " ,\t") + " ]", r),  # JSON blanks inside the lists
+        _line(messages, "[ " + p[1:-1].replace(", ", " ,\t") + " ]", r),  # other JSON blanks: the reference's
         _line(_parts(tokenizer, accents)[0], p, json.dumps(accents)),
         _line(_parts(tokenizer, accents)[0], p, json.dumps(accents), ascii=False),  # UTF-8 in the line
         _line(_parts(tokenizer, split_char)[0], p, json.dumps(split_char)),
         _line(_parts(tokenizer, long_answer)[0], p, json.dumps(long_answer)),  # truncated to SEQ
         _line(messages, "[0" + p[1:], r),  # a leading zero: invalid JSON
+        _line(messages, p[:-1] + ", 007]", r),
+        _line(messages, "[0, 0, " + p[1:], r),  # the id 0, twice: used
         _line(messages, p[:-1] + ", 1.0]", r),  # a float id
         _line(messages, p[:-1] + ", -1]", r),
         _line(messages, "[true, " + p[1:], r),  # a bool is an int to the loop: used
@@ -115,12 +117,12 @@ def test_every_edge_case_ends_as_in_the_loop(tmp_path, tokenizer, monkeypatch, n
         path, tokenizer, SEQ, mask_token_id=mask_id, cache_dir=str(tmp_path / "c"), num_proc=num_proc
     )
     _same(cached, loop)
-    assert loop.num_token_ids == 16 and loop.num_truncated == 1 and len(loop) == 17
-    assert sum(loop.skipped.values()) == 19 and len(loop.skipped) == 11
+    assert loop.num_token_ids == 17 and loop.num_truncated == 1 and len(loop) == 18
+    assert sum(loop.skipped.values()) == 20 and len(loop.skipped) == 11
 
 
 def test_clean_token_id_rows_never_reach_the_per_row_function(tmp_path, tokenizer, monkeypatch):
-    rows = _rows(tokenizer)[:6]
+    rows = [row for i, row in enumerate(_rows(tokenizer)[:7]) if i != 2]  # not the one with tabs in its lists
     path = _write(tmp_path, rows * 3, invalid_utf8=False)
     reference = []
     monkeypatch.setattr(cache_build, "tokenize_row", lambda *a: reference.append(a) or pytest.fail("per-row path"))

@@ -41,7 +41,11 @@ def _worker(rank: int, world: int, port: int, dirs: dict[str, str], out: str) ->
     report = {}
     for family, path in dirs.items():
         replicated = load_target(path, dtype=torch.float32, device=info.device)
-        sharded = load_sharded_target(path, dtype=torch.float32, info=info)
+        said: list[str] = []
+        sharded = load_sharded_target(path, dtype=torch.float32, info=info, log=said.append)
+        whole = {**replicated.state_dict(), **dict(replicated.named_buffers())}
+        gathered = {**sharded.state_dict(), **dict(sharded.named_buffers())}
+        unequal = [k for k in whole if not torch.equal(whole[k], D.full_tensor(gathered[k]))]
         ids = torch.randint(4, 60, (2, 16), generator=torch.Generator().manual_seed(rank))
         mask = torch.ones_like(ids)
         mask[1, 12:] = 0  # a padded row too
@@ -53,9 +57,22 @@ def _worker(rank: int, world: int, port: int, dirs: dict[str, str], out: str) ->
             "replicated_bytes": D.local_bytes(replicated),
             "sharded_bytes": D.local_bytes(sharded),
             "frozen": not any(p.requires_grad for p in sharded.parameters()),
+            "same_names": sorted(whole) == sorted(gathered),
+            "unequal": unequal,
+            "fallback_said": said,
         }
     Path(out, f"rank{rank}.json").write_text(json.dumps(report))
     D.destroy()
+
+
+def _bin_checkpoint(folder: Path) -> Path:
+    """The same target saved as `pytorch_model.bin` (transformers loads it; the streaming reader does not)."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    torch.save(state, folder / "pytorch_model.bin")
+    return folder
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -79,11 +96,21 @@ def test_meta_skeleton_has_the_dtypes_from_pretrained_gives(tmp_path, dtype):
 
 @pytest.mark.slow  # two processes, three families
 def test_sharded_capture_equals_replicated_with_half_the_bytes(tmp_path):
+    """Every tensor and buffer, gathered, equals the replicated target's: streamed from the safetensors files for
+    each family (Qwen3-MoE's per-expert tensors fused, Gemma4's tied lm_head), and through rank 0's
+    `from_pretrained` for a checkpoint the reader cannot stream (a `pytorch_model.bin`), which is said on rank 0."""
     dirs = {f: str(build_target_dir(tmp_path / f, family=f)) for f in FAMILIES}
+    dirs["qwen3_bin"] = str(_bin_checkpoint(build_target_dir(tmp_path / "qwen3_bin", family="qwen3")))
     mp.spawn(_worker, args=(2, _free_port(), dirs, str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
         report = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert set(report) == {*FAMILIES, "qwen3_bin"}
         for family, r in report.items():
             assert r["features_equal"] and r["last_hidden_equal"], (rank, family)
+            assert r["same_names"] and r["unequal"] == [], (rank, family, r["unequal"])
             assert r["frozen"], family
+            fallback = family == "qwen3_bin" and rank == 0
+            assert [line.split(" (")[0] for line in r["fallback_said"]] == (
+                ["target weights: not streamed"] if fallback else []
+            ), (rank, family)
             assert r["sharded_bytes"] / r["replicated_bytes"] == pytest.approx(0.5, abs=0.05), (rank, family)
