@@ -7,8 +7,11 @@ files (metrics line, weights, optimizer state, trainer state) and a kill inside 
 an exploding finite loss injected into a step, an absurd learning rate, a NaN draft given to the tools); bad inputs
 to training and to the tools (each one line, no traceback). The kills hit a 2-process FSDP2 run, as in the issue.
 
-    python benchmarks/reliability.py              # ~10 min on 2 busy CPU cores
+    python benchmarks/reliability.py              # ~5 min on 2 busy CPU cores
     python benchmarks/reliability.py --kills 20 --nproc 1
+
+A real full disk as well (not a simulated ENOSPC): give a folder on a small filesystem, e.g. as root
+`mkdir -p /tmp/small && mount -t tmpfs -o size=4M tmpfs /tmp/small`, then `--small-fs /tmp/small`.
 
 Prints one line per case and ends with one JSON line: per class, cases tried and cases handled.
 """
@@ -278,6 +281,48 @@ def disk_full(assets: dict, root: Path, reference: tuple[dict, dict]) -> list[Re
     return results
 
 
+def fill(folder: Path, room: int) -> Path:
+    """A filler file that leaves about `room` bytes free on `folder`'s filesystem (removed to "free space")."""
+    stats = os.statvfs(folder)
+    free = stats.f_bavail * stats.f_frsize
+    filler = folder / "filler"
+    with open(filler, "wb") as f:
+        os.posix_fallocate(f.fileno(), 0, max(free - room, 0) // 4096 * 4096)
+    return filler
+
+
+def real_disk_full(assets: dict, small_fs: Path, reference_dir: Path) -> list[Result]:
+    """A real ENOSPC on a small filesystem: in a checkpoint write (room for about 2.5 checkpoints) and in a metrics
+    append (checkpoints off, one page of room). One line, nothing half-written; after the filler is deleted the run
+    resumes (to the uninterrupted run's weights and optimizer state, or, without checkpoints, from the start)."""
+    folder, reference = step_folder(reference_dir, STEPS), final_state(reference_dir)
+    assert folder is not None
+    checkpoint_bytes = sum(p.stat().st_size for p in folder.iterdir())
+    results = []
+    for what, room, enabled in (("checkpoint", int(2.5 * checkpoint_bytes), True), ("metrics", 4096, False)):
+        out = small_fs / f"real_full_{what}"
+        shutil.rmtree(out, ignore_errors=True)
+        cfg = run_config(assets, out)
+        cfg["checkpoint"]["enabled"] = enabled
+        filler = fill(small_fs, room)
+        try:
+            err, _ = captured(lambda cfg=cfg: train(cfg))
+        finally:
+            filler.unlink()
+        one_line = isinstance(err, RunStopped) and str(err).startswith("no space left on device writing ")
+        records = (out / "dspark_train_metrics.jsonl").read_bytes()
+        whole = records.endswith(b"\n") and all(json.loads(line) for line in records.splitlines())
+        clean = not leftover_temps(out) and not leftover_temps(out / "ckpt")
+        captured(lambda cfg=cfg: train(resume(cfg)))
+        logged = [json.loads(line)["step"] for line in (out / "dspark_train_metrics.jsonl").read_text().splitlines()]
+        finished = logged[-1] == STEPS and (not enabled or identical(final_state(out), reference))
+        ok = one_line and whole and clean and finished
+        detail = f"{str(err)[:80]}…; whole records={whole}; resumed to step {logged[-1]}, same state={finished}"
+        results.append((f"real full disk in a {what} write", ok, detail))
+        shutil.rmtree(out, ignore_errors=True)
+    return results
+
+
 # ------------------------------------------------------------------------------------------------------- torn files
 def torn(assets: dict, root: Path, reference: tuple[dict, dict]) -> list[Result]:
     base = root / "torn_base"
@@ -501,6 +546,7 @@ def main() -> None:
     parser.add_argument("--nproc", type=int, default=2, help="training processes under torchrun (default: 2, FSDP2)")
     parser.add_argument("--seed", type=int, default=0, help="kill timing seed")
     parser.add_argument("--workdir", default=None, help="keep the runs here (default: a temp folder)")
+    parser.add_argument("--small-fs", default=None, help="a folder on a small filesystem: also a real full disk")
     args = parser.parse_args()
     torch.set_num_threads(1)
     root = Path(args.workdir or tempfile.mkdtemp(prefix="dspark_reliability_"))
@@ -515,7 +561,10 @@ def main() -> None:
             *kills(assets, root, args.kills, args.nproc, args.seed),
             kill_inside_save_draft(root, draft_dir),
         ],
-        "disk_full": lambda: disk_full(assets, root, reference),
+        "disk_full": lambda: [
+            *disk_full(assets, root, reference),
+            *(real_disk_full(assets, Path(args.small_fs), root / "reference") if args.small_fs else []),
+        ],
         "torn_files": lambda: torn(assets, root, reference),
         "divergence": lambda: divergence(assets, root, draft_dir),
         "bad_inputs": lambda: bad_inputs(assets, root, draft_dir),

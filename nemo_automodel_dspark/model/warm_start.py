@@ -13,7 +13,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from nemo_automodel_dspark import distributed as D
+import nemo_automodel_dspark.distributed as D
 
 SHARED_WITH_TARGET = ("embed_tokens.weight", "lm_head.weight")
 

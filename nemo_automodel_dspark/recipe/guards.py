@@ -115,11 +115,20 @@ def refuse_non_finite_weights(state: dict[str, torch.Tensor], what: str) -> None
 
 
 def is_disk_full(err: BaseException) -> bool:
-    """Whether a write failed for lack of space (Python's OSError, or a native writer's message)."""
-    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    text = str(err)
-    return "No space left on device" in text or "os error 28" in text or "Disk quota exceeded" in text
+    """Whether a write failed for lack of space: Python's OSError, a native writer's message, or an error raised
+    while handling one (`torch.save` to a full disk ends in `RuntimeError: [enforce fail ...] unexpected pos`,
+    raised during the ENOSPC of the file's write)."""
+    seen: set[int] = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(cause)
+        if "No space left on device" in text or "os error 28" in text or "Disk quota exceeded" in text:
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 def disk_full_message(path: Path, last_complete: Path | None) -> str:

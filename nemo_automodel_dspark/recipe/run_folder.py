@@ -24,12 +24,13 @@ from nemo_automodel_dspark.recipe.guards import disk_full_message, is_disk_full
 from nemo_automodel_dspark.recipe.metrics import METRICS_FILE, MetricsWriter
 
 
-def held_run(output_dir: Path, ckpt_root: Path) -> str | None:
-    """What shows that a run already wrote here (None for a fresh or empty folder)."""
+def held_run(output_dir: Path, ckpt_root: Path | None) -> str | None:
+    """What shows that a run already wrote here (None for a fresh or empty folder); `ckpt_root` None: a run that
+    writes no checkpoints, which neither claims nor moves a checkpoint folder."""
     metrics = output_dir / METRICS_FILE
     if metrics.exists() and metrics.stat().st_size > 0:
         return f"{output_dir} holds the metrics of a run ({METRICS_FILE})"
-    found = checkpoints(ckpt_root)
+    found = checkpoints(ckpt_root) if ckpt_root is not None else []
     if found:
         return f"{ckpt_root} holds {len(found)} checkpoint(s) of a run (latest {found[-1].name})"
     return None
@@ -45,7 +46,7 @@ def _aside(folder: Path, stamp: str) -> Path:
     return target
 
 
-def claim(output_dir: Path, ckpt_root: Path, *, overwrite: bool, is_main: bool) -> list[tuple[Path, Path]]:
+def claim(output_dir: Path, ckpt_root: Path | None, *, overwrite: bool, is_main: bool) -> list[tuple[Path, Path]]:
     """Refuse a new run into a folder holding one, or (overwrite, rank 0) move the old run aside; returns the moves."""
     held = held_run(output_dir, ckpt_root)
     if held is None:
@@ -60,7 +61,7 @@ def claim(output_dir: Path, ckpt_root: Path, *, overwrite: bool, is_main: bool) 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     moves = []
     for folder in (output_dir, ckpt_root):  # a checkpoint_dir inside output_dir has moved with it
-        if folder.exists():
+        if folder is not None and folder.exists():
             moves.append((folder, _aside(folder, stamp)))
     return moves
 
@@ -88,7 +89,7 @@ class RunFiles:
     def claim(self, overwrite: bool) -> None:
         """Before anything is written: refuse a folder holding another run, or move that run aside (rank 0)."""
         if self.checkpoint.restore_from is None:
-            for old, new in claim(self.output_dir, self.ckpt_root, overwrite=overwrite, is_main=self.is_main):
+            for old, new in claim(self.output_dir, self._own_ckpt_root(), overwrite=overwrite, is_main=self.is_main):
                 self.log(f"recipe_args.overwrite_output_dir: moved the previous run {old} aside to {new}")
 
     def open(self) -> None:
@@ -96,9 +97,13 @@ class RunFiles:
         a draft save or a metrics rewrite) are removed from the run's folders (`io.leftover_temps`)."""
         self.metrics = MetricsWriter(str(self.output_dir), enabled=self.is_main)
         if self.is_main:
-            for folder in dict.fromkeys((self.output_dir, self.ckpt_root)):  # the same folder once
-                for leftover in remove_leftover_temps(folder):
+            for folder in dict.fromkeys((self.output_dir, self._own_ckpt_root())):  # the same folder once
+                for leftover in remove_leftover_temps(folder) if folder is not None else []:
                     self.log(f"removed {leftover}, left by a write that never finished")
+
+    def _own_ckpt_root(self) -> Path | None:
+        """The checkpoint folder this run writes, None when checkpoints are off (it is then another run's to keep)."""
+        return self.ckpt_root if self.checkpoint.enabled else None
 
     def last_good(self, before: int | None = None) -> Path | None:
         """The newest checkpoint (of a step < `before`, when given): where a stopped run can resume from."""

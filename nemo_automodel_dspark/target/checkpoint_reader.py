@@ -11,6 +11,7 @@ reading one tensor copies only that tensor into private memory.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 from collections.abc import Callable
@@ -23,13 +24,22 @@ Source = Callable[[], Tensor]  # produces one model tensor, whole, on the host
 _FUSED_EXPERTS = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<name>gate_up_proj|down_proj)$")
 
 
+def checkpoint_files(folder: Path) -> list[Path]:
+    """The weight files: those `model.safetensors.index.json` names when there is one (as transformers reads them,
+    ignoring stray copies such as `consolidated.safetensors`), else every `*.safetensors` file of the folder."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return [folder / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    return sorted(folder.glob("*.safetensors"))
+
+
 class CheckpointReader:
     """The tensors of a folder's `*.safetensors` files (single file or shards), by name, opened lazily."""
 
     def __init__(self, folder: str | os.PathLike) -> None:
         from safetensors import safe_open
 
-        self.files = sorted(Path(folder).glob("*.safetensors"))
+        self.files = checkpoint_files(Path(folder))
         self._stack = contextlib.ExitStack()
         self._where: dict[str, object] = {}
         self.shapes: dict[str, list[int]] = {}

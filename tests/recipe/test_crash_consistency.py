@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from nemo_automodel_dspark.errors import ToolError
 from nemo_automodel_dspark.recipe import checkpoint as ckpt
 from nemo_automodel_dspark.recipe import metrics as metrics_module
-from nemo_automodel_dspark.recipe.guards import RunStopped
+from nemo_automodel_dspark.recipe.guards import RunStopped, is_disk_full
 from nemo_automodel_dspark.train_dspark import TrainDSparkRecipe
 
 DISK_FULL = OSError(errno.ENOSPC, "No space left on device")
@@ -112,6 +112,45 @@ def test_full_disk_during_a_checkpoint_is_one_line_and_the_run_resumes(copy, two
     # the divergence guard's reference (recent losses) is restored exactly: resumed == uninterrupted, bit for bit
     states = [ckpt.load_trainer_state(run / "ckpt" / "epoch_0_step_3") for run in (out, two_steps[1])]
     assert states[0]["divergence"] == states[1]["divergence"] and len(states[0]["divergence"]["recent"]) == 3
+
+
+class FillingFile:
+    """A file whose disk fills after `room` bytes: the write that crosses it raises ENOSPC, as on a real full disk."""
+
+    def __init__(self, f, room: int) -> None:
+        self.f, self.room = f, room
+
+    def write(self, data) -> int:
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= len(data)
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+def test_torch_save_into_a_full_disk_is_recognised_through_its_runtime_error(tmp_path):
+    with open(tmp_path / "optimizer.pt", "wb") as f, pytest.raises(RuntimeError) as info:
+        torch.save({"exp_avg": torch.zeros(10_000)}, FillingFile(f, room=100))
+    assert "No space left" not in str(info.value)  # torch's own message names no cause
+    assert is_disk_full(info.value) and not is_disk_full(RuntimeError("unexpected pos 15168 vs 15120"))
+
+
+def test_real_torch_save_failing_on_a_full_disk_is_one_line(copy, monkeypatch):
+    out = Path(copy["recipe_args"]["output_dir"])
+    shutil.rmtree(out / "ckpt" / "epoch_0_step_2")
+    write_synced = ckpt._write_synced
+    monkeypatch.setattr(
+        ckpt, "_write_synced", lambda path, write: write_synced(path, lambda f: write(FillingFile(f, 64)))
+    )
+    recipe = TrainDSparkRecipe(resume(copy, max_steps=3))
+    recipe.setup()
+    with pytest.raises(
+        RunStopped, match=r"^no space left on device writing .*epoch_0_step_2; the last complete checkpoint"
+    ):
+        recipe.run_train_validation_loop()
+    assert sorted(p.name for p in (out / "ckpt").iterdir()) == ["epoch_0_step_1"]  # no temp folder left behind
 
 
 def test_full_disk_during_a_metrics_append_rolls_the_line_back(copy, monkeypatch):

@@ -57,6 +57,16 @@ def test_checkpoint_dir_holding_a_run_is_refused(finished, tiny_assets, tmp_path
         TrainDSparkRecipe(other).setup()
 
 
+def test_a_run_without_checkpoints_neither_claims_nor_moves_a_checkpoint_dir(finished, tiny_assets, tmp_path):
+    cfg, out = finished
+    before = snapshot(out / "ckpt")
+    other = base_config(tiny_assets, tmp_path / "fresh", max_steps=1, overwrite_output_dir=True)
+    other["checkpoint"] = {**cfg["checkpoint"], "enabled": False}  # still naming the finished run's checkpoint_dir
+    train(other)
+    assert snapshot(out / "ckpt") == before and not list(tmp_path.glob("run/ckpt.previous-*"))
+    assert (tmp_path / "fresh" / "dspark_train_metrics.jsonl").exists()
+
+
 def test_overwrite_moves_the_old_run_aside(finished):
     cfg, out = finished
     before = snapshot(out)

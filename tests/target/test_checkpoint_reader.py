@@ -59,3 +59,19 @@ def test_an_unknown_layout_is_named(tmp_path):
     skeleton = target_skeleton(AutoConfig.from_pretrained(folder), torch.float32)
     reason = plan_sources(skeleton, CheckpointReader(folder))
     assert reason == "the checkpoint has no tensor (or none of the model's shape) for model.norm.weight"
+
+
+def test_an_index_names_the_files(tmp_path):
+    """Sharded files with an index: only the files it names are read, a stray copy beside them is ignored."""
+    folder = build_target_dir(tmp_path / "t")
+    loaded = load_target(str(folder), dtype=torch.float32, device=torch.device("cpu"))
+    (folder / "model.safetensors").unlink()
+    loaded.save_pretrained(folder, max_shard_size="100KB")
+    assert (folder / "model.safetensors.index.json").is_file()
+    save_file({"model.norm.weight": torch.zeros(loaded.config.hidden_size)}, str(folder / "consolidated.safetensors"))
+    reader = CheckpointReader(folder)
+    sources = plan_sources(target_skeleton(loaded.config, torch.float32), reader)
+    assert len(reader.files) > 1 and all(f.name != "consolidated.safetensors" for f in reader.files)
+    assert not isinstance(sources, str)
+    assert all(torch.equal(read(), loaded.state_dict()[k]) for k, read in sources.items())
+    reader.close()
