@@ -47,8 +47,7 @@ def require_output_file(path: str | os.PathLike | None, flag: str) -> None:
     parent = target.parent
     while not parent.exists():  # the writer creates missing folders; the nearest existing one must be writable
         parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise ToolError(f"{flag} {path}: cannot write there ({parent} is not a writable folder)")
+    _require_writable_folder(parent, flag, path)
     if target.exists() and not os.access(target, os.W_OK):
         raise ToolError(f"{flag} {path}: the file is not writable")
 
@@ -67,5 +66,18 @@ def require_output_dir(path: str | os.PathLike, flag: str) -> None:
     parent = target
     while not parent.exists():
         parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise ToolError(f"{flag} {path}: cannot write there ({parent} is not a writable folder)")
+    _require_writable_folder(parent, flag, path)
+
+
+def _require_writable_folder(folder: Path, flag: str, path: str | os.PathLike) -> None:
+    """`folder` must take a new file: asked of the OS (`access`) and then tried, with a hidden probe file removed at
+    once, since `access` says yes where the write would still fail (root, /proc, some network mounts)."""
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise ToolError(f"{flag} {path}: cannot write there ({folder} is not a writable folder)")
+    probe = folder / f".dspark-write-probe-{os.getpid()}"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        os.unlink(probe)
+    except OSError as err:
+        message = f"{flag} {path}: cannot write there (a file cannot be created in {folder}: {err.strerror})"
+        raise ToolError(message) from err

@@ -102,6 +102,7 @@ def test_a_plain_model_as_draft_is_one_line(assets, tmp_path, capsys):
     [
         (["--output", "{tmp}"], "--output {tmp}: is a directory"),
         (["--output", "{data}/r.json"], "--output {data}/r.json: cannot write there ({data} is not a writable folder)"),
+        (["--output", "/proc/r.json"], "--output /proc/r.json: cannot write there ("),  # access() may say yes here
         (["--output", "{tmp}/r.json", "--save-rounds", "{tmp}"], "--save-rounds {tmp}: is a directory"),
         (["--output", "{tmp}/r.json", "--num-prompts", "-1"], "--num-prompts -1: must be >= 1"),
         (["--output", "{tmp}/r.json", "--max-new-tokens", "0"], "--max-new-tokens 0: must be >= 1"),
@@ -112,6 +113,7 @@ def test_output_paths_and_counts_are_checked_before_any_work(assets, tmp_path, c
     argv = ["evaluate", "--target", str(target_dir), "--draft", str(root / "draft"), "--data", str(data)]
     err = one_line_error([*argv, *(f.format(tmp=tmp_path, data=data) for f in flags)], capsys)
     assert expected.format(tmp=tmp_path, data=data) in err
+    assert not list(tmp_path.glob(".dspark-write-probe-*"))  # the probe of a writable folder is gone
 
 
 def test_a_missing_local_target_is_one_line(assets, tmp_path, capsys):
