@@ -11,8 +11,10 @@ Rows are synthetic chat rows over stdlib text (seeded), tokenised by a byte-leve
 (`DSparkChatDataset(cache_dir=None)`: one process, `tokenize_row` per row — the per-row reference the cache must
 equal) and by a fresh cache build (token-id rows in bulk by `data.fast_ids`, text rows by `tokenize_row` in the
 workers), back to back in one run, and the two datasets are checked equal (every row, and the report). Then a cache
-of `--reopen-rows` short token-id rows is built once and reopened (a restart), timed. Ends with one JSON line:
-rows_per_s_ratio_cache_vs_loop_ids, rows_per_s_ratio_cache_vs_loop_text, reopen_s.
+of `--reopen-rows` short token-id rows is built once and reopened (a restart), timed. The machine's load average is
+printed at start and end, and beside each wall-time ratio the ratio of CPU seconds (the build's workers included),
+which a shared machine disturbs less. Ends with one JSON line: rows_per_s_ratio_cache_vs_loop_ids,
+rows_per_s_ratio_cache_vs_loop_text, cpu_s_ratio_loop_vs_cache_ids, cpu_s_ratio_loop_vs_cache_text, reopen_s.
 """
 
 import argparse
@@ -56,19 +58,28 @@ def _write_rows(path: Path, n: int, tokenizer, texts: list[list[str]], *, token_
             f.write(json.dumps(row) + "\n")
 
 
-def _timed(make):
-    start = time.perf_counter()
+def _cpu_s() -> float:
+    """CPU seconds of this process and of its finished children (the build's workers)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def _timed(make, cpu: list[float] | None = None):
+    start, start_cpu = time.perf_counter(), _cpu_s()
     value = make()
+    if cpu is not None:
+        cpu.append(_cpu_s() - start_cpu)
     return value, time.perf_counter() - start
 
 
-def _compare(kind: str, path: Path, rows: int, tokenizer, num_proc: int, cache_root: str) -> float:
-    """Loop vs fresh cache build on the same file; returns the rows/s ratio cache / loop."""
+def _compare(kind: str, path: Path, rows: int, tokenizer, num_proc: int, cache_root: str) -> tuple[float, float]:
+    """Loop vs fresh cache build on the same file; returns the ratios loop / cache of wall time and of CPU time."""
     from nemo_automodel_dspark.data.dataset import DSparkChatDataset
 
-    loop, loop_s = _timed(lambda: DSparkChatDataset(str(path), tokenizer, SEQ_LENGTH, show_progress=False))
+    cpu: list[float] = []
+    loop, loop_s = _timed(lambda: DSparkChatDataset(str(path), tokenizer, SEQ_LENGTH, show_progress=False), cpu)
     cached, cache_s = _timed(
-        lambda: DSparkChatDataset(str(path), tokenizer, SEQ_LENGTH, cache_dir=cache_root, num_proc=num_proc)
+        lambda: DSparkChatDataset(str(path), tokenizer, SEQ_LENGTH, cache_dir=cache_root, num_proc=num_proc), cpu
     )
     assert len(loop) == len(cached) == rows and loop.report() == cached.report(), (loop.report(), cached.report())
     assert loop.lengths() == cached.lengths()
@@ -76,7 +87,8 @@ def _compare(kind: str, path: Path, rows: int, tokenizer, num_proc: int, cache_r
         assert loop[i]["input_ids"].equal(cached[i]["input_ids"]) and loop[i]["loss_mask"].equal(cached[i]["loss_mask"])
     print(f"{kind:>5} rows: loop {rows / loop_s:9.1f} rows/s   cache build {rows / cache_s:9.1f} rows/s", end="")
     print(f"   ratio {loop_s / cache_s:.2f}   (num_proc={num_proc}, {sum(loop.lengths()) / rows:.0f} tokens/row)")
-    return loop_s / cache_s
+    print(f"{'':>11}CPU s: loop {cpu[0]:.2f}, cache build {cpu[1]:.2f} (workers in)   ratio {cpu[0] / cpu[1]:.2f}")
+    return loop_s / cache_s, cpu[0] / cpu[1]
 
 
 def main() -> int:
@@ -93,13 +105,15 @@ def main() -> int:
     tokenizer = train_tokenizer(4096, 400_000)
     texts = _texts(400_000, seed=0)
     figures: dict[str, float] = {}
+    print("load average at start: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         for kind, rows, ids in (("ids", args.id_rows, True), ("text", args.text_rows, False)):
             path = root / f"{kind}.jsonl"
             _write_rows(path, rows, tokenizer, texts, token_ids=ids, seed=1)
-            ratio = _compare(kind, path, rows, tokenizer, args.num_proc, str(root / f"cache_{kind}"))
+            ratio, cpu_ratio = _compare(kind, path, rows, tokenizer, args.num_proc, str(root / f"cache_{kind}"))
             figures[f"rows_per_s_ratio_cache_vs_loop_{kind}"] = round(ratio, 2)
+            figures[f"cpu_s_ratio_loop_vs_cache_{kind}"] = round(cpu_ratio, 2)
         path = root / "reopen.jsonl"
         _write_rows(path, args.reopen_rows, tokenizer, _texts(400_000, 0, longest=40), token_ids=True, seed=2)
         cache = str(root / "cache_reopen")
@@ -110,6 +124,7 @@ def main() -> int:
         assert len(built) == len(reopened) == args.reopen_rows
         print(f"{args.reopen_rows} rows: cache build {build_s:.1f} s, reopen {reopen_s:.3f} s (target < 1 s)")
         figures["reopen_s"] = round(reopen_s, 3)
+    print("load average at end: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
     print(json.dumps(figures))
     return 0
 

@@ -108,7 +108,7 @@ def tokenize_id_lines(lines: list[bytes], ctx: IdContext) -> list[RowTokens | No
         mask[prompt:] = 1
         flags = TOKEN_IDS | (TRUNCATED if prompt + response > ctx.seq_length else 0)
         flags |= EMPTY_ANSWER if not contents[j].strip() else 0
-        ids = values[starts[j] : starts[j] + length].astype(np.int32)
+        ids = values[starts[j] : starts[j] + length]
         out[rows[j]] = RowTokens(ids, mask, flags)
     return out
 
@@ -146,7 +146,7 @@ def _read(line: bytes, marker: bytes, sentinel: str) -> tuple[str, list[bytes]] 
 
 
 def _parse_lists(regions: list[bytes]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(values [sum counts] int64, counts [R], ok [R] bool) of the list texts; a list that is not JSON integers
+    """(values [sum counts] int32, counts [R] int64, ok [R] bool) of the list texts; a list that is not JSON integers
     (one blank allowed after a comma) is not ok (count 0). Parsed in one call when all are clean, else halved until
     the bad ones are alone."""
     joined = b",".join(regions)
@@ -157,9 +157,9 @@ def _parse_lists(regions: list[bytes]) -> tuple[np.ndarray, np.ndarray, np.ndarr
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 try:
-                    values = np.fromstring(joined, dtype=np.int64, sep=",")  # type: ignore[call-overload]
+                    values = np.fromstring(joined, dtype=np.int32, sep=",")  # type: ignore[call-overload]
                 except ValueError:
-                    values = np.zeros(0, np.int64)
+                    values = np.zeros(0, np.int32)
             starts = np.cumsum([0] + [len(r) + 1 for r in regions[:-1]])  # [R] where each list's text begins
             counts = np.add.reduceat(comma, starts, dtype=np.int64) + 1  # its commas, and its separator's
             counts[:-1] -= 1
@@ -167,18 +167,19 @@ def _parse_lists(regions: list[bytes]) -> tuple[np.ndarray, np.ndarray, np.ndarr
             if len(values) == counts.sum() and _num_digits(values) == digits:
                 return values, counts, np.ones(len(regions), bool)
     if len(regions) == 1:
-        return np.zeros(0, np.int64), np.zeros(1, np.int64), np.zeros(1, bool)
+        return np.zeros(0, np.int32), np.zeros(1, np.int64), np.zeros(1, bool)
     half = len(regions) // 2
     parts = [_parse_lists(regions[:half]), _parse_lists(regions[half:])]
     return tuple(np.concatenate([p[k] for p in parts]) for k in range(3))  # type: ignore[return-value]
 
 
 def _num_digits(values: np.ndarray) -> int:
-    """Decimal digits of all values (>= 0) together. Each field's value has at most the digits of its text, as
-    many only without a leading zero and when read exactly (more than 18 digits saturate, far above any vocabulary),
-    so equal totals prove every field a plain JSON integer."""
+    """Decimal digits of all values together (a negative one counts 1). A field's parsed value has at most the
+    digits of its text, as many only without a leading zero and when read exactly (a number too large for int32
+    wraps or saturates: fewer digits, or more than any vocabulary), so equal totals prove every field a plain JSON
+    integer."""
     total, power = len(values), 10
-    while power < 10**18 and (wider := int(np.count_nonzero(values >= power))):
+    while power <= np.iinfo(np.int32).max and (wider := int(np.count_nonzero(values >= power))):
         total, power = total + wider, power * 10
     return total
 

@@ -18,6 +18,7 @@ state (tests/model/test_meta_init.py). No rank ever holds more than its shards p
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 
 import torch
@@ -29,6 +30,8 @@ import nemo_automodel_dspark.distributed as D
 from nemo_automodel_dspark.model.config import DSparkConfig
 from nemo_automodel_dspark.model.drafter import DSparkDrafter, init_weight_and_bias
 
+SKIP_CHUNK = 1 << 22  # elements per scratch chunk when a draw is only advanced past (16 MiB of fp32)
+
 
 def _on_cpu(value):
     """A meta tensor's CPU stand-in (same size, strides, dtype; uninitialised) or a meta device's CPU one."""
@@ -39,19 +42,88 @@ def _on_cpu(value):
     return value
 
 
+def _advance(count: int, chunk: int = SKIP_CHUNK) -> None:
+    """Take `count` 32-bit draws from the CPU generator, `chunk` at a time (fp32 `uniform_` takes one per element)."""
+    scratch = torch.empty(min(count, chunk), device="cpu")
+    while count > 0:
+        scratch[: min(count, chunk)].uniform_()
+        count -= chunk
+
+
+def _draws(func, tensor: Tensor) -> int | None:
+    """How many 32-bit draws `func` takes on the CPU for this (meta) fp32 tensor, when that is known, else None.
+
+    `uniform_` takes one per element; `normal_` on a contiguous fp32 tensor of 16 or more elements takes one per
+    element plus 16 more when the size is not a multiple of 16 (its last 16 values are redrawn).
+    """
+    if not (isinstance(tensor, Tensor) and tensor.is_meta and tensor.dtype == torch.float32):
+        return None
+    if func is torch.ops.aten.uniform_.default:
+        return tensor.numel()
+    if func is torch.ops.aten.normal_.default and tensor.is_contiguous() and tensor.numel() >= 16:
+        return tensor.numel() + (16 if tensor.numel() % 16 else 0)
+    return None
+
+
+@functools.cache
+def advancing_is_exact() -> bool:
+    """Whether `_advance` leaves the generator where the real draws would (checked once, on small tensors)."""
+    saved = torch.get_rng_state()
+    try:
+        for numel in (16, 17, 100, 1003):
+            for draw in (lambda t: t.uniform_(-2.0, 2.0), lambda t: t.normal_(0.0, 0.02)):
+                torch.manual_seed(0)
+                draw(torch.empty(numel, device="cpu"))
+                real = torch.get_rng_state()
+                torch.manual_seed(0)
+                count = _draws(*_probe(draw, numel))
+                if count is None:
+                    return False
+                _advance(count, chunk=7)
+                if not torch.equal(real, torch.get_rng_state()):
+                    return False
+        return True
+    finally:
+        torch.set_rng_state(saved)
+
+
+def _probe(draw, numel: int):
+    """The aten op `draw` dispatches to, with a meta tensor of `numel` elements."""
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    tensor = torch.empty(numel, device="meta")
+    with Record():
+        draw(tensor)
+    return seen[0], tensor
+
+
 class CpuDraws(TorchDispatchMode):
-    """Every seeded random op on meta tensors is also run on CPU scratch tensors: the same draws, results dropped."""
+    """Every seeded random op on meta tensors takes the same draws from the CPU generator, and drops the values.
+
+    `uniform_` / `normal_` on fp32 only advance the generator by their known count, in 16 MiB chunks; any other
+    seeded op runs on a full CPU scratch tensor of the same shape.
+    """
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if torch.Tag.nondeterministic_seeded in func.tags:
-            cpu_args, cpu_kwargs = tree_map(_on_cpu, (args, kwargs))
-            func(*cpu_args, **cpu_kwargs)
+            count = _draws(func, args[0]) if args and advancing_is_exact() else None
+            if count is not None:
+                _advance(count)
+            else:
+                cpu_args, cpu_kwargs = tree_map(_on_cpu, (args, kwargs))
+                func(*cpu_args, **cpu_kwargs)
         return func(*args, **kwargs)
 
 
 def meta_draft(target_config, dspark: DSparkConfig) -> DSparkDrafter:
     """The draft's modules on the meta device, the CPU generator advanced as the eager constructor's modules do."""
+    advancing_is_exact()  # checked once, outside the meta device context
     with torch.device("meta"), CpuDraws():
         return DSparkDrafter(target_config, dspark, init_weights=False)
 
@@ -67,9 +139,15 @@ def _own_tensors(module: nn.Module) -> dict[str, Tensor]:
     return {**dict(module.named_parameters(recurse=False)), **dict(module.named_buffers(recurse=False))}
 
 
+def _meta_like(own: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
+    """(weight, bias) as meta tensors of the full shapes."""
+    meta = {name: torch.empty(t.shape, dtype=t.dtype, device="meta") for name, t in own.items()}
+    return meta["weight"], meta.get("bias")
+
+
 def _draw_initial(module: nn.Module, own: dict[str, Tensor]) -> dict[str, Tensor]:
     """Full CPU initial values of a Linear/Embedding's own tensors, drawn as `DSparkDrafter._init_weights` does."""
-    full = {name: torch.empty(t.shape, dtype=t.dtype) for name, t in own.items()}
+    full = {name: torch.empty(t.shape, dtype=t.dtype, device="cpu") for name, t in own.items()}
     init_weight_and_bias(full["weight"], full.get("bias"))
     return full
 
@@ -86,9 +164,14 @@ def materialize_draft(draft: DSparkDrafter, device: torch.device, embed: Tensor,
         own = _own_tensors(module)
         if not own:
             continue
-        if isinstance(module, nn.Linear | nn.Embedding):
+        if isinstance(module, nn.Linear | nn.Embedding) and any(id(t) in shared for t in own.values()):
+            with CpuDraws():  # the draws happen (and are dropped): the target's values replace them
+                init_weight_and_bias(*_meta_like(own))
+            for tensor in own.values():
+                D.copy_full_into(tensor, shared[id(tensor)])
+        elif isinstance(module, nn.Linear | nn.Embedding):
             for name, value in _draw_initial(module, own).items():
-                D.copy_full_into(own[name], shared.get(id(own[name]), value))
+                D.copy_full_into(own[name], value)
         elif callable(reset := getattr(module, "reset_parameters", None)):
             reset()  # deterministic values; works on sharded (DTensor) parameters too
         else:

@@ -74,6 +74,38 @@ def test_meta_build_equals_eager_build(name):
     assert torch.equal(b["lm_head.weight"], lm_head) and torch.equal(b["embed_tokens.weight"], embed)
 
 
+@pytest.mark.parametrize("draw", ["uniform", "normal"])
+def test_dropped_draws_advance_the_generator_exactly(draw):
+    """A draw on a meta tensor takes the CPU generator exactly as far as the real draw does, without holding the
+    tensor (a size over two scratch chunks, not a multiple of 16, where `normal_` redraws its last 16 values)."""
+    from nemo_automodel_dspark.model import meta_init
+
+    numel = 2 * meta_init.SKIP_CHUNK + 3
+    fill = (lambda t: t.uniform_(-1.0, 1.0)) if draw == "uniform" else (lambda t: t.normal_(0.0, 0.02))
+    assert meta_init.advancing_is_exact()  # so the chunked path is the one under test here
+    torch.manual_seed(5)
+    fill(torch.empty(numel))
+    real = torch.get_rng_state()
+    torch.manual_seed(5)
+    with meta_init.CpuDraws():
+        fill(torch.empty(numel, device="meta"))
+    assert torch.equal(torch.get_rng_state(), real)
+
+
+def test_full_scratch_draws_give_the_same_draft(monkeypatch):
+    """Where advancing by count could not be trusted, full scratch draws give the same weights."""
+    from nemo_automodel_dspark.model import meta_init
+
+    monkeypatch.setattr(meta_init, "advancing_is_exact", lambda: False)
+    config, dspark, embed, lm_head = _case("gemma4_k_eq_v_vanilla")
+    eager, eager_rng = _eager(config, dspark, embed, lm_head, seed=3)
+    torch.manual_seed(3)
+    draft = meta_draft(config, dspark)
+    materialize_draft(draft, torch.device("cpu"), embed, lm_head)
+    a, b = _everything(eager), _everything(draft)
+    assert torch.equal(torch.get_rng_state(), eager_rng) and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_another_seed_gives_other_weights():
     """The comparison above can fail: the seed reaches the replayed draws."""
     config, dspark, embed, lm_head = _case("qwen3_bias_gated")
