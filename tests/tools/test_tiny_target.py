@@ -91,3 +91,26 @@ def test_cli_refuses_to_replace_a_foreign_directory(tmp_path, capsys):
     assert main(["build-tiny-target", "--out", str(tmp_path), "--steps", "1"]) == 2
     assert "not a tiny-target build" in capsys.readouterr().err
     assert (tmp_path / "notes.txt").read_text() == "keep me"
+
+
+def test_tiny_example_yaml_matches_the_tiny_target_and_the_demo_files(tiny_target, monkeypatch):
+    """`examples/dspark/tiny_cpu_dspark.yaml` run by hand after `dspark demo` reads the demo's files with the tiny
+    target's mask id (a stale id would be another real token of the vocabulary, accepted silently)."""
+    from pathlib import Path
+
+    import yaml
+
+    from nemo_automodel_dspark import demo
+
+    example = Path(__file__).resolve().parents[2] / "examples/dspark/tiny_cpu_dspark.yaml"
+    args = yaml.safe_load(example.read_text())["recipe_args"]
+    manifest = json.loads((tiny_target / MANIFEST_NAME).read_text())
+    mask_id = AutoTokenizer.from_pretrained(tiny_target).mask_token_id
+    assert args["mask_token_id"] == manifest["mask_token_id"] == mask_id
+    seen: list = []
+    monkeypatch.setattr(demo, "run_demo", seen.append)
+    assert main(["demo"]) == 0  # the demo's default workdir, as `dspark demo` parses it
+    workdir = seen[0].workdir
+    assert Path(args["target_model_name_or_path"]) == workdir / "target"
+    assert Path(args["train_data_path"]) == workdir / "train_regen.jsonl"
+    assert Path(args["val_data_path"]) == workdir / "held_out_regen.jsonl"
