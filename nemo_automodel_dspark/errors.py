@@ -21,7 +21,10 @@ def report_user_error(command: str, err: object) -> int:
 
 
 def require_file(path: str | os.PathLike, flag: str) -> Path:
-    """`path` as a Path, or a ToolError naming the flag when it is not a file."""
+    """`path` as a Path, or a ToolError naming the flag when it is not a file (a folder is named as one)."""
+    if Path(path).is_dir():
+        model = (Path(path) / "config.json").is_file()
+        raise ToolError(f"{flag} {path}: {'a model folder (config.json)' if model else 'a folder'}, not a file")
     if not Path(path).is_file():
         raise ToolError(f"{flag} {path}: no such file")
     return Path(path)

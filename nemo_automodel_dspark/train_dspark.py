@@ -276,6 +276,7 @@ class TrainDSparkRecipe(BaseRecipe):
         self.window.load_state_dict(state.get("window"), self.info)
         self.runner.guard.load_state_dict(state.get("divergence"))
         self.files.truncate_metrics(self.step)
+        self.files.set_aside_newer(self.step)
         self._log(f"resumed from {path} at step {self.step} (epoch {self.epoch})")
 
     def _compat(self) -> dict:

@@ -71,7 +71,10 @@ def resolve_restore(restore_from: str | None, root: str | Path, warn: Callable[[
         return find_latest(root, warn)
     path = Path(restore_from)
     if not (path / TRAINER_STATE).exists():
-        raise FileNotFoundError(f"checkpoint.restore_from: {path} is not a complete checkpoint (no {TRAINER_STATE})")
+        raise ToolError(
+            f"checkpoint.restore_from: {path} is not a complete checkpoint (no {TRAINER_STATE}); pass a folder "
+            "epoch_E_step_S under checkpoint_dir, or LATEST"
+        )
     damage = verify(path)
     if damage is not None:
         raise ToolError(f"checkpoint.restore_from: {path} is damaged ({damage}); pass an earlier checkpoint")

@@ -101,6 +101,20 @@ class RunFiles:
                 for leftover in remove_leftover_temps(folder) if folder is not None else []:
                     self.log(f"removed {leftover}, left by a write that never finished")
 
+    def set_aside_newer(self, step: int) -> None:
+        """Resuming from a checkpoint of `step` starts the run again from there: checkpoints of later steps under
+        checkpoint_dir (written from weights that then diverged, or skipped as damaged) move aside to
+        `<checkpoint_dir>.after-step-<S>-<time>/` (rank 0), so that `LATEST` never goes back to them. Nothing is
+        deleted."""
+        newer = [path for path in checkpoints(self.ckpt_root) if ckpt.step_of(path) > step]
+        if not (self.is_main and newer):
+            return
+        aside = self.ckpt_root.with_name(f"{self.ckpt_root.name}.after-step-{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+        aside.mkdir()
+        for path in newer:
+            shutil.move(str(path), str(aside / path.name))
+        self.log(f"resumed from step {step}: moved the {len(newer)} later checkpoint(s) aside to {aside}")
+
     def _own_ckpt_root(self) -> Path | None:
         """The checkpoint folder this run writes, None when checkpoints are off (it is then another run's to keep)."""
         return self.ckpt_root if self.checkpoint.enabled else None

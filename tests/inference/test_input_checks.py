@@ -116,6 +116,13 @@ def test_output_paths_and_counts_are_checked_before_any_work(assets, tmp_path, c
     assert not list(tmp_path.glob(".dspark-write-probe-*"))  # the probe of a writable folder is gone
 
 
+def test_a_model_folder_given_as_data_is_named_as_such(assets, tmp_path, capsys):
+    root, target_dir, _ = assets
+    argv = ["evaluate", "--target", str(target_dir), "--draft", str(root / "draft"), "--data", str(target_dir)]
+    err = one_line_error([*argv, "--output", str(tmp_path / "r.json")], capsys)
+    assert f"--data {target_dir}: a model folder (config.json), not a file" in err
+
+
 def test_a_missing_local_target_is_one_line(assets, tmp_path, capsys):
     root, _, data = assets
     argv = ["evaluate", "--target", "./no/such/target", "--draft", str(root / "draft"), "--data", str(data)]

@@ -188,9 +188,36 @@ def test_damaged_latest_checkpoint_falls_back_with_a_warning(copy, capsys):
         f"manifest says {size}); falling back to the previous complete checkpoint" in log
     )
     assert recipe.step == 1 and logged_steps(out) == [1]
-    explicit = {**copy, "checkpoint": {**copy["checkpoint"], "restore_from": str(weights_file.parent)}}
-    with pytest.raises(ToolError, match=rf"restore_from: .*epoch_0_step_2 is damaged \({weights_file} has"):
+    # the damaged checkpoint moved aside (kept, so LATEST never goes back to it); pointed at, it is named as damaged
+    (aside,) = out.glob("ckpt.after-step-1-*")
+    moved = aside / "epoch_0_step_2" / "model.safetensors"
+    assert moved.stat().st_size == size // 2 and not weights_file.parent.exists()
+    explicit = {**copy, "checkpoint": {**copy["checkpoint"], "restore_from": str(moved.parent)}}
+    with pytest.raises(ToolError, match=rf"restore_from: .*epoch_0_step_2 is damaged \({moved} has"):
         TrainDSparkRecipe(explicit).setup()
+
+
+def test_resuming_from_an_older_checkpoint_moves_the_later_ones_aside(copy, two_steps, capsys):
+    """What the divergence message asks for: resume from the checkpoint before the diverging weights."""
+    out = Path(copy["recipe_args"]["output_dir"])
+    later = (out / "ckpt" / "epoch_0_step_2" / "model.safetensors").read_bytes()
+    older = {**copy, "checkpoint": {**copy["checkpoint"], "restore_from": str(out / "ckpt" / "epoch_0_step_1")}}
+    older["recipe_args"] = {**copy["recipe_args"], "max_steps": 3}
+    recipe = TrainDSparkRecipe(older)
+    recipe.setup()
+    (aside,) = out.glob("ckpt.after-step-1-*")
+    assert f"resumed from step 1: moved the 1 later checkpoint(s) aside to {aside}" in capsys.readouterr().out
+    assert sorted(p.name for p in (out / "ckpt").iterdir()) == ["epoch_0_step_1"]
+    assert (aside / "epoch_0_step_2" / "model.safetensors").read_bytes() == later  # nothing was deleted
+    recipe.run_train_validation_loop()
+    ref = weights(two_steps[1], 3)
+    assert all(torch.equal(ref[k], v) for k, v in weights(out, 3).items()) and logged_steps(out) == [1, 2, 3]
+
+
+def test_restore_from_a_folder_that_is_no_checkpoint_is_one_line(copy, tmp_path):
+    missing = {**copy, "checkpoint": {**copy["checkpoint"], "restore_from": str(tmp_path / "nope")}}
+    with pytest.raises(ToolError, match=rf"^checkpoint.restore_from: {tmp_path / 'nope'} is not a complete checkpoint"):
+        TrainDSparkRecipe(missing).setup()
 
 
 def test_leftover_temps_are_removed_at_start(copy, capsys):
