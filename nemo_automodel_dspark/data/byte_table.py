@@ -97,7 +97,9 @@ class ByteTable:
         index = np.repeat(self.starts[ids] - (ends - lengths), lengths) + np.arange(int(ends[-1]))
         data = self.data[index].tobytes()
         last = np.cumsum(counts) - 1  # [rows] each row's last token
-        unsafe = np.add.reduceat(self.unsafe[ids].astype(np.int64), last - counts + 1) > 0
+        unsafe = np.zeros(len(rows), bool)
+        if self.unsafe.any():
+            unsafe = np.add.reduceat(self.unsafe[ids].astype(np.int64), last - counts + 1) > 0
         begin = 0
         for i, end, bad in zip(rows, ends[last].tolist(), unsafe.tolist(), strict=True):
             with contextlib.suppress(UnicodeDecodeError):  # not strict UTF-8: left to the tokenizer

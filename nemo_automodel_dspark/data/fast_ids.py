@@ -160,9 +160,8 @@ def _parse_lists(regions: list[bytes]) -> tuple[np.ndarray, np.ndarray, np.ndarr
                     values = np.fromstring(joined, dtype=np.int32, sep=",")  # type: ignore[call-overload]
                 except ValueError:
                     values = np.zeros(0, np.int32)
-            starts = np.cumsum([0] + [len(r) + 1 for r in regions[:-1]])  # [R] where each list's text begins
-            counts = np.add.reduceat(comma, starts, dtype=np.int64) + 1  # its commas, and its separator's
-            counts[:-1] -= 1
+            ends = np.cumsum([len(r) + 1 for r in regions]) - 1  # [R] each list's separator (or the end)
+            counts = np.diff(np.searchsorted(np.flatnonzero(comma), ends), prepend=-1)  # its commas + 1
             digits = len(joined) - int(counts.sum()) + 1 - int(np.count_nonzero(blank))  # digit characters
             if len(values) == counts.sum() and _num_digits(values) == digits:
                 return values, counts, np.ones(len(regions), bool)

@@ -195,3 +195,24 @@ def test_the_table_is_an_arrow_stream_datasets_reads(tmp_path, tokenizer):
     assert [list(r["input_ids"]) for r in rows] == [cached[i]["input_ids"].tolist() for i in range(len(cached))]
     with pytest.raises(IndexError):
         cached[len(cached)]
+
+
+def test_without_a_byte_table_the_tokenizer_decodes(tmp_path, tokenizer, monkeypatch):
+    """A decoder that is not byte-level (table None): `decode_batch` checks the responses, same rows as the loop."""
+    from nemo_automodel_dspark.data import fast_ids
+
+    monkeypatch.setattr(fast_ids.ByteTable, "of", classmethod(lambda cls, tok: None))
+    path = _write(tmp_path, _rows(tokenizer))
+    loop = DSparkChatDataset(path, tokenizer, SEQ)
+    _same(DSparkChatDataset(path, tokenizer, SEQ, cache_dir=str(tmp_path / "c")), loop)
+    assert loop.num_token_ids == 17
+
+
+def test_an_unsafe_id_leaves_its_row_to_the_tokenizer(tokenizer):
+    table = ByteTable.of(tokenizer)
+    assert table is not None
+    hello = np.asarray(_encode(tokenizer, "hello world."))
+    table.unsafe[hello[1]] = True  # as if this id's bytes disagreed with the tokenizer
+    texts = table.texts([hello, hello[:1], hello[2:]])
+    assert texts[0] is None and texts[1] == _decode(tokenizer, hello[:1].tolist())
+    assert texts[2] == _decode(tokenizer, hello[2:].tolist())
