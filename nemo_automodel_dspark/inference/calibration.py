@@ -180,10 +180,11 @@ add_arguments = add_calibrate_arguments
 
 def run(args: argparse.Namespace) -> int:
     from nemo_automodel_dspark.draft_checks import require_finite_draft
-    from nemo_automodel_dspark.errors import require_count, require_draft_dir
+    from nemo_automodel_dspark.errors import require_count, require_draft_dir, require_output_dir
     from nemo_automodel_dspark.model.serving import read_serving_config
 
     require_draft_dir(args.draft)
+    require_output_dir(args.draft, "--draft")  # its config.json is rewritten at the end
     require_count(args.bins, "--bins")
     read_serving_config(args.draft)  # a folder that is no DSpark draft is one line, before anything is fitted
     require_finite_draft(args.draft)

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from nemo_automodel_dspark.errors import ToolError
+from nemo_automodel_dspark.errors import ToolError, require_output_dir
 from nemo_automodel_dspark.io import remove_leftover_temps
 from nemo_automodel_dspark.recipe import checkpoint as ckpt
 from nemo_automodel_dspark.recipe.checkpoint import checkpoints
@@ -87,7 +87,11 @@ class RunFiles:
         self.metrics: MetricsWriter | None = None
 
     def claim(self, overwrite: bool) -> None:
-        """Before anything is written: refuse a folder holding another run, or move that run aside (rank 0)."""
+        """Before anything is written: the run's folders must be writable; refuse a folder holding another run, or
+        move that run aside (rank 0)."""
+        require_output_dir(self.output_dir, "recipe_args.output_dir")
+        if self.checkpoint.enabled:
+            require_output_dir(self.ckpt_root, "checkpoint.checkpoint_dir")
         if self.checkpoint.restore_from is None:
             for old, new in claim(self.output_dir, self._own_ckpt_root(), overwrite=overwrite, is_main=self.is_main):
                 self.log(f"recipe_args.overwrite_output_dir: moved the previous run {old} aside to {new}")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from nemo_automodel_dspark.errors import ToolError, require_count
+from nemo_automodel_dspark.errors import ToolError, require_count, require_output_file
 from nemo_automodel_dspark.io import atomic_path, atomic_write_json, atomic_write_jsonl, remove_leftover_temps
 from nemo_automodel_dspark.target.loading import check_model_path
 from nemo_automodel_dspark.tools.chat_rows import PromptRow, RowError, output_row, parse_row
@@ -145,6 +145,7 @@ def regenerate(config: RegenerateConfig) -> RegenerateSummary:
     """Regenerate `config.data` into `config.out`; resumable shard by shard with `config.resume`."""
     if not Path(config.data).is_file():
         raise ToolError(f"--data {config.data} is not a file")
+    require_output_file(config.out, "--out")  # its folder also takes OUT.shards/: checked before any row is generated
     manifest = _start_manifest(config)
     directory = shards_dir(config.out)
     out = Path(config.out)  # temps of a killed shard, manifest or output write (this run owns these names now)

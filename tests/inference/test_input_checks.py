@@ -1,6 +1,7 @@
 """`evaluate` / `calibrate` check their inputs before they work: each mistake is one line naming what is wrong."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -157,6 +158,25 @@ def test_regenerate_refuses_a_negative_row_count(tmp_path, capsys):
     assert "--target ./missing: no such folder" in one_line_error(
         [*argv[:1], "--target", "./missing", *argv[3:]], capsys
     )
+
+
+def test_regenerate_and_calibrate_check_where_they_write_before_any_work(assets, tmp_path, capsys, monkeypatch):
+    root, target_dir, data = assets
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    argv = ["regenerate", "--target", str(target_dir), "--data", str(data), "--out", str(blocker / "o.jsonl")]
+    assert f"--out {blocker / 'o.jsonl'}: cannot write there ({blocker} is not a writable folder)" in (
+        one_line_error(argv, capsys)
+    )
+    draft = root / "draft"
+    rounds = tmp_path / "rounds.jsonl"
+    rounds.write_text(json.dumps({"verify_len": 2, "num_accepted": 1, "confidence_logits": [0.0, 1.0]}) + "\n")
+    before = (draft / "config.json").read_text()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != draft and real_access(path, mode))
+    err = one_line_error(["calibrate", "--draft", str(draft), "--rounds", str(rounds)], capsys)
+    assert f"--draft {draft}: cannot write there ({draft} is not a writable folder)" in err
+    assert (draft / "config.json").read_text() == before
 
 
 def test_a_utf8_bom_means_the_same_to_every_reader(assets, tmp_path):

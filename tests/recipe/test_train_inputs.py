@@ -52,3 +52,18 @@ def test_nearly_all_empty_answers_is_a_warning_with_the_count(tiny_assets, tmp_p
     report = DSparkChatDataset(str(path), tokenizer, 48).report()
     assert "warning: 19 of 20 answers are empty" in report
     assert "warning" not in DSparkChatDataset(str(tiny_assets["train"]), tokenizer, 48).report()
+
+
+def test_output_and_checkpoint_folders_that_cannot_be_written_are_one_line(tiny_assets, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    cfg = base_config(tiny_assets, blocker / "run")
+    assert (
+        refused(cfg)
+        == f"recipe_args.output_dir {blocker / 'run'}: cannot write there ({blocker} is not a writable folder)"
+    )
+    cfg = base_config(tiny_assets, tmp_path / "run")
+    cfg["checkpoint"]["checkpoint_dir"] = str(blocker / "ckpt")
+    assert refused(cfg).startswith(f"checkpoint.checkpoint_dir {blocker / 'ckpt'}: cannot write there")
+    cfg["checkpoint"]["enabled"] = False  # a run without checkpoints never writes there
+    TrainDSparkRecipe({**cfg, "recipe_args": {**cfg["recipe_args"], "max_steps": 1}}).setup()
