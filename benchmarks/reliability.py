@@ -457,7 +457,12 @@ def explosions(assets: dict, root: Path) -> list[Result]:
             text = str(err)
             ok = isinstance(err, RunStopped) and text.startswith(f"step {step}: loss ") and unapplied
             ok = ok and "divergence_factor=100" in text and f"epoch_0_step_{step - 2}" in text
-            detail = f"{text[:150]}…"
+            good = out / "ckpt" / f"epoch_0_step_{step - 2}"  # as the line says: resume from the named checkpoint
+            again = {**cfg, "checkpoint": {**cfg["checkpoint"], "restore_from": str(good)}}
+            resumed, _ = captured(lambda again=again: train(again))
+            aside = [p.name for p in out.glob("ckpt.after-step-*/epoch_*")]
+            ok = ok and not isinstance(resumed, Exception) and aside == [f"epoch_0_step_{step - 1}"]
+            detail = f"{text[:150]}…; resumed from the named checkpoint to the end, later checkpoints aside: {aside}"
         results.append((f"loss x 8e11 at step {step}, max_skipped_steps={allowed}", ok, detail))
     return results
 
@@ -507,8 +512,18 @@ def bad_inputs(assets: dict, root: Path, draft_dir: Path) -> list[Result]:
         path = root / f"rows_{kind.replace(' ', '_')}.jsonl"
         path.write_text(Path(data).read_text().splitlines()[0] + "\n" + line + "\n")
         cases.append((f"evaluate: prompt row that is {kind}", [*evaluate, "--data", str(path)], f"{path}:2:"))
+    blocker = root / "a_file"
+    blocker.write_text("a file where a folder is expected")
+    cases.append(
+        (
+            "regenerate: --out under a file",
+            ["regenerate", "--target", target, "--data", data, "--out", str(blocker / "g.jsonl")],
+            "cannot write there",
+        )
+    )
     results = [one_line_case(*case) for case in cases]
     training = {
+        "train: output_dir under a file": ({"output_dir": str(blocker / "run")}, "cannot write there"),
         "train: missing local target": ({"target_model_name_or_path": "./dspark_demo/nope"}, "no such folder"),
         "train: model folder as data": ({"train_data_path": target}, "a model folder"),
         "train: bad eval_decode path": (
@@ -521,6 +536,11 @@ def bad_inputs(assets: dict, root: Path, draft_dir: Path) -> list[Result]:
         err, _ = captured(lambda out=out, args=args: TrainDSparkRecipe(run_config(assets, out, **args)).setup())
         ok = isinstance(err, ToolError) and expected in str(err) and not (out / "dspark_train_metrics.jsonl").exists()
         results.append((name, ok, str(err)[:140]))
+    restore = run_config(assets, root / "restore_nothing", max_steps=1)
+    restore["checkpoint"]["restore_from"] = str(root / "no_checkpoint")
+    err, _ = captured(lambda: TrainDSparkRecipe(restore).setup())
+    ok = isinstance(err, ToolError) and "is not a complete checkpoint" in str(err)
+    results.append(("train: restore_from a folder that is no checkpoint", ok, str(err)[:140]))
     second = root / "second_run"
     captured(lambda: train(run_config(assets, second, max_steps=1, val_data_path=None)))
     before = sorted(p.name for p in (second / "ckpt").iterdir())
