@@ -277,6 +277,7 @@ class TrainDSparkRecipe(BaseRecipe):
         self.runner.guard.load_state_dict(state.get("divergence"))
         self.files.truncate_metrics(self.step)
         self.files.set_aside_newer(self.step)
+        resume.announce_changes(state.get("options"), resume.training_record(self.config), self.step + 1, self._log)
         self._log(f"resumed from {path} at step {self.step} (epoch {self.epoch})")
 
     def _compat(self) -> dict:
@@ -471,6 +472,7 @@ class TrainDSparkRecipe(BaseRecipe):
             "scheduler": self.lr_scheduler.state_dict(),
             "compat": self._compat(),
             "optimizer": resume.optimizer_record(self.config.optimizer),
+            "options": resume.training_record(self.config),
             "window": self.window.state_dict(self.info),
             "divergence": self.runner.guard.state_dict(),
         }

@@ -27,6 +27,7 @@ LAYERS = {
     "data": CORE,
     "distributed": CORE,
     "io": CORE,
+    "manifest": CORE,
     "errors": CORE,
     "options": CORE,
     "quiet": CORE,

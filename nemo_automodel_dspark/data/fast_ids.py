@@ -147,13 +147,14 @@ def _read(line: bytes, marker: bytes, sentinel: str) -> tuple[str, list[bytes]] 
 
 def _parse_lists(regions: list[bytes]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(values [sum counts] int32, counts [R] int64, ok [R] bool) of the list texts; a list that is not JSON integers
-    (one blank allowed after a comma) is not ok (count 0). Parsed in one call when all are clean, else halved until
-    the bad ones are alone."""
+    (one blank allowed between a comma and a digit) is not ok (count 0). Parsed in one call when all are clean, else
+    halved until the bad ones are alone."""
     joined = b",".join(regions)
     if all(regions) and not joined.translate(None, b"0123456789, "):
         text = np.frombuffer(joined, np.uint8)
         comma, blank = text == ord(","), text == ord(" ")
-        if not blank[0] and not (blank[1:] > comma[:-1]).any():  # a blank only right after a comma
+        # a blank only between a comma and a digit (numpy reads a field of blanks, `1, ,2` or `1, `, as a 0)
+        if not (blank[0] or blank[-1] or (blank[1:] > comma[:-1]).any() or (blank[:-1] & comma[1:]).any()):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 try:

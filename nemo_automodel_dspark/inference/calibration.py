@@ -162,15 +162,18 @@ def read_rounds_table(path: str | Path, flag: str) -> RoundsTable:
 
 
 def write_confidence_temperatures(draft_dir: str | Path, temperatures: list[float]) -> Path:
-    """Set `confidence_temperatures` in the draft's config.json (atomic rewrite; other keys untouched)."""
-    from nemo_automodel_dspark.io import atomic_write_bytes, remove_leftover_temps
+    """Set `confidence_temperatures` in the draft's config.json (atomic rewrite; other keys untouched).
+
+    A training checkpoint's manifest is updated with it, so the calibrated checkpoint still resumes (`LATEST`)."""
+    from nemo_automodel_dspark.io import remove_leftover_temps
+    from nemo_automodel_dspark.manifest import rewrite_file
     from nemo_automodel_dspark.model.serving import CONFIG_NAME
 
     path = Path(draft_dir) / CONFIG_NAME
     remove_leftover_temps(draft_dir, (CONFIG_NAME,))
     config = json.loads(path.read_text())
     config["confidence_temperatures"] = [float(t) for t in temperatures]
-    atomic_write_bytes(path, json.dumps(config, indent=2).encode())
+    rewrite_file(draft_dir, CONFIG_NAME, json.dumps(config, indent=2).encode())
     return path
 
 

@@ -223,7 +223,7 @@ class DSparkDrafter(nn.Module):
         mask = self.attention_mask(anchors, block_keep, seq, context_start(anchors, position_ids))
         tokens = self.block_tokens(input_ids, anchors).flatten(1)
         hidden = self.backbone(tokens, rope_pos.flatten(1), ctx, mask, position_ids)
-        hidden = hidden.view(batch, -1, k, hidden.shape[-1])  # [B, N, K, H]
+        hidden = _not_a_view(hidden.view(batch, -1, k, hidden.shape[-1]))  # [B, N, K, H]
         last = seq - 1
         prev_tokens = torch.gather(input_ids, 1, pos.clamp(max=last).flatten(1)).view_as(pos)  # x_{a+k}
         target_ids = torch.gather(input_ids, 1, (pos + 1).clamp(max=last).flatten(1)).view_as(pos)  # x_{a+k+1}
@@ -235,7 +235,7 @@ class DSparkDrafter(nn.Module):
             eval_mask=build_eval_mask(loss_mask, anchors, block_keep, k, position_ids),
             target_ids=target_ids,
             teacher_positions=pos.clamp(max=last),
-            confidence_logits=conf,
+            confidence_logits=None if conf is None else _not_a_view(conf),
             teacher_hidden=None if target_hidden is None else self.teacher_rows(target_hidden, pos.clamp(max=last)),
         )
 
@@ -262,3 +262,12 @@ class DSparkDrafter(nn.Module):
         from nemo_automodel_dspark.model.serving import load_draft
 
         return load_draft(cls, directory, device=device)
+
+
+def _not_a_view(t: Tensor) -> Tensor:
+    """`t` in storage of its own (a copy when it is a view; a few MiB at most here, the view's base is then freed).
+
+    FSDP2 hooks its backward all-gather onto the wrapped module's outputs and warns, once per rank and run, that the
+    hook on a view is lost to any later in-place op; the training outputs are therefore never views.
+    """
+    return t if t._base is None else t.clone()

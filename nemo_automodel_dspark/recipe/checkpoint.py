@@ -10,7 +10,6 @@ fails its manifest check and `LATEST` falls back to the previous complete one.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -23,9 +22,10 @@ from safetensors.torch import load_file
 
 from nemo_automodel_dspark.errors import ToolError
 from nemo_automodel_dspark.io import commit_dir, fsync_dir, temp_dir_for
+from nemo_automodel_dspark.manifest import MANIFEST, manifest_bytes, verify
 from nemo_automodel_dspark.model.serving import WEIGHTS_NAME, save_draft
 
-TRAINER_STATE, OPTIMIZER_STATE, MANIFEST = "trainer_state.json", "optimizer.pt", "manifest.json"
+TRAINER_STATE, OPTIMIZER_STATE = "trainer_state.json", "optimizer.pt"
 _STEP_DIR = re.compile(r"^epoch_(\d+)_step_(\d+)$")
 
 
@@ -81,14 +81,6 @@ def resolve_restore(restore_from: str | None, root: str | Path, warn: Callable[[
     return path
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _write_synced(path: Path, write: Callable) -> None:
     """Open `path` in Python (so a full disk is an OSError naming ENOSPC), let `write(f)` fill it, fsync it.
 
@@ -102,36 +94,8 @@ def _write_synced(path: Path, write: Callable) -> None:
 
 def write_manifest(folder: Path) -> None:
     """Record the size and SHA-256 of every file in `folder`; written last, so its presence means complete."""
-    files = {
-        p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
-        for p in sorted(folder.iterdir())
-        if p.is_file() and p.name != MANIFEST
-    }
-    _write_synced(folder / MANIFEST, lambda f: f.write(json.dumps({"files": files}, indent=2).encode()))
-
-
-def verify(path: Path) -> str | None:
-    """None when every file listed in the manifest has its recorded size and checksum, else what is wrong.
-
-    Checkpoints written before manifests existed have none; they are trusted as before.
-    """
-    manifest = path / MANIFEST
-    if not manifest.exists():
-        return None
-    try:
-        files = json.loads(manifest.read_text())["files"]
-    except (ValueError, KeyError, TypeError) as err:
-        return f"{manifest} is unreadable: {err}"
-    for name, expected in files.items():
-        file = path / name
-        if not file.is_file():
-            return f"{file} is missing"
-        size = file.stat().st_size
-        if size != expected["size"]:
-            return f"{file} has {size} bytes, the manifest says {expected['size']}"
-        if _sha256(file) != expected["sha256"]:
-            return f"{file} does not match its checksum"
-    return None
+    data = manifest_bytes(folder)
+    _write_synced(folder / MANIFEST, lambda f: f.write(data))
 
 
 def save_checkpoint(

@@ -61,7 +61,8 @@ class DivergenceGuard:
         """The median of the recent applied losses, once the warm-up is over (None before, or when the rule is off)."""
         if self.factor is None or len(self.recent) < self.window:
             return None
-        return statistics.median(self.recent)
+        median = statistics.median(self.recent)
+        return median if median > 0 else None  # a perfect fit (loss 0) gives no scale to compare with
 
     def verdict(self, loss: float | None, grad_norm: float) -> str | None:
         """None when the step may be applied, else why not (the start of the one line). `loss` is None for a step

@@ -3,20 +3,23 @@
 Model-shape fields (and the data contract: block size, mask id, layer ids, target) must match the checkpoint: a
 change is one line naming the field. Optimizer options (`lr`, `betas`, `weight_decay`, `eps`, `warmup_ratio`,
 `min_lr_ratio`, extra `_target_` kwargs) may change: the new values take effect from the resumed step, and the run
-says so, one line per field. The optimizer class itself may not change (its state would not fit).
+says so, one line per field. The optimizer class itself may not change (its state would not fit). Any other
+`recipe_args` option (data, batch layout, anchors, loss weights, cadences) may change too and is announced the
+same way (`training_record` is saved in every checkpoint), so a resumed run never differs silently.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
 
 from nemo_automodel_dspark.errors import ToolError
-from nemo_automodel_dspark.recipe.config import OptimizerConfig
+from nemo_automodel_dspark.options import spec_of
+from nemo_automodel_dspark.recipe.config import DSparkRecipeConfig, OptimizerConfig
 
 # field → the config key a user changes to change it
 SHAPE_FIELDS = {
@@ -86,4 +89,25 @@ def apply_optimizer_changes(
     step = scheduler.last_epoch + 1
     for key in changed:
         log(f"resume: optimizer.{key} changed from {saved.get(key)!r} to {current[key]!r}, in effect from step {step}")
+    return changed
+
+
+def training_record(config: DSparkRecipeConfig) -> dict:
+    """Every `recipe_args` option (run, draft and loss) as `recipe_args.key → value`, JSON-friendly."""
+    record = {}
+    for options in (config.recipe_args, config.draft, config.loss):
+        for f in fields(options):
+            if spec_of(f).from_yaml:
+                record[options.key(f.name)] = getattr(options, f.name)
+    return json.loads(json.dumps(record, default=str))
+
+
+def announce_changes(saved: dict | None, current: dict, step: int, log: Callable[[str], None]) -> list[str]:
+    """One line per option whose value differs from the checkpoint's (shape fields were refused before); returns
+    the keys. A checkpoint from before options were recorded announces nothing."""
+    if saved is None:
+        return []
+    changed = [key for key in current if key in saved and saved[key] != current[key]]
+    for key in changed:
+        log(f"resume: {key} changed from {saved[key]!r} to {current[key]!r}, in effect from step {step}")
     return changed

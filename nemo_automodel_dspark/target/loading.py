@@ -6,8 +6,10 @@ meta device, the recipe FSDP2-shards it, rank 0 alone reads the weights and each
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -37,13 +39,39 @@ def load_target_config(path: str, key: str, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
     check_model_path(path, key)
+    local = os.path.isdir(os.path.expanduser(path))
     try:
-        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        with _hub_retries_unlogged():
+            return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        local = os.path.isdir(os.path.expanduser(path))
         where = "cannot read its config.json" if local else "not loadable from the Hub"
-        raise ToolError(f"{key} {path}: {where} ({first})") from err
+        hint = "" if local else "; without the Hub, give a local folder (HF_HUB_OFFLINE=1 fails at once)"
+        raise ToolError(f"{key} {path}: {where} ({first}){hint}") from err
+
+
+_HUB_RETRY_LOGGER = "huggingface_hub.utils._http"
+
+
+def _is_hub_retry(record: logging.LogRecord) -> bool:
+    message = record.getMessage()
+    return " thrown while requesting " in message or message.startswith("Retrying in ")
+
+
+@contextmanager
+def _hub_retries_unlogged():
+    """Drop huggingface_hub's per-retry lines while the config is fetched: an unreachable Hub is tried 6 times over
+    about 30 s, logging 11 lines, before the one-line error above says it once. Other records of that logger show."""
+    logger = logging.getLogger(_HUB_RETRY_LOGGER)
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not _is_hub_retry(record)
+
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):

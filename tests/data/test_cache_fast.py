@@ -216,3 +216,22 @@ def test_an_unsafe_id_leaves_its_row_to_the_tokenizer(tokenizer):
     texts = table.texts([hello, hello[:1], hello[2:]])
     assert texts[0] is None and texts[1] == _decode(tokenizer, hello[:1].tolist())
     assert texts[2] == _decode(tokenizer, hello[2:].tolist())
+
+
+def test_a_blank_field_is_no_zero(tmp_path, tokenizer):
+    """numpy reads a field of blanks as 0 (`1, ,2`, a trailing `, `), one digit more than its text: a leading zero
+    elsewhere in the block (`04`) must not make the digit totals agree. All these lines are invalid JSON."""
+    rows = _rows(tokenizer)
+    messages, prompt = _parts(tokenizer, _encode(tokenizer, "hello world.") + [tokenizer.eos_token_id])
+    p, r = json.dumps(prompt), json.dumps(_encode(tokenizer, "hello world.") + [tokenizer.eos_token_id])
+    lines = [
+        _line(messages, p[:-1] + ", ,04]", r),  # one row: the blank field and the leading zero
+        _line(messages, "[01, " + p[1:-1] + ", ]", r),  # a trailing blank field
+        _line(messages, p[:-1] + ", , 5]", r),  # two rows of one block: blank field here ...
+        _line(messages, "[07, " + p[1:], r),  # ... leading zero there
+        rows[0],
+    ]
+    path = _write(tmp_path, lines, invalid_utf8=False)  # and lines[0] again, last
+    loop = DSparkChatDataset(path, tokenizer, SEQ)
+    _same(DSparkChatDataset(path, tokenizer, SEQ, cache_dir=str(tmp_path / "c")), loop)
+    assert len(loop) == 1 and sum(loop.skipped.values()) == 5

@@ -83,3 +83,26 @@ def test_temperatures_are_written_to_config_and_read_back(tmp_path):
     draft = DSparkDrafter.from_pretrained(tmp_path / "draft")
     assert draft.dspark.confidence_temperatures == [1.5, 2.0, 2.5, 3.0]
     assert not list((tmp_path / "draft").glob(".config.json.*"))  # no temp file left behind
+
+
+def test_calibrating_a_checkpoint_keeps_it_resumable(tmp_path):
+    """`dspark calibrate` on a training checkpoint: its manifest follows config.json, so `LATEST` does not skip it."""
+    from nemo_automodel_dspark.manifest import MANIFEST, verify
+    from nemo_automodel_dspark.recipe.checkpoint import find_latest, step_dir, write_manifest
+
+    target = tiny_target(32)
+    older, newest = step_dir(tmp_path, 0, 3), step_dir(tmp_path, 0, 6)
+    for folder in (older, newest):
+        random_draft(target).save_pretrained(folder)
+        (folder / "trainer_state.json").write_text("{}")
+        write_manifest(folder)
+    write_confidence_temperatures(newest, [1.5, 2.0, 2.5, 3.0])
+    warnings: list[str] = []
+    assert verify(newest) is None and find_latest(tmp_path, warn=warnings.append) == newest and warnings == []
+    assert DSparkDrafter.from_pretrained(newest).dspark.confidence_temperatures == [1.5, 2.0, 2.5, 3.0]
+
+    # A checkpoint damaged before calibration stays detectably damaged (its manifest is not rewritten to match).
+    (older / "trainer_state.json").write_text('{"x": 1}')
+    manifest = (older / MANIFEST).read_text()
+    write_confidence_temperatures(older, [1.0, 1.0, 1.0, 1.0])
+    assert (older / MANIFEST).read_text() == manifest and verify(older) is not None

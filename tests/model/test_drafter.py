@@ -172,3 +172,32 @@ def test_loss_of_a_tiny_drafter_falls_on_a_fixed_batch(qwen3_target):
         optimizer.step()
         losses.append(loss.loss.item())
     assert losses[-1] < 0.8 * losses[0], losses
+
+
+@pytest.mark.parametrize("head", ["vanilla", "rnn"])
+def test_fsdp2_wrapped_forward_returns_no_views(qwen3_target, tmp_path, head):
+    """FSDP2 hooks backward onto the outputs and warns (on every rank's first screen) when one is a view: the
+    training outputs own their storage, and the wrapped draft's first step prints no warning."""
+    import warnings
+
+    import torch.distributed as dist
+
+    from nemo_automodel_dspark.distributed import fully_shard_draft
+
+    draft = make_draft(qwen3_target, markov_head_type=head)
+    ids, loss_mask, cap, anchors, keep = batch(qwen3_target, draft)
+    plain = draft(ids, cap.features, loss_mask, anchors, keep)
+    for name in ("hidden", "markov_features", "confidence_logits"):
+        assert getattr(plain, name)._base is None, name
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        fully_shard_draft(draft, torch.device("cpu"))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = draft(ids, cap.features, loss_mask, anchors, keep)
+            (out.draft_logits.logsumexp(-1).mean() + out.confidence_logits.mean()).backward()
+    finally:
+        dist.destroy_process_group()
+    assert [str(w.message) for w in caught if "view tensor" in str(w.message)] == []
+    torch.testing.assert_close(out.confidence_logits, plain.confidence_logits)

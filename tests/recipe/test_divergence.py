@@ -70,6 +70,11 @@ def test_non_finite_values_are_refused_even_in_the_warm_up_and_steps_without_tok
     assert guard.verdict(11.0, 1e12) is not None and guard.verdict(10.0, 1e12) is None  # a big grad norm alone: fine
 
 
+def test_a_zero_reference_gives_no_scale():
+    guard = DivergenceGuard(10.0, window=2)
+    assert verdicts(guard, [0.0, 0.0, 5.0]) == [None, None, None] and guard.reference() == 2.5
+
+
 def test_the_rule_is_off_with_a_null_factor():
     guard = DivergenceGuard(None, window=2)
     assert verdicts(guard, [1.0, 1.0, 8e11]) == [None, None, None]

@@ -53,6 +53,16 @@ def test_changed_model_shape_is_one_line_naming_the_field(trained, key, value, f
     assert "\n" not in message
 
 
+def test_other_changed_options_take_effect_and_are_announced(trained, capsys):
+    cfg, _ = trained
+    recipe = TrainDSparkRecipe(resumed(cfg, num_anchors=3, max_steps=4, ce_loss_alpha=0.5))
+    recipe.setup()
+    log = capsys.readouterr().out
+    for key, old, new in (("num_anchors", 6, 3), ("max_steps", 2, 4), ("ce_loss_alpha", 0.1, 0.5)):
+        assert f"resume: recipe_args.{key} changed from {old!r} to {new!r}, in effect from step 3" in log
+    assert recipe.draft.dspark.num_anchors == 3 and log.count("resume: recipe_args.") == 3
+
+
 def test_unchanged_options_resume_the_schedule_exactly(trained, capsys):
     cfg, saved_lr = trained
     recipe = TrainDSparkRecipe(resumed(cfg))
