@@ -24,7 +24,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map
 
 import nemo_automodel_dspark.distributed as D
 from nemo_automodel_dspark.model.config import DSparkConfig
@@ -42,9 +42,17 @@ def _on_cpu(value):
     return value
 
 
+def _on_meta(tree) -> bool:
+    """Whether an op's arguments name the meta device (a meta tensor, or `device=meta` for a factory)."""
+    return any(
+        (isinstance(v, Tensor) and v.is_meta) or (isinstance(v, torch.device) and v.type == "meta")
+        for v in tree_flatten(tree)[0]
+    )
+
+
 def _advance(count: int, chunk: int = SKIP_CHUNK) -> None:
     """Take `count` 32-bit draws from the CPU generator, `chunk` at a time (fp32 `uniform_` takes one per element)."""
-    scratch = torch.empty(min(count, chunk), device="cpu")
+    scratch = torch.empty(min(count, chunk), dtype=torch.float32, device="cpu")
     while count > 0:
         scratch[: min(count, chunk)].uniform_()
         count -= chunk
@@ -103,7 +111,8 @@ def _probe(draw, numel: int):
 
 
 class CpuDraws(TorchDispatchMode):
-    """Every seeded random op on meta tensors takes the same draws from the CPU generator, and drops the values.
+    """Every seeded random op on meta tensors takes the same draws from the CPU generator, and drops the values (an
+    op on real tensors just runs).
 
     `uniform_` / `normal_` on fp32 only advance the generator by their known count, in 16 MiB chunks; any other
     seeded op runs on a full CPU scratch tensor of the same shape.
@@ -111,7 +120,7 @@ class CpuDraws(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if torch.Tag.nondeterministic_seeded in func.tags:
+        if torch.Tag.nondeterministic_seeded in func.tags and _on_meta((args, kwargs)):  # a real tensor: runs once
             count = _draws(func, args[0]) if args and advancing_is_exact() else None
             if count is not None:
                 _advance(count)

@@ -182,3 +182,38 @@ def test_sharded_meta_build_gathers_to_the_eager_draft(tmp_path):
         for name, r in report.items():
             assert r["same_names"] and r["unequal"] == [] and r["rng_equal"] and r["sharded"], (rank, name, r)
             assert r["local_bytes"] / r["full_bytes"] == pytest.approx(0.5, abs=0.05), (rank, name)
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_a_draw_on_a_real_tensor_happens_once(monkeypatch, exact):
+    """Inside CpuDraws a seeded op on a CPU tensor (a constructor may draw on one) is run once, as in an eager build,
+    not replayed on a scratch copy first."""
+    from nemo_automodel_dspark.model import meta_init
+
+    monkeypatch.setattr(meta_init, "advancing_is_exact", lambda: exact)
+    torch.manual_seed(5)
+    want = torch.empty(40).normal_()
+    real = torch.get_rng_state()
+    torch.manual_seed(5)
+    with meta_init.CpuDraws():
+        got = torch.empty(40).normal_()
+    assert torch.equal(got, want) and torch.equal(torch.get_rng_state(), real)
+
+
+def test_advancing_does_not_follow_the_default_dtype():
+    """The scratch that advances the generator is fp32 whatever the default dtype (a float64 one takes 64-bit draws)."""
+    from nemo_automodel_dspark.model import meta_init
+
+    assert meta_init.advancing_is_exact()
+    torch.manual_seed(5)
+    torch.empty(40, dtype=torch.float32).uniform_()
+    real = torch.get_rng_state()
+    torch.manual_seed(5)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        with meta_init.CpuDraws():
+            torch.empty(40, dtype=torch.float32, device="meta").uniform_()
+    finally:
+        torch.set_default_dtype(default)
+    assert torch.equal(torch.get_rng_state(), real)
