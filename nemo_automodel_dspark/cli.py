@@ -108,7 +108,13 @@ def _run_demo(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from nemo_automodel_dspark.demo import DemoOptions, run_demo
+    from nemo_automodel_dspark.errors import require_count, require_output_dir
 
+    for value, flag in ((args.train_rows, "--train-rows"), (args.heldout_rows, "--heldout-rows")):
+        require_count(value, flag)  # before the target is built (minutes), not after
+    require_count(args.nproc, "--nproc")
+    require_count(args.epochs, "--epochs")
+    require_output_dir(args.workdir, "--workdir")
     opts = DemoOptions(
         workdir=Path(args.workdir),
         nproc=args.nproc,
@@ -116,9 +122,9 @@ def _run_demo(args: argparse.Namespace) -> int:
         extra_overrides=tuple(f"--{item}" for item in args.set),
         run_name=args.run_name,
     )
-    if args.train_rows:
+    if args.train_rows is not None:
         opts.train_rows = args.train_rows
-    if args.heldout_rows:
+    if args.heldout_rows is not None:
         opts.heldout_rows = args.heldout_rows
     run_demo(opts)
     return 0

@@ -58,3 +58,29 @@ def test_demo_end_to_end_small_budget(tmp_path, capfd):
     assert used and used.group(1) == used.group(2) != "0"  # ... and the recipe trained on exactly that
     saved = json.loads((tmp_path / "run" / "demo_report.json").read_text())
     assert saved["train"]["step"] == summary["train"]["step"] >= 2
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--train-rows", "-1"], "--train-rows -1: must be >= 1"),
+        (["--heldout-rows", "0"], "--heldout-rows 0: must be >= 1"),
+        (["--nproc", "0"], "--nproc 0: must be >= 1"),
+        (["--epochs", "0"], "--epochs 0: must be >= 1"),
+    ],
+)
+def test_demo_refuses_bad_counts_before_any_work(monkeypatch, tmp_path, capsys, flags, message):
+    seen = []
+    monkeypatch.setattr(demo, "run_demo", seen.append)
+    assert main(["demo", "--workdir", str(tmp_path / "w"), *flags]) == 2
+    assert capsys.readouterr().err.strip() == f"dspark demo: error: {message}"
+    assert seen == [] and not (tmp_path / "w").exists()
+
+
+def test_demo_refuses_a_file_as_workdir(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(demo, "run_demo", lambda opts: pytest.fail("ran"))
+    (tmp_path / "f").write_text("")
+    assert main(["demo", "--workdir", str(tmp_path / "f")]) == 2
+    assert (
+        capsys.readouterr().err.strip() == f"dspark demo: error: --workdir {tmp_path / 'f'}: is a file; pass a folder"
+    )
