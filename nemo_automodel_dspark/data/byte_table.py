@@ -68,15 +68,17 @@ class ByteTable:
         if backend is None or not isinstance(backend.decoder, decoders.ByteLevel):
             return None
         alphabet, vocab = _byte_alphabet(), len(tokenizer)
+        to_bytes = str.maketrans({c: chr(b) for c, b in alphabet.items()})  # then latin-1: one char, one byte
+        outside = str.maketrans(dict.fromkeys(alphabet))  # deletes the alphabet: what is left is outside it
         special = {i for i, token in backend.get_added_tokens_decoder().items() if token.special}
         pieces = []
         for i in range(vocab):
             token = backend.id_to_token(i)
             if token is None or i in special:
                 pieces.append(b"")
-            elif all(c in alphabet for c in token):
-                pieces.append(bytes(alphabet[c] for c in token))
-            else:
+            elif not token.translate(outside):
+                pieces.append(token.translate(to_bytes).encode("latin-1"))
+            else:  # a character outside the alphabet: the decoder keeps the token's own UTF-8 bytes
                 pieces.append(token.encode())
         singles = backend.decode_batch([[i] for i in range(vocab)], skip_special_tokens=True)
         unsafe = np.asarray([p.decode("utf-8", "replace") != s for p, s in zip(pieces, singles, strict=True)])

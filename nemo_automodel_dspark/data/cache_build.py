@@ -52,26 +52,17 @@ class Chunk:
     lengths: np.ndarray  # [used rows] int64
 
 
-def jsonl_chunks(path: str) -> Iterator[tuple[int, bytes]]:
-    """(number of the first line, whole lines of about CHUNK_BYTES) over the file; line numbers as `jsonl_lines`."""
-    number, carry = 1, b""
+def jsonl_chunks(path: str) -> Iterator[tuple[int, list[bytes]]]:
+    """(number of the first line, lines of about CHUNK_BYTES in all) over the file; line numbers as `jsonl_lines`."""
+    number = 1
     with open(path, "rb") as f:
-        while block := f.read(CHUNK_BYTES):
-            block = carry + block
-            cut = block.rfind(b"\n") + 1
-            if cut:
-                yield number, block[:cut]
-                number += block.count(b"\n", 0, cut)
-            carry = block[cut:]
-    if carry:
-        yield number, carry
+        while lines := f.readlines(CHUNK_BYTES):
+            yield number, lines
+            number += len(lines)
 
 
-def _lines(first: int, chunk: bytes) -> list[tuple[int, bytes]]:
+def _lines(first: int, lines: list[bytes]) -> list[tuple[int, bytes]]:
     """(line number, line) of the chunk's non-blank lines."""
-    lines = chunk.split(b"\n")
-    if chunk.endswith(b"\n"):
-        lines.pop()
     return [(first + i, line) for i, line in enumerate(lines) if line.strip()]
 
 
@@ -81,7 +72,7 @@ def _row_chunks(path_or_id: str, split: str) -> Iterator[list[tuple[int, Any]]]:
         yield chunk
 
 
-def _tokenize_jsonl(state: _State, item: tuple[int, bytes]) -> Chunk:
+def _tokenize_jsonl(state: _State, item: tuple[int, list[bytes]]) -> Chunk:
     numbered = _lines(*item)
     lines = [line for _, line in numbered]
     fast = tokenize_id_lines(lines, state.ids) if state.ids is not None else [None] * len(lines)

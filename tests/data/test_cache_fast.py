@@ -110,7 +110,7 @@ def _same(a: DSparkChatDataset, b: DSparkChatDataset) -> None:
 
 @pytest.mark.parametrize(("num_proc", "chunk_bytes"), [(1, 1 << 20), (2, 700), (1, 1)])
 def test_every_edge_case_ends_as_in_the_loop(tmp_path, tokenizer, monkeypatch, num_proc, chunk_bytes):
-    monkeypatch.setattr(cache_build, "CHUNK_BYTES", chunk_bytes)  # chunks cut between (or inside) lines
+    monkeypatch.setattr(cache_build, "CHUNK_BYTES", chunk_bytes)  # chunks of one line, a few lines, all
     path = _write(tmp_path, _rows(tokenizer))
     mask_id = tokenizer.convert_tokens_to_ids("<|mask|>")
     loop = DSparkChatDataset(path, tokenizer, SEQ, mask_token_id=mask_id)
