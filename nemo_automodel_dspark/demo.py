@@ -73,8 +73,29 @@ def build_data(opts: DemoOptions, target: Path) -> tuple[Path, Path]:
     return outputs[0], outputs[1]
 
 
+def user_overrides(opts: DemoOptions) -> list[str]:
+    """What the user changes in the training run (`--epochs`, `--set`), as recipe overrides."""
+    return [*([f"--recipe_args.num_epochs={opts.epochs}"] if opts.epochs else []), *opts.extra_overrides]
+
+
+def check_overrides(opts: DemoOptions) -> None:
+    """Parse the example YAML with the user's overrides before anything is built: a mistyped `--set` is one line
+    now instead of after minutes of target building and regeneration."""
+    from nemo_automodel_dspark.errors import ToolError
+    from nemo_automodel_dspark.options import ConfigError
+    from nemo_automodel_dspark.recipe.config import parse_config
+    from nemo_automodel_dspark.recipe.config_file import load_config
+
+    try:
+        parse_config(load_config(["-c", str(EXAMPLE), *user_overrides(opts)]))
+    except ConfigError as err:
+        raise ToolError(f"--set: {err}") from err
+
+
 def train(opts: DemoOptions, target: Path, mask_token_id: int, train_data: Path, heldout: Path) -> Path:
     """Run the recipe under torchrun exactly as a user would; returns the run's output directory."""
+    from nemo_automodel_dspark.errors import ToolError
+
     run_dir = opts.workdir / opts.run_name
     overrides = [
         f"--recipe_args.target_model_name_or_path={target}",
@@ -82,9 +103,8 @@ def train(opts: DemoOptions, target: Path, mask_token_id: int, train_data: Path,
         f"--recipe_args.val_data_path={heldout}",
         f"--recipe_args.output_dir={run_dir}",
         f"--recipe_args.mask_token_id={mask_token_id}",
-        *([f"--recipe_args.num_epochs={opts.epochs}"] if opts.epochs else []),
         "--recipe_args.overwrite_output_dir=true",  # a rerun moves the previous demo run aside, never mixes with it
-        *opts.extra_overrides,
+        *user_overrides(opts),
     ]
     cmd = [
         sys.executable,
@@ -100,7 +120,9 @@ def train(opts: DemoOptions, target: Path, mask_token_id: int, train_data: Path,
     ]
     _say("training: " + " ".join(cmd[2:]))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    subprocess.run(cmd, check=True, env=env)
+    status = subprocess.run(cmd, env=env).returncode
+    if status != 0:  # the recipe's own one-line message (and torchrun's report) are already on the screen
+        raise ToolError(f"training stopped with exit status {status} (its message is above); run folder {run_dir}")
     return run_dir
 
 
@@ -210,6 +232,7 @@ def run_demo(opts: DemoOptions) -> dict:
     from nemo_automodel_dspark.tools.tiny_target import DEFAULT_STEPS, build_tiny_target
 
     start = time.perf_counter()
+    check_overrides(opts)
     opts.workdir.mkdir(parents=True, exist_ok=True)
     build = build_tiny_target(opts.workdir / "target", seed=0, steps=opts.target_steps or DEFAULT_STEPS)
     _say(f"target: {build.path} ({'reused' if build.reused else 'built'})")

@@ -84,3 +84,35 @@ def test_demo_refuses_a_file_as_workdir(monkeypatch, tmp_path, capsys):
     assert (
         capsys.readouterr().err.strip() == f"dspark demo: error: --workdir {tmp_path / 'f'}: is a file; pass a folder"
     )
+
+
+def test_demo_refuses_a_mistyped_set_before_any_work(tmp_path, capsys):
+    workdir = tmp_path / "w"
+    assert main(["demo", "--workdir", str(workdir), "--set", "recipe_args.markov_rnak=0"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "dspark demo: error: --set: unknown config key 'recipe_args.markov_rnak'; "
+        "did you mean 'recipe_args.markov_rank'?"
+    )
+    assert not workdir.exists()  # nothing built, nothing regenerated
+
+
+def test_a_failed_training_run_is_one_line_naming_the_run_folder(monkeypatch, tmp_path):
+    from subprocess import CompletedProcess
+
+    from nemo_automodel_dspark.errors import ToolError
+
+    launched = []
+
+    def failing_run(cmd, **kwargs):
+        launched.append(cmd)
+        return CompletedProcess(cmd, 1)
+
+    monkeypatch.setattr(demo.subprocess, "run", failing_run)
+    opts = DemoOptions(workdir=tmp_path, epochs=2, extra_overrides=("--recipe_args.markov_rank=0",))
+    with pytest.raises(ToolError) as err:
+        demo.train(opts, tmp_path / "target", 3, tmp_path / "t.jsonl", tmp_path / "h.jsonl")
+    assert (
+        str(err.value) == f"training stopped with exit status 1 (its message is above); run folder {tmp_path / 'run'}"
+    )
+    # the user's overrides come last, so they win over the demo's own
+    assert launched[0][-2:] == ["--recipe_args.num_epochs=2", "--recipe_args.markov_rank=0"]

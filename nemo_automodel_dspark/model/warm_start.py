@@ -14,6 +14,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 import nemo_automodel_dspark.distributed as D
+from nemo_automodel_dspark.model.serving import DraftFormatError, weight_files
 
 SHARED_WITH_TARGET = ("embed_tokens.weight", "lm_head.weight")
 
@@ -64,9 +65,10 @@ def load_warm_start(draft, directory: str | os.PathLike) -> None:
     """
     check_compatible(draft, directory)
     where = f"recipe_args.draft_weights_path {directory}"
-    files = sorted(Path(directory).glob("*.safetensors"))  # one file, or shards with an index
-    if not files:
-        raise ValueError(f"{where}: no *.safetensors file")
+    try:
+        files = weight_files(directory)  # model.safetensors, or the shards its index names: what serving reads
+    except DraftFormatError as err:
+        raise ValueError(f"{where}: {err}") from err
     saved = _saved_shapes(files)
     own = draft.state_dict()  # the parameters themselves (DTensors when sharded); global shapes
     missing = [k for k in own if k not in saved and k not in SHARED_WITH_TARGET]

@@ -217,3 +217,19 @@ def test_advancing_does_not_follow_the_default_dtype():
     finally:
         torch.set_default_dtype(default)
     assert torch.equal(torch.get_rng_state(), real)
+
+
+def test_the_start_up_check_reseeds_no_accelerator(monkeypatch):
+    """`advancing_is_exact` seeds and restores the CPU generator only: `torch.manual_seed` would also reseed every
+    CUDA generator to its probe seed, replacing the run's seed there."""
+    from nemo_automodel_dspark.model import meta_init
+
+    seeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", seeded.append)
+    meta_init.advancing_is_exact.cache_clear()
+    try:
+        state = torch.get_rng_state()
+        assert meta_init.advancing_is_exact()
+        assert seeded == [] and torch.equal(torch.get_rng_state(), state)
+    finally:
+        meta_init.advancing_is_exact.cache_clear()

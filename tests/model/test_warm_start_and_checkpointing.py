@@ -85,3 +85,22 @@ def test_warm_start_without_shared_embeddings_keeps_the_targets(qwen3_target, tm
     save_file(state, str(weights))
     with pytest.raises(ValueError, match=r"missing \['fc.weight'\]"):
         load_warm_start(make_draft(qwen3_target), tmp_path / "draft")
+
+
+def test_warm_start_reads_the_files_a_served_draft_is_read_from(qwen3_target, tmp_path):
+    """A stray `*.safetensors` beside `model.safetensors` (an older copy) is ignored, as `load_draft` ignores it: the
+    warm start takes the weights the draft would be served with."""
+    from safetensors.torch import save_file
+
+    saved = make_draft(qwen3_target)
+    saved.save_pretrained(tmp_path / "draft")
+    stale = {k: v + 1.0 for k, v in saved.state_dict().items()}
+    save_file(stale, str(tmp_path / "draft" / "old_model.safetensors"))  # sorts after model.safetensors
+    fresh = make_draft(qwen3_target)
+    with torch.no_grad():
+        fresh.fc.weight.add_(2.0)
+    load_warm_start(fresh, tmp_path / "draft")
+    assert torch.equal(fresh.fc.weight, saved.fc.weight)
+    (tmp_path / "draft" / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match=r"draft_weights_path .*: no weights"):
+        load_warm_start(make_draft(qwen3_target), tmp_path / "draft")
