@@ -207,10 +207,12 @@ class DSparkStep:
         self, sums: dict[str, Tensor], numerator: Tensor, global_den: Tensor, grad_norm: Tensor
     ) -> tuple[float | None, float]:
         """(the step's loss over every rank, its grad norm) on the host, identical on every rank (one all-reduce,
-        one host sync). A sum that is non-finite on any rank makes the loss NaN; no supervised token: loss None."""
+        one host sync). A sum or grad norm that is non-finite on any rank makes the loss NaN; no supervised token:
+        loss None."""
         bad = torch.zeros((), dtype=torch.bool, device=self.info.device)
         for value in sums.values():
             bad = bad | ~torch.isfinite(value.detach().float()).all()
+        bad = bad | ~torch.isfinite(grad_norm.detach().float()).all()  # every rank then refuses the step alike
         summed = D.all_reduce_sum(torch.stack([bad.float(), numerator]))
         step_wide = torch.stack([global_den.float(), grad_norm.detach().float().reshape(()).to(global_den.device)])
         total_bad, total_numerator, den, norm = torch.cat([summed, step_wide]).tolist()

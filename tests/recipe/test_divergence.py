@@ -228,3 +228,18 @@ def test_the_guard_s_loss_is_the_logged_loss_and_its_reference_is_checkpointed(t
     assert recipe.runner.guard.recent == pytest.approx(logged, rel=1e-5)
     state = json.loads((out / "ckpt" / "epoch_0_step_3" / "trainer_state.json").read_text())
     assert state["divergence"] == {"recent": recipe.runner.guard.recent}
+
+
+def test_a_non_finite_grad_norm_makes_the_step_wide_loss_nan_even_with_finite_sums():
+    """The grad norm joins the loss's all-reduced 'bad' flag, so every rank refuses such a step alike."""
+    from types import SimpleNamespace
+
+    from nemo_automodel_dspark.recipe.step import DSparkStep
+
+    step = object.__new__(DSparkStep)
+    step.info = SimpleNamespace(device=torch.device("cpu"), world_size=1)
+    sums = {"ce": torch.tensor(3.0)}
+    numerator, den = torch.tensor(6.0), torch.tensor(2.0)
+    assert step._global_loss_and_norm(sums, numerator, den, torch.tensor(0.5)) == (3.0, 0.5)
+    loss, norm = step._global_loss_and_norm(sums, numerator, den, torch.tensor(float("inf")))
+    assert math.isnan(loss) and norm == float("inf")
