@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from nemo_automodel_dspark.errors import ToolError, require_count, require_output_file
 from nemo_automodel_dspark.io import atomic_path, atomic_write_json, atomic_write_jsonl, remove_leftover_temps
-from nemo_automodel_dspark.target.loading import check_model_path
+from nemo_automodel_dspark.target.loading import check_model_path, load_target_config
 from nemo_automodel_dspark.tools.chat_rows import PromptRow, RowError, output_row, parse_row
 from nemo_automodel_dspark.tools.generators import Generation, SamplingConfig
 
@@ -146,6 +146,8 @@ def regenerate(config: RegenerateConfig) -> RegenerateSummary:
     if not Path(config.data).is_file():
         raise ToolError(f"--data {config.data} is not a file")
     require_output_file(config.out, "--out")  # its folder also takes OUT.shards/: checked before any row is generated
+    if config.server is None and config.target is not None:  # an unreachable hub id: one line, not a traceback
+        load_target_config(config.target, "--target")
     manifest = _start_manifest(config)
     directory = shards_dir(config.out)
     out = Path(config.out)  # temps of a killed shard, manifest or output write (this run owns these names now)

@@ -307,3 +307,22 @@ def test_sampling_is_seeded_per_shard(tiny_target, tmp_path):
     assert run("b.jsonl", temperature=1.0, seed=5) == sampled  # same seed → same samples
     assert run("c.jsonl", temperature=1.0, seed=6) != sampled
     assert run("d.jsonl") != sampled  # greedy differs from sampling at temperature 1
+
+
+def test_an_unreachable_hub_target_is_one_line_before_any_shard(monkeypatch, tmp_path, capsys):
+    import transformers
+
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.")
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", offline)
+    data = tmp_path / "prompts.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    out = tmp_path / "out.jsonl"
+    assert main(["regenerate", "--target", "org/model", "--data", str(data), "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "dspark regenerate: error: --target org/model: not loadable from the Hub (We couldn't connect to "
+        "'https://huggingface.co' to load the files.); without the Hub, give a local folder (HF_HUB_OFFLINE=1 "
+        "fails at once)"
+    )
+    assert not shards_dir(out).exists() and not out.exists()
