@@ -61,6 +61,28 @@ def require_count(value: int | None, flag: str, minimum: int = 1) -> None:
         raise ToolError(f"{flag} {value}: must be >= {minimum}")
 
 
+def require_device(device: str | None, flag: str) -> None:
+    """`cpu`, `cuda` or `cuda:N` that this machine has (None or `auto`: chosen later), else one line naming `flag`
+    (instead of torch's `Torch not compiled with CUDA enabled` traceback once the models load)."""
+    if device in (None, "auto"):
+        return
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as err:
+        raise ToolError(f"{flag} {device}: not a device; use cpu, cuda or cuda:N") from err
+    if parsed.type == "cpu":
+        return
+    if parsed.type != "cuda":
+        raise ToolError(f"{flag} {device}: not supported here; use cpu, cuda or cuda:N")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise ToolError(f"{flag} {device}: CUDA is not available on this machine (torch {torch.__version__}); use cpu")
+    if parsed.index is not None and parsed.index >= count:
+        raise ToolError(f"{flag} {device}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+
+
 def require_output_dir(path: str | os.PathLike, flag: str) -> None:
     """Before any work: `path` is a folder we can create or write into, not a file."""
     target = Path(path)

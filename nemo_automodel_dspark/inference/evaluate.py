@@ -237,7 +237,13 @@ add_arguments = add_evaluate_arguments  # `dspark evaluate` flags (torch-free mo
 def _check_inputs(args: argparse.Namespace) -> None:
     """Every input checked before a weight loads or a token is decoded: each mistake is one line naming the flag."""
     from nemo_automodel_dspark.draft_checks import require_draft_fits_target, require_finite_draft
-    from nemo_automodel_dspark.errors import require_count, require_draft_dir, require_file, require_output_file
+    from nemo_automodel_dspark.errors import (
+        require_count,
+        require_device,
+        require_draft_dir,
+        require_file,
+        require_output_file,
+    )
     from nemo_automodel_dspark.target.loading import load_target_config
 
     require_draft_dir(args.draft)
@@ -248,6 +254,7 @@ def _check_inputs(args: argparse.Namespace) -> None:
         require_count(value, flag)
     require_count(args.verify_len, "--verify-len")
     require_file(args.data, "--data")
+    require_device(args.device, "--device")
     require_draft_fits_target(args.draft, load_target_config(args.target, "--target"), args.target)
     require_finite_draft(args.draft)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from nemo_automodel_dspark.errors import ToolError, require_count, require_output_file
+from nemo_automodel_dspark.errors import ToolError, require_count, require_device, require_output_file
 from nemo_automodel_dspark.io import atomic_path, atomic_write_json, atomic_write_jsonl, remove_leftover_temps
 from nemo_automodel_dspark.target.loading import check_model_path, load_target_config
 from nemo_automodel_dspark.tools.chat_rows import PromptRow, RowError, output_row, parse_row
@@ -84,6 +84,7 @@ class RegenerateConfig:
         require_count(self.max_retries, "--max-retries", minimum=0)
         if self.target is not None and self.server is None:
             check_model_path(self.target, "--target")
+            require_device(self.device, "--device")
 
     def identity(self) -> dict:
         """The output-deciding fields, paths made absolute: what the manifest stores and resume compares."""

@@ -215,3 +215,28 @@ def test_export_refuses_a_non_finite_draft_and_a_file_as_out(assets, tmp_path, c
     a_file.write_text("x")
     err = one_line_error(["export", str(root / "draft"), "--format", "nemo", "--out", str(a_file)], capsys)
     assert f"--out {a_file}: is a file; pass a folder" in err and a_file.read_text() == "x"
+
+
+@pytest.mark.parametrize(
+    "device, cuda_devices, expected",
+    [
+        ("cuda", 0, "--device cuda: CUDA is not available on this machine (torch {torch}); use cpu"),
+        ("cuda:1", 0, "--device cuda:1: CUDA is not available on this machine (torch {torch}); use cpu"),
+        ("cuda:2", 2, "--device cuda:2: this machine has 2 CUDA device(s), cuda:0 to cuda:1"),
+        ("gpu", 0, "--device gpu: not a device; use cpu, cuda or cuda:N"),
+        ("mps", 0, "--device mps: not supported here; use cpu, cuda or cuda:N"),
+    ],
+)
+def test_a_device_this_machine_lacks_is_one_line_before_loading(
+    assets, tmp_path, capsys, monkeypatch, device, cuda_devices, expected
+):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda_devices > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: cuda_devices)
+    root, target_dir, data = assets
+    expected = expected.format(torch=torch.__version__)
+    argv = ["evaluate", "--target", str(target_dir), "--draft", str(root / "draft"), "--data", str(data)]
+    err = one_line_error([*argv, "--output", str(tmp_path / "r.json"), "--device", device], capsys)
+    assert err.strip() == f"dspark evaluate: error: {expected}"
+    argv = ["regenerate", "--target", str(target_dir), "--data", str(data), "--out", str(tmp_path / "o.jsonl")]
+    assert one_line_error([*argv, "--device", device], capsys).strip() == f"dspark regenerate: error: {expected}"
+    assert not (tmp_path / "o.jsonl.shards").exists()
