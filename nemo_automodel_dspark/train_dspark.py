@@ -435,7 +435,7 @@ class TrainDSparkRecipe(BaseRecipe):
                 "decode/speedup": report.get("speedup"),
                 "decode/rounds": report["rounds"],
             }
-            self._log(f"step {self.step} | decode/tau {report['tau']} | decode/speedup {report.get('speedup')}")
+            self._log(console_line(record))
         self._write_metrics(record if self.info.is_main else None)  # every rank joins: it is also the barrier
 
     def _write_metrics(self, record: dict | None) -> None:

@@ -81,9 +81,12 @@ def _parse(line: bytes) -> dict | None:
 
 
 def console_line(record: dict) -> str:
-    """One-line summary of a log record."""
-    keys = ("loss", "ce_loss", "l1_loss", "confidence_loss", "tau", "accept_rate", "lr", "grad_norm", "tokens_per_s")
+    """One-line summary of a log record (training, `val/` or `decode/`), numbers to 4 significant digits."""
+    keys: tuple[str, ...] = ("loss", "ce_loss", "l1_loss", "confidence_loss", "tau", "accept_rate", "lr")
+    keys += ("grad_norm", "tokens_per_s")
     prefix = "val/" if any(k.startswith("val/") for k in record) else ""
+    if any(k.startswith("decode/") for k in record):
+        prefix, keys = "decode/", ("tau", "speedup", "rounds")
     parts = [f"step {record['step']}", f"epoch {record['epoch']}"]
     for key in keys:
         value = record.get(prefix + key)

@@ -92,3 +92,14 @@ def test_cadences():
     assert not any(vars(due_after_step(quiet, 7, epoch_done=False, last=False, has_val=False)).values())
     d = due_after_step(quiet, 7, epoch_done=True, last=True, has_val=False)
     assert d.log and d.end_epoch and not (d.validate or d.decode or d.checkpoint)
+
+
+def test_console_lines_of_training_validation_and_decoding_records():
+    from nemo_automodel_dspark.recipe.metrics import console_line
+
+    train = {"step": 4, "epoch": 0, "loss": 3.13751, "tau": 1.2291, "lr": 0.0020667, "mem": 1.5}
+    assert console_line(train) == "step 4 | epoch 0 | loss 3.138 | tau 1.229 | lr 0.002067"
+    val = {"step": 4, "epoch": 0, "val/loss": 2.2761, "val/tau": 1.5551}
+    assert console_line(val) == "step 4 | epoch 0 | val/loss 2.276 | val/tau 1.555"
+    decode = {"step": 2, "epoch": 0, "decode/tau": 1.0769230769230769, "decode/speedup": None, "decode/rounds": 13}
+    assert console_line(decode) == "step 2 | epoch 0 | decode/tau 1.077 | decode/rounds 13"
