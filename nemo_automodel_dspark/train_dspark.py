@@ -11,7 +11,6 @@ import sys
 from nemo_automodel_dspark.recipe.config import (
     ConfigError,
     DSparkRecipeConfig,
-    RecipeArgs,
     config_or_exit,
     exit_with_error,
     parse_config,
@@ -23,7 +22,7 @@ if __name__ == "__main__":  # `python -m ...train_dspark`: check every option be
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import cast
 
 import torch
 from nemo_automodel.recipes.base_recipe import BaseRecipe
@@ -34,22 +33,19 @@ from nemo_automodel_dspark.data import DSparkChatDataset
 from nemo_automodel_dspark.data.cache import default_cache_root
 from nemo_automodel_dspark.errors import ToolError
 from nemo_automodel_dspark.loss import flatten_sums, metrics_from_sums, unflatten_sums
-from nemo_automodel_dspark.model.config import DSparkConfig
-from nemo_automodel_dspark.model.drafter import DSparkDrafter
 from nemo_automodel_dspark.model.families import family_for
-from nemo_automodel_dspark.recipe import batching, resume, run_folder
+from nemo_automodel_dspark.recipe import batching, resume, run_folder, target_setup
 from nemo_automodel_dspark.recipe import checkpoint as ckpt
+from nemo_automodel_dspark.recipe.eval_decode import decode_metrics
 from nemo_automodel_dspark.recipe.guards import RunStopped, divergence_message, non_finite_tensors
 from nemo_automodel_dspark.recipe.inputs import check_data, load_decode_prompts
 from nemo_automodel_dspark.recipe.metrics import console_line
 from nemo_automodel_dspark.recipe.optim import build_optimizer, build_scheduler
-from nemo_automodel_dspark.recipe.plan import MemoryPlan, device_memory_gib, plan_for_config
 from nemo_automodel_dspark.recipe.serving_checks import check_serving, warning_text
 from nemo_automodel_dspark.recipe.sharded_draft import build_draft
-from nemo_automodel_dspark.recipe.sharded_target import load_sharded_target
-from nemo_automodel_dspark.recipe.state import MetricsWindow, Progress, due_after_step
+from nemo_automodel_dspark.recipe.state import MetricsWindow, Progress, ProgressField, due_after_step
 from nemo_automodel_dspark.recipe.step import DSparkStep, MicroBatch
-from nemo_automodel_dspark.target.loading import load_target, load_target_config, load_tokenizer
+from nemo_automodel_dspark.target.loading import load_tokenizer
 
 
 @dataclass
@@ -59,24 +55,11 @@ class FrozenTarget:
     model: torch.nn.Module
 
 
-class _ProgressField:
-    """`recipe.step` / `.epoch` / `.skipped_steps` read and write `recipe.progress` (the one owner of them)."""
-
-    def __set_name__(self, owner, name: str) -> None:
-        self.name = name
-
-    def __get__(self, recipe, owner=None) -> int:
-        return getattr(recipe.progress, self.name)
-
-    def __set__(self, recipe, value: int) -> None:
-        setattr(recipe.progress, self.name, value)
-
-
 class TrainDSparkRecipe(BaseRecipe):
     """Frozen target + trainable DSpark draft; setup() reads as a table of contents of `_build_*` steps and
     `run_train_validation_loop` as the loop: train a step, then do what `due_after_step` says is due."""
 
-    step, epoch, skipped_steps = _ProgressField(), _ProgressField(), _ProgressField()
+    step, epoch, skipped_steps = ProgressField(), ProgressField(), ProgressField()
 
     def __init__(self, cfg) -> None:
         self.cfg = cfg
@@ -85,10 +68,10 @@ class TrainDSparkRecipe(BaseRecipe):
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         args = self.config.recipe_args
-        target_config, self.draft_config = self._check_target()
+        self.target_config, self.draft_config = target_setup.check_target(self.config)
         self.info = D.init_distributed(self.config.dist_env.backend, self.config.dist_env.timeout_minutes)
         torch.manual_seed(args.shuffle_seed)
-        self._check_serving(target_config)
+        self._check_serving(self.target_config)
         check_data(args)
         self.files = run_folder.RunFiles(args.output_dir, self.config.checkpoint, self.info.is_main, self._log)
         self.files.claim(args.overwrite_output_dir)
@@ -103,19 +86,6 @@ class TrainDSparkRecipe(BaseRecipe):
     def _log(self, message: str) -> None:
         if self.info.is_main:
             tqdm.write(message)
-
-    def _check_target(self) -> tuple[Any, DSparkConfig]:
-        """Read only the target's config.json: (its HF config, the draft options checked against it, ids resolved)."""
-        args = self.config.recipe_args
-        key = RecipeArgs.key("target_model_name_or_path")
-        target_config = load_target_config(args.target_model_name_or_path, key, args.trust_remote_code)
-        try:
-            family = family_for(target_config)
-            text = family.text_config(target_config)
-            family.check_supported(text)
-        except ValueError as err:
-            raise ConfigError(f"'{key}' {args.target_model_name_or_path}: {str(err).splitlines()[0]}") from err
-        return target_config, self.config.draft.for_target(text.num_hidden_layers, text.vocab_size)
 
     def _check_serving(self, target_config) -> None:
         """Engine rules that need the target's depth and family (config.json only), before data or weights load."""
@@ -168,42 +138,10 @@ class TrainDSparkRecipe(BaseRecipe):
     def _build_target(self) -> None:
         """The frozen target, replicated or FSDP2-sharded as the memory plan decides (printed once at start-up)."""
         args = self.config.recipe_args
-        dtype = torch.bfloat16 if self.info.device.type == "cuda" else torch.float32
-        self.plan = self._memory_plan()
+        self.plan = target_setup.memory_plan(self.config, self.target_config, self.info)
         self._log(self.plan.table())
-        self._log(self._sharding_line())
-        if self.plan.target_sharded and args.eval_decode is not None:
-            raise ValueError(
-                "recipe_args.eval_decode decodes on rank 0 alone and needs a replicated target, but the target is "
-                "sharded; set recipe_args.shard_dense_target: false (or remove eval_decode)"
-            )
-        source = args.target_model_name_or_path
-        if self.plan.target_sharded:
-            model = load_sharded_target(
-                source, dtype=dtype, info=self.info, trust_remote_code=args.trust_remote_code, log=self._log
-            )
-        else:
-            model = load_target(source, dtype=dtype, device=self.info.device, trust_remote_code=args.trust_remote_code)
-        self.frozen = FrozenTarget(model)
-
-    def _memory_plan(self) -> MemoryPlan:
-        args = self.config.recipe_args
-        device = "cuda" if self.info.device.type == "cuda" else "cpu"
-        budget = args.memory_budget_gib or device_memory_gib(self.info.device, self.info.local_world_size)
-        key = RecipeArgs.key("target_model_name_or_path")
-        target_config = load_target_config(args.target_model_name_or_path, key, args.trust_remote_code)
-        return plan_for_config(self.config, target_config, self.info.world_size, budget, device)
-
-    def _sharding_line(self) -> str:
-        plan, setting = self.plan, str(self.config.recipe_args.shard_dense_target).lower()
-        chosen = f"sharded over {self.info.world_size} ranks" if plan.target_sharded else "replicated"
-        if self.info.world_size == 1:
-            return f"shard_dense_target: {setting} -> {chosen} (one process)"
-        verdict = "fits" if plan.replicated_gib <= plan.budget_gib else "does not fit"
-        return (
-            f"shard_dense_target: {setting} -> {chosen} (replicated plan {plan.replicated_gib:.4g} GiB {verdict} "
-            f"in {plan.budget_gib:.4g} GiB per device)"
-        )
+        self._log(target_setup.sharding_line(self.plan, args.shard_dense_target, self.info.world_size))
+        self.frozen = FrozenTarget(target_setup.load_frozen_target(args, self.info, self.plan, self._log))
 
     def _build_draft(self) -> None:
         args = self.config.recipe_args
@@ -258,7 +196,7 @@ class TrainDSparkRecipe(BaseRecipe):
             self.files.truncate_metrics(0)
             return
         state = ckpt.load_trainer_state(path)
-        resume.check_compatible(path, state["compat"], self._compat())
+        resume.check_compatible(path, state["compat"], resume.compat_record(self.config, self.draft_config))
         model_state, optim_state = ckpt.load_weights(path)  # every rank reads: checkpoint_dir is shared storage
         try:
             D.load_full_state(self.model, self.optimizer, model_state, optim_state)
@@ -279,25 +217,6 @@ class TrainDSparkRecipe(BaseRecipe):
         self.files.set_aside_newer(self.step)
         resume.announce_changes(state.get("options"), resume.training_record(self.config), self.step + 1, self._log)
         self._log(f"resumed from {path} at step {self.step} (epoch {self.epoch})")
-
-    def _compat(self) -> dict:
-        return {
-            "block_size": self.draft_config.block_size,
-            "mask_token_id": self.draft_config.mask_token_id,
-            "target_layer_ids": list(self.draft_config.target_layer_ids or []),
-            "target_model_name_or_path": self.config.recipe_args.target_model_name_or_path,
-            **{
-                key: getattr(self.draft_config, key)
-                for key in (
-                    "draft_num_hidden_layers",
-                    "markov_rank",
-                    "markov_head_type",
-                    "enable_confidence_head",
-                    "confidence_head_with_markov",
-                    "freeze_embeddings",
-                )
-            },
-        }
 
     # ------------------------------------------------------------------ loop
     def _micro_batches(self, dataset: DSparkChatDataset, items: list) -> list[MicroBatch]:
@@ -403,40 +322,16 @@ class TrainDSparkRecipe(BaseRecipe):
 
     def _eval_decode(self, epoch: int) -> None:
         """Real speculative decoding on rank 0 with a consolidated copy of the draft; training state is untouched."""
-        from nemo_automodel_dspark.inference.evaluate import run_evaluation
-        from nemo_automodel_dspark.inference.prompts import load_prompts
-
-        decode = self.config.recipe_args.eval_decode
-        assert decode is not None
         state = D.full_model_state(self.model)  # every rank joins the gather
+        record = None
         if self.info.is_main:
-            draft = DSparkDrafter(self.draft.target_config, self.draft.dspark).to(self.info.device)
-            draft.load_state_dict(state)
-            if self._decode_prompts is None:
-                self._decode_prompts = load_prompts(
-                    decode.data_path,
-                    self.tokenizer,
-                    decode.num_prompts,
-                    chat_template=self.config.recipe_args.chat_template,
-                )
-            report = run_evaluation(
-                self.frozen.model,
-                draft.eval(),
-                self.tokenizer,
-                self._decode_prompts,
-                temperature=decode.temperature,
-                max_new_tokens=decode.max_new_tokens,
-                seed=self.config.recipe_args.shuffle_seed,
-            ).report
-            record = {
-                "step": self.step,
-                "epoch": epoch,
-                "decode/tau": report["tau"],
-                "decode/speedup": report.get("speedup"),
-                "decode/rounds": report["rounds"],
-            }
+            args, model = self.config.recipe_args, self.frozen.model
+            metrics = decode_metrics(
+                model, self.draft, state, self.tokenizer, self._decode_prompts, args, self.info.device
+            )
+            record = {"step": self.step, "epoch": epoch, **metrics}
             self._log(console_line(record))
-        self._write_metrics(record if self.info.is_main else None)  # every rank joins: it is also the barrier
+        self._write_metrics(record)  # every rank joins: it is also the barrier
 
     def _write_metrics(self, record: dict | None) -> None:
         """Rank 0 appends `record`; every rank calls this, so a full disk stops every rank with the same line."""
@@ -470,7 +365,7 @@ class TrainDSparkRecipe(BaseRecipe):
             **self.progress.state_dict(),
             "sampler": self.sampler.state_dict(),
             "scheduler": self.lr_scheduler.state_dict(),
-            "compat": self._compat(),
+            "compat": resume.compat_record(self.config, self.draft_config),
             "optimizer": resume.optimizer_record(self.config.optimizer),
             "options": resume.training_record(self.config),
             "window": self.window.state_dict(self.info),

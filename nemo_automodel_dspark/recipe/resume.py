@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from nemo_automodel_dspark.errors import ToolError
+from nemo_automodel_dspark.model.config import DSparkConfig
 from nemo_automodel_dspark.options import spec_of
 from nemo_automodel_dspark.recipe.config import DSparkRecipeConfig, OptimizerConfig
 
@@ -35,6 +36,14 @@ SHAPE_FIELDS = {
     "freeze_embeddings": "recipe_args.freeze_embeddings",
 }
 _PARAM_GROUP_KEYS = ("betas", "weight_decay", "eps")
+
+
+def compat_record(config: DSparkRecipeConfig, draft: DSparkConfig) -> dict:
+    """This run's SHAPE_FIELDS (draft resolved against the target), as a checkpoint records them."""
+    record = {field: getattr(draft, field) for field in SHAPE_FIELDS if field != "target_model_name_or_path"}
+    record["target_layer_ids"] = list(draft.target_layer_ids or [])
+    record["target_model_name_or_path"] = config.recipe_args.target_model_name_or_path
+    return record
 
 
 class IncompatibleCheckpoint(ToolError, ValueError):

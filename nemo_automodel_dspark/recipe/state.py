@@ -35,6 +35,19 @@ class Progress:
         self.skipped_steps = int(state.get("skipped_steps", 0))  # checkpoints from before the divergence guard
 
 
+class ProgressField:
+    """`recipe.step` / `.epoch` / `.skipped_steps` read and write `recipe.progress` (the one owner of them)."""
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.name = name
+
+    def __get__(self, recipe, owner=None) -> int:
+        return getattr(recipe.progress, self.name)
+
+    def __set__(self, recipe, value: int) -> None:
+        setattr(recipe.progress, self.name, value)
+
+
 @dataclass
 class ReducedWindow:
     """A window summed over every rank: what one log record is computed from."""
