@@ -7,6 +7,7 @@ write `_add_<name>(parser)` and `_run_<name>(args) -> int` and register them in 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Callable
 from typing import NamedTuple
@@ -25,15 +26,20 @@ def _add_build_tiny_target(parser: argparse.ArgumentParser) -> None:
     from_default = "(default: %(default)s)"
     parser.add_argument("--out", required=True, help="directory to write the HF model + tokenizer to")
     parser.add_argument("--seed", type=int, default=0, help=f"training seed {from_default}")
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: about 3 min on 2 cores)")
+    from nemo_automodel_dspark.tools.tiny_target import DEFAULT_STEPS
+
+    parser.add_argument(
+        "--steps", type=int, default=DEFAULT_STEPS, help=f"optimizer steps {from_default}, about 3 min on 2 idle cores"
+    )
     parser.add_argument("--force", action="store_true", help="rebuild even if OUT holds a build with these settings")
 
 
 def _run_build_tiny_target(args: argparse.Namespace) -> int:
-    from nemo_automodel_dspark.tools.tiny_target import DEFAULT_STEPS, build_tiny_target
+    from nemo_automodel_dspark.errors import require_count
+    from nemo_automodel_dspark.tools.tiny_target import build_tiny_target
 
-    steps = DEFAULT_STEPS if args.steps is None else args.steps
-    build = build_tiny_target(args.out, seed=args.seed, steps=steps, force=args.force)
+    require_count(args.steps, "--steps")
+    build = build_tiny_target(args.out, seed=args.seed, steps=args.steps, force=args.force)
     m = build.manifest
     print(
         f"[dspark] tiny target in {build.path}: {m['num_parameters'] / 1e6:.2f}M parameters, "
@@ -90,8 +96,13 @@ def _run_regenerate(args: argparse.Namespace) -> int:
 def _add_demo(parser: argparse.ArgumentParser) -> None:
     d = " (default: %(default)s)"
     parser.add_argument("--workdir", default="./dspark_demo", help="where the target, data and run go" + d)
-    parser.add_argument("--train-rows", type=int, default=None, help="training prompts to regenerate")
-    parser.add_argument("--heldout-rows", type=int, default=None, help="held-out prompts to regenerate")
+    from nemo_automodel_dspark.demo import DemoOptions
+
+    rows = {f.name: f.default for f in dataclasses.fields(DemoOptions)}
+    parser.add_argument("--train-rows", type=int, default=rows["train_rows"], help="training prompts to regenerate" + d)
+    parser.add_argument(
+        "--heldout-rows", type=int, default=rows["heldout_rows"], help="held-out prompts to regenerate" + d
+    )
     parser.add_argument("--nproc", type=int, default=2, help="training processes (torchrun, FSDP2)" + d)
     parser.add_argument("--epochs", type=int, default=None, help="override the YAML's num_epochs")
     parser.add_argument("--run-name", default="run", help="training output folder under --workdir" + d)
@@ -121,11 +132,9 @@ def _run_demo(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         extra_overrides=tuple(f"--{item}" for item in args.set),
         run_name=args.run_name,
+        train_rows=args.train_rows,
+        heldout_rows=args.heldout_rows,
     )
-    if args.train_rows is not None:
-        opts.train_rows = args.train_rows
-    if args.heldout_rows is not None:
-        opts.heldout_rows = args.heldout_rows
     run_demo(opts)
     return 0
 

@@ -116,3 +116,12 @@ def test_a_failed_training_run_is_one_line_naming_the_run_folder(monkeypatch, tm
     )
     # the user's overrides come last, so they win over the demo's own
     assert launched[0][-2:] == ["--recipe_args.num_epochs=2", "--recipe_args.markov_rank=0"]
+
+
+def test_demo_help_shows_the_row_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    defaults = DemoOptions(workdir=None)  # type: ignore[arg-type]
+    assert f"training prompts to regenerate (default: {defaults.train_rows})" in text
+    assert f"held-out prompts to regenerate (default: {defaults.heldout_rows})" in text

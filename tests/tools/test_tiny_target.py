@@ -114,3 +114,16 @@ def test_tiny_example_yaml_matches_the_tiny_target_and_the_demo_files(tiny_targe
     assert Path(args["target_model_name_or_path"]) == workdir / "target"
     assert Path(args["train_data_path"]) == workdir / "train_regen.jsonl"
     assert Path(args["val_data_path"]) == workdir / "held_out_regen.jsonl"
+
+
+def test_cli_refuses_a_step_count_below_one_and_shows_the_default(tmp_path, capsys):
+    import pytest
+
+    from nemo_automodel_dspark.tools.tiny_target import DEFAULT_STEPS
+
+    assert main(["build-tiny-target", "--out", str(tmp_path / "t"), "--steps", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "dspark build-tiny-target: error: --steps 0: must be >= 1"
+    assert not (tmp_path / "t").exists()
+    with pytest.raises(SystemExit):
+        main(["build-tiny-target", "--help"])
+    assert f"(default: {DEFAULT_STEPS})" in " ".join(capsys.readouterr().out.split())
