@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 USER_ERROR_STATUS = 2  # the status argparse exits with for a bad flag: every refusal exits alike
+OTHER_RANKS_WAIT_S = 2.0
 
 
 class ToolError(RuntimeError):
@@ -17,6 +19,8 @@ def report_user_error(command: str, err: object) -> int:
     """Print `dspark <command>: error: <err>` on stderr (rank 0 alone under torchrun); the status to exit with."""
     if os.environ.get("RANK", "0") == "0":
         print(f"dspark {command}: error: {err}", file=sys.stderr, flush=True)
+    else:  # torchrun stops every rank at the first exit: the silent ranks wait so that rank 0's line gets out
+        time.sleep(OTHER_RANKS_WAIT_S)
     return USER_ERROR_STATUS
 
 
