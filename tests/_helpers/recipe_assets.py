@@ -81,3 +81,16 @@ def base_config(assets: dict, out: Path, **recipe_args) -> dict:
 def write_config(cfg: dict, path: Path) -> Path:
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def random_documents(lengths, seed: int = 0, vocab: int = 60) -> list[dict]:
+    """Documents of these lengths, random ids in [1, vocab): a third prompt (unsupervised), then the response."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    docs = []
+    for n in lengths:
+        loss_mask = torch.ones(n, dtype=torch.long)
+        loss_mask[: n // 3] = 0
+        docs.append({"input_ids": torch.randint(1, vocab, (n,), generator=g), "loss_mask": loss_mask})
+    return docs

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from _helpers.recipe_assets import tiny_model
+from _helpers.recipe_assets import random_documents, tiny_model
 
 from nemo_automodel_dspark import distributed as D
 from nemo_automodel_dspark.data import collate
@@ -35,13 +35,7 @@ PACKS = ([0, 1], [2])  # documents 0+1 fill one packed row (32 tokens), document
 
 
 def documents(seed: int = 0) -> list[dict[str, torch.Tensor]]:
-    g = torch.Generator().manual_seed(seed)
-    docs = []
-    for n in LENGTHS:
-        loss_mask = torch.ones(n, dtype=torch.long)
-        loss_mask[: n // 3] = 0  # a prompt, then the supervised response
-        docs.append({"input_ids": torch.randint(1, 60, (n,), generator=g), "loss_mask": loss_mask})
-    return docs
+    return random_documents(LENGTHS, seed)
 
 
 def make_step(family: str) -> DSparkStep:

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from _helpers.recipe_assets import tiny_model
+from _helpers.recipe_assets import random_documents, tiny_model
 
 from nemo_automodel_dspark import distributed as D
 from nemo_automodel_dspark.data import ResumableSampler
@@ -38,13 +38,7 @@ class Docs(list):
 
 
 def documents() -> Docs:
-    g = torch.Generator().manual_seed(0)
-    docs = Docs()
-    for n in LENGTHS:
-        loss_mask = torch.ones(n, dtype=torch.long)
-        loss_mask[: n // 3] = 0  # a prompt, then the supervised response
-        docs.append({"input_ids": torch.randint(1, 60, (n,), generator=g), "loss_mask": loss_mask})
-    return docs
+    return Docs(random_documents(LENGTHS))
 
 
 def args(mode: str) -> SimpleNamespace:
