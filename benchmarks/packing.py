@@ -180,25 +180,17 @@ def timed_pass(mode, docs, lengths, a, seq, step, optimizer, scheduler) -> tuple
     return time.perf_counter() - start, time.process_time() - cpu_start, count, weight, dict(step.timer.totals)
 
 
-def main() -> None:
-    a = parse()
-    device = torch.device(a.device)
-    full_lengths = lognormal_lengths(20_000, 1)
-    full = padding_fractions(full_lengths, FULL_SEQ, a.micro_batch)
-    full_anchors = anchors_per_doc_full_scale(full_lengths)
-    seq, anchors = FULL_SEQ // a.scale, max(1, FULL_ANCHORS // a.scale)
-    lengths = lognormal_lengths(a.docs, a.scale, seed=1)
-    docs = documents(a, lengths)
-    step, optimizer, scheduler = build(a, device, seq, anchors)
+def measure_modes(a, docs, lengths, seq: int, runner) -> tuple[dict[str, list], dict[str, float]]:
+    """Warm every mode up once, then time `a.rounds` interleaved passes of each: per mode [wall s, documents, slot
+    weight, CPU s], and the padded mode's phase split."""
+    step, optimizer, scheduler = runner
     for mode in MODES:  # warm-up: allocator, kernels, every shape class once
         items = micro_batches(mode, docs, lengths, a, seq)
         if not items:
             raise SystemExit(f"--docs {a.docs} fill no {mode} micro-batch of {a.micro_batch}; use more documents")
-        item = items[0]
-        step.train_step(collate(item, docs, step, mode, seq), 0, optimizer, scheduler)
-    anchors_per_pass = {m: kept_anchors(m, docs, lengths, a, seq, step) for m in MODES}
+        step.train_step(collate(items[0], docs, step, mode, seq), 0, optimizer, scheduler)
     step.timer.enabled = True
-    totals = {m: [0.0, 0, 0.0, 0.0] for m in MODES}  # wall s, documents, slot weight, CPU s
+    totals = {m: [0.0, 0, 0.0, 0.0] for m in MODES}
     phases: dict[str, float] = {}
     for _ in range(a.rounds):
         for mode in MODES:  # interleaved, so that machine noise hits every mode alike
@@ -206,19 +198,11 @@ def main() -> None:
             totals[mode] = [t + x for t, x in zip(totals[mode], (wall, count, weight, cpu), strict=True)]
             if mode == "padded":
                 phases = {k: phases.get(k, 0.0) + v for k, v in phase.items()}
-    rate = {m: totals[m][1] / totals[m][0] for m in MODES}
-    cpu_rate = {m: totals[m][1] / totals[m][3] for m in MODES}  # documents per CPU second: steadier on a shared host
-    cost = phases.get("target_forward", 0.0) / max(phases.get("draft_forward_backward", 0.0), 1e-9)
-    print(f"device={device} scale=1/{a.scale} seq={seq} anchors={anchors} docs/pass={a.docs} rounds={a.rounds}")
-    print(f"target forward / draft forward+backward time (padded): {cost:.1f}x")
-    print(
-        f"anchors per document at full scale (20,000 documents, 512 anchors, P = seq = 4,096): padded "
-        f"{full_anchors['padded']:.1f}, packed {full_anchors['packed']:.1f} (the per-document floor rule it replaced: "
-        f"{full_anchors['floor']:.1f}); a packed row's {pack_anchor_count(FULL_SEQ, FULL_ANCHORS, FULL_SEQ)} blocks "
-        f"train {full_anchors['packed'] / full_anchors['floor']:.3f}x the floor rule's anchors"
-    )
-    slots = {m: totals[m][2] / totals[m][0] for m in MODES}  # supervised slot weight per second
-    anchor_rate = {m: anchors_per_pass[m] * a.rounds / totals[m][0] for m in MODES}  # kept anchors per second
+    return totals, phases
+
+
+def print_table(full, rate, cpu_rate, slots, anchor_rate, totals, anchors_run) -> None:
+    """One row per mode: padding at full scale, documents/s, anchors and slot weight per document, ratios to padded."""
     header = (
         ("padding (4096)", 16),
         ("docs/s", 10),
@@ -232,7 +216,7 @@ def main() -> None:
     print(f"{'mode':<14}" + "".join(f"{name:>{width}}" for name, width in header))
     for m in MODES:
         per_doc = totals[m][2] / max(totals[m][1], 1)
-        anchors_per_doc = anchors_per_pass[m] * a.rounds / max(totals[m][1], 1)
+        anchors_per_doc = anchors_run[m] / max(totals[m][1], 1)
         ratio, slot_ratio = rate[m] / rate["padded"], slots[m] / slots["padded"]
         anchor_ratio = anchor_rate[m] / anchor_rate["padded"]
         cpu_ratio = cpu_rate[m] / cpu_rate["padded"]
@@ -240,6 +224,34 @@ def main() -> None:
             f"{m:<14}{full[m]:>16.2%}{rate[m]:>10.2f}{ratio:>10.2f}x{anchors_per_doc:>13.1f}{anchor_ratio:>20.2f}x"
             f"{per_doc:>17.1f}{slot_ratio:>18.2f}x{cpu_ratio:>21.2f}x"
         )
+
+
+def main() -> None:
+    a = parse()
+    device = torch.device(a.device)
+    full_lengths = lognormal_lengths(20_000, 1)
+    full = padding_fractions(full_lengths, FULL_SEQ, a.micro_batch)
+    full_anchors = anchors_per_doc_full_scale(full_lengths)
+    seq, anchors = FULL_SEQ // a.scale, max(1, FULL_ANCHORS // a.scale)
+    lengths = lognormal_lengths(a.docs, a.scale, seed=1)
+    docs = documents(a, lengths)
+    step, optimizer, scheduler = build(a, device, seq, anchors)
+    anchors_per_pass = {m: kept_anchors(m, docs, lengths, a, seq, step) for m in MODES}
+    totals, phases = measure_modes(a, docs, lengths, seq, (step, optimizer, scheduler))
+    rate = {m: totals[m][1] / totals[m][0] for m in MODES}
+    cpu_rate = {m: totals[m][1] / totals[m][3] for m in MODES}  # documents per CPU second: steadier on a shared host
+    cost = phases.get("target_forward", 0.0) / max(phases.get("draft_forward_backward", 0.0), 1e-9)
+    print(f"device={device} scale=1/{a.scale} seq={seq} anchors={anchors} docs/pass={a.docs} rounds={a.rounds}")
+    print(f"target forward / draft forward+backward time (padded): {cost:.1f}x")
+    print(
+        f"anchors per document at full scale (20,000 documents, 512 anchors, P = seq = 4,096): padded "
+        f"{full_anchors['padded']:.1f}, packed {full_anchors['packed']:.1f} (the per-document floor rule it replaced: "
+        f"{full_anchors['floor']:.1f}); a packed row's {pack_anchor_count(FULL_SEQ, FULL_ANCHORS, FULL_SEQ)} blocks "
+        f"train {full_anchors['packed'] / full_anchors['floor']:.3f}x the floor rule's anchors"
+    )
+    slots = {m: totals[m][2] / totals[m][0] for m in MODES}  # supervised slot weight per second
+    anchor_rate = {m: anchors_per_pass[m] * a.rounds / totals[m][0] for m in MODES}  # kept anchors per second
+    print_table(full, rate, cpu_rate, slots, anchor_rate, totals, {m: anchors_per_pass[m] * a.rounds for m in MODES})
     figures = {
         "padding_fraction_padded": round(full["padded"], 4),
         "padding_fraction_packed": round(full["packed"], 4),
