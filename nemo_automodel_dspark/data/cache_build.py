@@ -1,12 +1,14 @@
-"""Building the tokenised cache in one pass: rows read in chunks, tokenised by `num_proc` forked workers, written in
+"""Building the tokenised cache in one pass: rows read in chunks, tokenised by `num_proc` processes, written in
 order as the record batches of one Arrow IPC stream file (the format `datasets` saves; `Dataset.from_file` reads it).
 
-A JSONL file is cut into chunks of whole lines (`CHUNK_BYTES`), carried to the workers as raw bytes with the number
-of their first line. In a chunk, the token-id rows go through the bulk path (`fast_ids`); every row it does not
-prove clean, and every text row, goes through `chat.tokenize_row`, the per-row function of the in-memory loop. Other
-sources (JSON, parquet, `datasets` folders, Hub ids) are read by `sources.open_rows` and tokenised row by row.
-Each chunk also returns the number, skip reason ("" when used) and flags of every row, from which the parent
-computes the loop's accounting.
+A JSONL file is cut into chunks of whole lines (`CHUNK_BYTES`). `num_proc - 1` forked workers and the parent
+tokenise them; a worker is sent only a chunk's byte range, reads it itself and writes the chunk's tokens to a
+file the parent reads and removes, so nothing large goes through the pool's pipes and the parent, which shares the
+cores with the workers, spends its time tokenising too. In a chunk, the token-id rows go through the bulk path
+(`fast_ids`); every row it does not prove clean, and every text row, goes through `chat.tokenize_row`, the per-row
+function of the in-memory loop. Other sources (JSON, parquet, `datasets` folders, Hub ids) are read by
+`sources.open_rows` and tokenised row by row. Each chunk also returns the number, skip reason ("" when used) and
+flags of every row, from which the parent computes the loop's accounting.
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ from __future__ import annotations
 import gc
 import multiprocessing
 import os
+import shutil
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from itertools import chain, islice
+from itertools import chain, count, islice
 from pathlib import Path
 from typing import Any
 
@@ -44,26 +47,36 @@ class _State:
 class Chunk:
     """One chunk's rows: accounting of all of them, tokens of the used ones back to back."""
 
-    numbers: list[int]  # every row's line/row number
+    numbers: list[int]  # every row's row number; JSONL: its line number within the chunk (from 1)
     errors: list[str]  # its skip reason, "" when used
     flags: list[int]  # its RowTokens.flags (0 when skipped)
-    input_ids: np.ndarray  # [T] int32
-    loss_mask: np.ndarray  # [T] int8
+    input_ids: np.ndarray  # [T] int32 (empty while spilled)
+    loss_mask: np.ndarray  # [T] int8 (empty while spilled)
     lengths: np.ndarray  # [used rows] int64
+    lines: int = 0  # JSONL: the chunk's lines, blank ones included (the next chunk's numbers start after them)
+    spilled: str | None = None  # the part file holding input_ids then loss_mask, from a worker
 
 
-def jsonl_chunks(path: str) -> Iterator[tuple[int, list[bytes]]]:
-    """(number of the first line, lines of about CHUNK_BYTES in all) over the file; line numbers as `jsonl_lines`."""
-    number = 1
+def jsonl_ranges(path: str) -> Iterator[tuple[str, int, int]]:
+    """(path, offset, size) of chunks of whole lines over the file: each holds lines until it reaches CHUNK_BYTES
+    (so a line longer than that is one chunk), cut where a line ends (a `\\n`, as `jsonl_lines` counts lines)."""
     with open(path, "rb") as f:
-        while lines := f.readlines(CHUNK_BYTES):
-            yield number, lines
-            number += len(lines)
+        end = os.fstat(f.fileno()).st_size
+        start = 0
+        while start < end:
+            f.seek(start + CHUNK_BYTES - 1)
+            f.readline()  # to the end of the line holding the chunk's last wanted byte
+            stop = min(f.tell(), end)
+            yield path, start, stop - start
+            start = stop
 
 
-def _lines(first: int, lines: list[bytes]) -> list[tuple[int, bytes]]:
-    """(line number, line) of the chunk's non-blank lines."""
-    return [(first + i, line) for i, line in enumerate(lines) if line.strip()]
+def _lines(data: bytes) -> tuple[list[tuple[int, bytes]], int]:
+    """((line number within the chunk, line) of its non-blank lines, number of lines)."""
+    lines = data.split(b"\n")
+    if lines[-1] == b"":  # the chunk ends with its last line's newline
+        lines.pop()
+    return [(i, line) for i, line in enumerate(lines, start=1) if line.strip()], len(lines)
 
 
 def _row_chunks(path_or_id: str, split: str) -> Iterator[list[tuple[int, Any]]]:
@@ -72,13 +85,17 @@ def _row_chunks(path_or_id: str, split: str) -> Iterator[list[tuple[int, Any]]]:
         yield chunk
 
 
-def _tokenize_jsonl(state: _State, item: tuple[int, list[bytes]]) -> Chunk:
-    numbered = _lines(*item)
+def _tokenize_jsonl(state: _State, item: tuple[str, int, int]) -> Chunk:
+    path, offset, size = item
+    with open(path, "rb") as f:
+        f.seek(offset)
+        numbered, count = _lines(f.read(size))
     lines = [line for _, line in numbered]
     fast = tokenize_id_lines(lines, state.ids) if state.ids is not None else [None] * len(lines)
     pairs = zip(numbered, fast, strict=True)
-    rows = [(number, tokens if tokens is not None else line) for (number, line), tokens in pairs]
-    return _collect(state, rows)
+    chunk = _collect(state, [(number, tokens if tokens is not None else line) for (number, line), tokens in pairs])
+    chunk.lines = count
+    return chunk
 
 
 def _tokenize_rows(state: _State, rows: list[tuple[int, Any]]) -> Chunk:
@@ -109,39 +126,66 @@ def _collect(state: _State, rows: list[tuple[int, Any]]) -> Chunk:
     return Chunk(numbers, errors, flags, ids.astype(np.int32), mask.astype(np.int8), lengths)
 
 
-_WORKER_STATE: _State | None = None
+_WORKER: tuple[_State, Path, Iterator[int]] | None = None  # a worker's state, the parts folder, its chunk counter
 
 
-def _init_worker(state: _State) -> None:
-    global _WORKER_STATE
-    _WORKER_STATE = state
+def _init_worker(state: _State, parts: Path) -> None:
+    global _WORKER
+    _WORKER = (state, parts, count())
 
 
 def _in_worker(task: tuple[Callable[[_State, Any], Chunk], Any]) -> Chunk:
-    assert _WORKER_STATE is not None
-    return task[0](_WORKER_STATE, task[1])
+    """The chunk, its tokens written to a part file (read and removed by the parent) instead of sent back through
+    the pool's pipe: so the parent spends no time unpickling them, and the parts hold only the chunks in flight."""
+    assert _WORKER is not None
+    state, parts, counter = _WORKER
+    chunk = task[0](state, task[1])
+    part = parts / f"{os.getpid()}-{next(counter)}.bin"
+    with open(part, "wb") as f:
+        f.write(chunk.input_ids.data)
+        f.write(chunk.loss_mask.data)
+    chunk.spilled = str(part)
+    chunk.input_ids, chunk.loss_mask = chunk.input_ids[:0], chunk.loss_mask[:0]
+    return chunk
 
 
-def _ordered(state: _State, fn: Callable[[_State, Any], Chunk], items: Iterator[Any], num_proc: int) -> Iterator[Chunk]:
-    """fn over the items, results in order; num_proc > 1 and more than one item: forked workers, at most two
-    items each in flight."""
+def _unspill(chunk: Chunk) -> Chunk:
+    if chunk.spilled is not None:
+        data = Path(chunk.spilled).read_bytes()
+        os.unlink(chunk.spilled)
+        tokens = len(data) // 5  # int32 ids, then int8 mask
+        chunk.input_ids = np.frombuffer(data, np.int32, tokens)
+        chunk.loss_mask = np.frombuffer(data, np.int8, tokens, offset=4 * tokens)
+        chunk.spilled = None
+    return chunk
+
+
+def _ordered(
+    state: _State, fn: Callable[[_State, Any], Chunk], items: Iterator[Any], num_proc: int, parts: Path
+) -> Iterator[Chunk]:
+    """fn over the items, results in order. With num_proc > 1 and more than one item, num_proc - 1 forked workers
+    take items, at most two each in flight (their tokens come through files in `parts`), and this process
+    takes an item itself whenever they are all busy: num_proc processes work, none waits on the others."""
     first = list(islice(items, 2))
     if num_proc <= 1 or len(first) < 2:
         yield from (fn(state, item) for item in chain(first, items))
         return
     gc.freeze()  # the parent's objects out of the workers' collections: fewer copy-on-write page copies
     try:
-        pool = multiprocessing.get_context("fork").Pool(num_proc, _init_worker, (state,))
+        pool = multiprocessing.get_context("fork").Pool(num_proc - 1, _init_worker, (state, parts))
     finally:
         gc.unfreeze()
     try:
-        pending: deque = deque()
+        pending: deque = deque()  # in item order: a worker's AsyncResult, or a Chunk made here
         for item in chain(first, items):
-            pending.append(pool.apply_async(_in_worker, ((fn, item),)))
-            if len(pending) >= 2 * num_proc:
-                yield pending.popleft().get()
+            if sum(not isinstance(p, Chunk) and not p.ready() for p in pending) < 2 * (num_proc - 1):
+                pending.append(pool.apply_async(_in_worker, ((fn, item),)))
+            else:
+                pending.append(fn(state, item))
+            while pending and (isinstance(pending[0], Chunk) or pending[0].ready() or len(pending) > 4 * num_proc):
+                yield _result(pending.popleft())
         while pending:
-            yield pending.popleft().get()
+            yield _result(pending.popleft())
     except BaseException:  # an error in a chunk, or the caller stopped early
         pool.terminate()
         raise
@@ -149,29 +193,41 @@ def _ordered(state: _State, fn: Callable[[_State, Any], Chunk], items: Iterator[
     pool.join()
 
 
+def _result(pending: Any) -> Chunk:
+    return pending if isinstance(pending, Chunk) else _unspill(pending.get())
+
+
 def build_rows(
     path_or_id: str, split: str, tokenizer: Any, options: RowOptions, num_proc: int, out: Path
 ) -> tuple[list[int], list[str], list[int]]:
     """Write the used rows to `out` (Arrow IPC stream: input_ids list<int32>, loss_mask list<int8>) and return
-    every row's (number, skip reason, flags) for the accounting."""
+    every row's (number, skip reason, flags) for the accounting. The workers' part files go in a folder beside
+    `out`, removed at the end."""
     import pyarrow as pa
 
     state = _State(tokenizer, options, id_context(tokenizer, options))
     path = os.path.expanduser(path_or_id)
+    parts = out.with_name(f".{out.name}.parts")
+    parts.mkdir(exist_ok=True)
     if os.path.isfile(path) and path_or_id.endswith(".jsonl"):
-        chunks = _ordered(state, _tokenize_jsonl, jsonl_chunks(path), num_proc)
+        chunks = _ordered(state, _tokenize_jsonl, jsonl_ranges(path), num_proc, parts)
     else:
-        chunks = _ordered(state, _tokenize_rows, _row_chunks(path_or_id, split), num_proc)
+        chunks = _ordered(state, _tokenize_rows, _row_chunks(path_or_id, split), num_proc, parts)
     numbers: list[int] = []
     errors: list[str] = []
     flags: list[int] = []
-    with pa.OSFile(str(out), "wb") as sink, pa.ipc.new_stream(sink, row_schema()) as writer:
-        for chunk in chunks:
-            numbers += chunk.numbers
-            errors += chunk.errors
-            flags += chunk.flags
-            if len(chunk.lengths):
-                writer.write_batch(_batch(chunk))
+    lines_before = 0  # JSONL: lines of the chunks so far (a chunk numbers its lines from 1)
+    try:
+        with pa.OSFile(str(out), "wb") as sink, pa.ipc.new_stream(sink, row_schema()) as writer:
+            for chunk in chunks:
+                numbers += [lines_before + n for n in chunk.numbers] if lines_before else chunk.numbers
+                lines_before += chunk.lines
+                errors += chunk.errors
+                flags += chunk.flags
+                if len(chunk.lengths):
+                    writer.write_batch(_batch(chunk))
+    finally:
+        shutil.rmtree(parts, ignore_errors=True)
     return numbers, errors, flags
 
 

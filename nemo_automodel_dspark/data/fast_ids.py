@@ -10,7 +10,7 @@ fast:
   string; the rest of the line is parsed by `json.loads` and checked by `normalize_messages`, exactly as the loop
   reads it. The sentinel comes back as the top-level value of both keys only if the cut lists were those values.
 * **Ids.** The lists of a block of rows are parsed by one numpy call and checked together: JSON integers only (each
-  field's digit count against its parsed value's: no leading zero, no empty field, no overflow), ids in [0, vocab), no
+  field 1 to 9 digits without a leading zero: no empty field, nothing int32 cannot hold), ids in [0, vocab), no
   end/pad token before the last one, no mask token in the response, a prompt shorter than seq_length, and no
   <think>/</think> token under mask_reasoning_content (those rows take the reference path).
 * **Decoding.** The response must decode to the final assistant message (as the reference checks): by a byte table
@@ -43,7 +43,6 @@ from nemo_automodel_dspark.data.chat import (
 from nemo_automodel_dspark.data.sources import TOKEN_ID_KEYS, RowError, normalize_messages
 
 _KEYS = tuple(f'"{key}"'.encode() for key in TOKEN_ID_KEYS)
-_POWERS = 10 ** np.arange(1, 10, dtype=np.int64)  # digits of v >= 0: 1 + searchsorted(_POWERS, v, "right")
 _LIST_OPEN = re.compile(rb"[ \t\r]*:[ \t\r]*\[")  # after a key: the colon and the list's bracket (JSON blanks)
 
 
@@ -165,7 +164,7 @@ def _parse_lists(regions: list[bytes]) -> tuple[np.ndarray, np.ndarray, np.ndarr
             commas = np.flatnonzero(comma)
             ends = np.cumsum([len(r) + 1 for r in regions]) - 1  # [R] each list's separator (or the end)
             counts = np.diff(np.searchsorted(commas, ends), prepend=-1)  # its commas + 1
-            if len(values) == counts.sum() and _read_exactly(values, commas, blank):
+            if len(values) == counts.sum() and _read_exactly(values, commas, blank, text):
                 return values, counts, np.ones(len(regions), bool)
     if len(regions) == 1:
         return np.zeros(0, np.int32), np.zeros(1, np.int64), np.zeros(1, bool)
@@ -174,15 +173,17 @@ def _parse_lists(regions: list[bytes]) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return tuple(np.concatenate([p[k] for p in parts]) for k in range(3))  # type: ignore[return-value]
 
 
-def _read_exactly(values: np.ndarray, commas: np.ndarray, blank: np.ndarray) -> bool:
-    """Each field (the text between commas, after its one blank) has exactly the digits of its parsed value: so
-    no leading zero, no empty field, no number too large for int32 (it wraps or saturates to fewer digits, or to an
-    id outside any vocabulary)."""
+def _read_exactly(values: np.ndarray, commas: np.ndarray, blank: np.ndarray, text: np.ndarray) -> bool:
+    """Each field (the text between commas, after its one blank) is 1 to 9 digits without a leading zero: so it is
+    a JSON integer that int32 holds, and numpy parsed it exactly (no empty field read as 0, no wrap, no saturation)."""
     if len(commas) and commas[-1] == len(blank) - 1:  # a trailing comma: an empty last field
         return False
     starts = np.concatenate([[0], commas + 1])  # [values] first character of each field
-    digits = np.append(commas, len(blank)) - starts - blank[starts]  # [values] digit characters of each field
-    return bool((digits == 1 + np.searchsorted(_POWERS, values, side="right")).all())
+    starts += blank[starts]  # its first digit
+    digits = np.append(commas, len(blank)) - starts  # [values] digit characters of each field
+    if digits.min() < 1 or digits.max() > 9:
+        return False
+    return not ((text[starts] == ord("0")) & (digits > 1)).any()
 
 
 def _check_ids(values: np.ndarray, counts: np.ndarray, ok: np.ndarray, ctx: IdContext) -> tuple[np.ndarray, ...]:

@@ -6,10 +6,11 @@ import json
 import os
 import threading
 
+import numpy as np
 import pytest
 import torch
 
-from nemo_automodel_dspark.data import cache
+from nemo_automodel_dspark.data import cache, cache_build
 from nemo_automodel_dspark.data.chat import RowOptions
 from nemo_automodel_dspark.data.dataset import DSparkChatDataset
 
@@ -63,8 +64,10 @@ def _same(a: DSparkChatDataset, b: DSparkChatDataset) -> None:
     assert a.report() == b.report()
 
 
-@pytest.mark.parametrize("num_proc", [1, 2])
-def test_cache_equals_the_loop(tmp_path, tokenizer, mixed_rows, write_jsonl, num_proc):
+@pytest.mark.parametrize("num_proc", [1, 2, 3])
+def test_cache_equals_the_loop(tmp_path, tokenizer, mixed_rows, write_jsonl, num_proc, monkeypatch):
+    if num_proc > 1:  # chunks of a line or two: the workers and the parent each tokenise some
+        monkeypatch.setattr(cache_build, "CHUNK_BYTES", 150)
     path = str(write_jsonl(tmp_path / "train.jsonl", mixed_rows))
     mask_id = tokenizer.convert_tokens_to_ids("<|mask|>")
     loop = DSparkChatDataset(path, tokenizer, SEQ, mask_token_id=mask_id)
@@ -74,6 +77,25 @@ def test_cache_equals_the_loop(tmp_path, tokenizer, mixed_rows, write_jsonl, num
     _same(cached, loop)
     assert loop.num_token_ids == 1 and loop.num_empty_answers == 1 and loop.num_truncated == 1
     assert sum(loop.skipped.values()) == 10 and len(loop.skipped) == 8
+    (folder,) = [p for p in (tmp_path / "c").iterdir() if p.is_dir()]
+    assert sorted(p.name for p in folder.iterdir()) == ["meta.json", "rows.arrow"]  # the workers' files removed
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 7, 64, 1 << 20])
+def test_jsonl_chunks_are_whole_lines_covering_the_file(tmp_path, monkeypatch, chunk_bytes):
+    monkeypatch.setattr(cache_build, "CHUNK_BYTES", chunk_bytes)
+    data = b"".join(b"x" * n + b"\n" for n in (0, 3, 100, 0, 0, 9, 1, 64, 2)) + b"no newline"
+    (tmp_path / "a.jsonl").write_bytes(data)
+    ranges = list(cache_build.jsonl_ranges(str(tmp_path / "a.jsonl")))
+    assert [r[1] for r in ranges] == [0] + [o + n for _, o, n in ranges[:-1]] and sum(r[2] for r in ranges) == len(data)
+    pieces = [data[o : o + n] for _, o, n in ranges]
+    assert all(piece.endswith(b"\n") and len(piece) >= chunk_bytes for piece in pieces[:-1])
+    # the fewest whole lines reaching chunk_bytes: without its last line a chunk is shorter than that
+    assert all(len(piece) - len(piece[:-1].rsplit(b"\n", 1)[-1]) - 1 < chunk_bytes for piece in pieces[:-1])
+    numbered = [cache_build._lines(piece) for piece in pieces]
+    firsts = np.cumsum([0] + [n for _, n in numbered])[:-1]
+    lines = [(first + i, line) for (rows, _), first in zip(numbered, firsts, strict=True) for i, line in rows]
+    assert lines == [(i, line) for i, line in enumerate(data.split(b"\n"), 1) if line.strip()]
 
 
 def test_cache_equals_the_loop_for_a_json_list(tmp_path, tokenizer, mixed_rows):
