@@ -123,7 +123,7 @@ def _collect(state: _State, rows: list[tuple[int, Any]]) -> Chunk:
     ids = np.concatenate([r.input_ids for r in used]) if used else np.zeros(0, np.int32)
     mask = np.concatenate([r.loss_mask for r in used]) if used else np.zeros(0, np.int8)
     lengths = np.asarray([len(r.input_ids) for r in used], np.int64)
-    return Chunk(numbers, errors, flags, ids.astype(np.int32), mask.astype(np.int8), lengths)
+    return Chunk(numbers, errors, flags, ids.astype(np.int32, copy=False), mask.astype(np.int8, copy=False), lengths)
 
 
 _WORKER: tuple[_State, Path, Iterator[int]] | None = None  # a worker's state, the parts folder, its chunk counter
@@ -164,7 +164,7 @@ def _ordered(
     state: _State, fn: Callable[[_State, Any], Chunk], items: Iterator[Any], num_proc: int, parts: Path
 ) -> Iterator[Chunk]:
     """fn over the items, results in order. With num_proc > 1 and more than one item, num_proc - 1 forked workers
-    take items, at most two each in flight (their tokens come through files in `parts`), and this process
+    take items, at most three each in flight (their tokens come through files in `parts`), and this process
     takes an item itself whenever they are all busy: num_proc processes work, none waits on the others."""
     first = list(islice(items, 2))
     if num_proc <= 1 or len(first) < 2:
@@ -178,7 +178,7 @@ def _ordered(
     try:
         pending: deque = deque()  # in item order: a worker's AsyncResult, or a Chunk made here
         for item in chain(first, items):
-            if sum(not isinstance(p, Chunk) and not p.ready() for p in pending) < 2 * (num_proc - 1):
+            if sum(not isinstance(p, Chunk) and not p.ready() for p in pending) < 3 * (num_proc - 1):
                 pending.append(pool.apply_async(_in_worker, ((fn, item),)))
             else:
                 pending.append(fn(state, item))
