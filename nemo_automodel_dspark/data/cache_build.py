@@ -1,7 +1,7 @@
 """Building the tokenised cache in one pass: rows read in chunks, tokenised by `num_proc` processes, written in
 order as the record batches of one Arrow IPC stream file (the format `datasets` saves; `Dataset.from_file` reads it).
 
-A JSONL file is cut into chunks of whole lines (`CHUNK_BYTES`). `num_proc - 1` forked workers and the parent
+A JSONL file is cut into chunks of whole lines (`chunk_bytes`). `num_proc - 1` forked workers and the parent
 tokenise them; a worker is sent only a chunk's byte range, reads it itself and writes the chunk's tokens to a
 file the parent reads and removes, so nothing large goes through the pool's pipes and the parent, which shares the
 cores with the workers, spends its time tokenising too. In a chunk, the token-id rows go through the bulk path
@@ -30,7 +30,10 @@ from nemo_automodel_dspark.data.chat import RowOptions, RowTokens, tokenize_row
 from nemo_automodel_dspark.data.fast_ids import IdContext, id_context, tokenize_id_lines
 from nemo_automodel_dspark.data.sources import RowError, open_rows, parse_line
 
-CHUNK_BYTES = 1 << 20  # JSONL bytes per chunk (a few hundred rows: enough chunks to keep every worker busy)
+CHUNK_BYTES = 1 << 20  # JSONL bytes per chunk at most (a few hundred token-id rows)
+MIN_CHUNK_BYTES = 1 << 16  # ... and at least, unless CHUNK_BYTES is smaller (below it the per-chunk costs show)
+CHUNKS_PER_PROCESS = 16  # a smaller file gets smaller chunks: text rows cost ~30x token-id rows per byte, and the
+# last chunk of a few large ones would leave the other processes idle
 CHUNK_ROWS = 1024  # rows per chunk of the other sources
 
 
@@ -57,14 +60,20 @@ class Chunk:
     spilled: str | None = None  # the part file holding input_ids then loss_mask, from a worker
 
 
-def jsonl_ranges(path: str) -> Iterator[tuple[str, int, int]]:
-    """(path, offset, size) of chunks of whole lines over the file: each holds lines until it reaches CHUNK_BYTES
+def chunk_bytes(size: int, num_proc: int) -> int:
+    """Bytes per JSONL chunk for a file of `size` bytes: CHUNKS_PER_PROCESS chunks per process where that keeps
+    them between MIN_CHUNK_BYTES and CHUNK_BYTES."""
+    return min(CHUNK_BYTES, max(size // (CHUNKS_PER_PROCESS * max(1, num_proc)), MIN_CHUNK_BYTES))
+
+
+def jsonl_ranges(path: str, chunk: int) -> Iterator[tuple[str, int, int]]:
+    """(path, offset, size) of chunks of whole lines over the file: each holds lines until it reaches `chunk` bytes
     (so a line longer than that is one chunk), cut where a line ends (a `\\n`, as `jsonl_lines` counts lines)."""
     with open(path, "rb") as f:
         end = os.fstat(f.fileno()).st_size
         start = 0
         while start < end:
-            f.seek(start + CHUNK_BYTES - 1)
+            f.seek(start + chunk - 1)
             f.readline()  # to the end of the line holding the chunk's last wanted byte
             stop = min(f.tell(), end)
             yield path, start, stop - start
@@ -164,7 +173,7 @@ def _ordered(
     state: _State, fn: Callable[[_State, Any], Chunk], items: Iterator[Any], num_proc: int, parts: Path
 ) -> Iterator[Chunk]:
     """fn over the items, results in order. With num_proc > 1 and more than one item, num_proc - 1 forked workers
-    take items, at most three each in flight (their tokens come through files in `parts`), and this process
+    take items, at most two each in flight (their tokens come through files in `parts`), and this process
     takes an item itself whenever they are all busy: num_proc processes work, none waits on the others."""
     first = list(islice(items, 2))
     if num_proc <= 1 or len(first) < 2:
@@ -178,7 +187,7 @@ def _ordered(
     try:
         pending: deque = deque()  # in item order: a worker's AsyncResult, or a Chunk made here
         for item in chain(first, items):
-            if sum(not isinstance(p, Chunk) and not p.ready() for p in pending) < 3 * (num_proc - 1):
+            if sum(not isinstance(p, Chunk) and not p.ready() for p in pending) < 2 * (num_proc - 1):
                 pending.append(pool.apply_async(_in_worker, ((fn, item),)))
             else:
                 pending.append(fn(state, item))
@@ -210,7 +219,8 @@ def build_rows(
     parts = out.with_name(f".{out.name}.parts")
     parts.mkdir(exist_ok=True)
     if os.path.isfile(path) and path_or_id.endswith(".jsonl"):
-        chunks = _ordered(state, _tokenize_jsonl, jsonl_ranges(path), num_proc, parts)
+        ranges = jsonl_ranges(path, chunk_bytes(os.path.getsize(path), num_proc))
+        chunks = _ordered(state, _tokenize_jsonl, ranges, num_proc, parts)
     else:
         chunks = _ordered(state, _tokenize_rows, _row_chunks(path_or_id, split), num_proc, parts)
     numbers: list[int] = []

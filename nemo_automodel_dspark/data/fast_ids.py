@@ -40,7 +40,7 @@ from nemo_automodel_dspark.data.chat import (
     _single_token_id,
     split_reasoning,
 )
-from nemo_automodel_dspark.data.sources import TOKEN_ID_KEYS, RowError, normalize_messages
+from nemo_automodel_dspark.data.sources import ROLES, TOKEN_ID_KEYS, RowError, normalize_messages
 
 _KEYS = tuple(f'"{key}"'.encode() for key in TOKEN_ID_KEYS)
 _LIST_OPEN = re.compile(rb"[ \t\r]*:[ \t\r]*\[")  # after a key: the colon and the list's bracket (JSON blanks)
@@ -136,13 +136,27 @@ def _read(line: bytes, marker: bytes, sentinel: str) -> tuple[str, list[bytes]] 
         return None
     if not isinstance(row, dict) or row.get(TOKEN_ID_KEYS[0]) != sentinel or row.get(TOKEN_ID_KEYS[1]) != sentinel:
         return None
-    try:
-        messages = normalize_messages(row)
-    except RowError:
-        return None
+    messages = row.get("messages")
+    if not _plain(messages):  # the common case needs no copy: normalize_messages would return these messages
+        try:
+            messages = normalize_messages(row)
+        except RowError:
+            return None
+    assert messages is not None
     if messages[-1]["role"] != "assistant":
         return None
     return messages[-1]["content"], [line[s + 1 : e - 1] for s, e in spans]
+
+
+def _plain(messages: Any) -> bool:
+    """OpenAI messages that are exactly {"role": one of ROLES, "content": a string}, with an assistant turn: what
+    `normalize_messages` returns unchanged."""
+    if type(messages) is not list or not messages:
+        return False
+    plain = all(
+        type(m) is dict and len(m) == 2 and m.get("role") in ROLES and type(m.get("content")) is str for m in messages
+    )
+    return plain and any(m["role"] == "assistant" for m in messages)
 
 
 def _parse_lists(regions: list[bytes]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -150,22 +164,16 @@ def _parse_lists(regions: list[bytes]) -> tuple[np.ndarray, np.ndarray, np.ndarr
     (one blank allowed between a comma and a digit) is not ok (count 0). Parsed in one call when all are clean, else
     halved until the bad ones are alone."""
     joined = b",".join(regions)
-    if all(regions) and not joined.translate(None, b"0123456789, "):
-        text = np.frombuffer(joined, np.uint8)
-        comma, blank = text == ord(","), text == ord(" ")
-        # a blank only between a comma and a digit (numpy reads a field of blanks, `1, ,2` or `1, `, as a 0)
-        if not (blank[0] or blank[-1] or (blank[1:] > comma[:-1]).any() or (blank[:-1] & comma[1:]).any()):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                try:
-                    values = np.fromstring(joined, dtype=np.int32, sep=",")  # type: ignore[call-overload]
-                except ValueError:
-                    values = np.zeros(0, np.int32)
-            commas = np.flatnonzero(comma)
-            ends = np.cumsum([len(r) + 1 for r in regions]) - 1  # [R] each list's separator (or the end)
-            counts = np.diff(np.searchsorted(commas, ends), prepend=-1)  # its commas + 1
-            if len(values) == counts.sum() and _read_exactly(values, commas, blank, text):
-                return values, counts, np.ones(len(regions), bool)
+    if all(regions) and not joined.translate(None, b"0123456789, ") and _fields_exact(np.frombuffer(joined, np.uint8)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                values = np.fromstring(joined, dtype=np.int32, sep=",")  # type: ignore[call-overload]
+            except ValueError:
+                values = np.zeros(0, np.int32)
+        counts = np.asarray([r.count(b",") + 1 for r in regions], np.int64)  # [R] fields of each list
+        if len(values) == counts.sum():
+            return values, counts, np.ones(len(regions), bool)
     if len(regions) == 1:
         return np.zeros(0, np.int32), np.zeros(1, np.int64), np.zeros(1, bool)
     half = len(regions) // 2
@@ -173,17 +181,23 @@ def _parse_lists(regions: list[bytes]) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return tuple(np.concatenate([p[k] for p in parts]) for k in range(3))  # type: ignore[return-value]
 
 
-def _read_exactly(values: np.ndarray, commas: np.ndarray, blank: np.ndarray, text: np.ndarray) -> bool:
-    """Each field (the text between commas, after its one blank) is 1 to 9 digits without a leading zero: so it is
-    a JSON integer that int32 holds, and numpy parsed it exactly (no empty field read as 0, no wrap, no saturation)."""
-    if len(commas) and commas[-1] == len(blank) - 1:  # a trailing comma: an empty last field
+def _fields_exact(text: np.ndarray) -> bool:
+    """Text of digits, commas and blanks whose every comma-separated field is one optional blank, then 1 to 9 digits
+    without a leading zero: a JSON integer that numpy's int32 parse reads exactly (it would read an empty or blank
+    field as 0, and wrap or saturate a longer number)."""
+    comma, blank = text == ord(","), text == ord(" ")
+    if comma[0] or comma[-1] or blank[0] or blank[-1] or (comma[1:] & comma[:-1]).any():  # an empty field
         return False
-    starts = np.concatenate([[0], commas + 1])  # [values] first character of each field
-    starts += blank[starts]  # its first digit
-    digits = np.append(commas, len(blank)) - starts  # [values] digit characters of each field
-    if digits.min() < 1 or digits.max() > 9:
+    if (blank[1:] > comma[:-1]).any() or (blank[:-1] & (comma[1:] | blank[1:])).any():  # a blank not ", <digit>"
         return False
-    return not ((text[starts] == ord("0")) & (digits > 1)).any()
+    digit = ~(comma | blank)
+    first = np.concatenate([[True], ~digit[:-1]])  # [T] the character starts a number if it is a digit
+    if (first[:-1] & (text[:-1] == ord("0")) & digit[1:]).any():  # a leading zero
+        return False
+    runs = digit[:-1] & digit[1:]  # [T - 1] two digits from here on; then 4, 8 and 10
+    runs = runs[:-2] & runs[2:]
+    runs = runs[:-4] & runs[4:]
+    return not (runs[:-2] & runs[2:]).any()
 
 
 def _check_ids(values: np.ndarray, counts: np.ndarray, ok: np.ndarray, ctx: IdContext) -> tuple[np.ndarray, ...]:

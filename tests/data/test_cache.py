@@ -82,11 +82,10 @@ def test_cache_equals_the_loop(tmp_path, tokenizer, mixed_rows, write_jsonl, num
 
 
 @pytest.mark.parametrize("chunk_bytes", [1, 7, 64, 1 << 20])
-def test_jsonl_chunks_are_whole_lines_covering_the_file(tmp_path, monkeypatch, chunk_bytes):
-    monkeypatch.setattr(cache_build, "CHUNK_BYTES", chunk_bytes)
+def test_jsonl_chunks_are_whole_lines_covering_the_file(tmp_path, chunk_bytes):
     data = b"".join(b"x" * n + b"\n" for n in (0, 3, 100, 0, 0, 9, 1, 64, 2)) + b"no newline"
     (tmp_path / "a.jsonl").write_bytes(data)
-    ranges = list(cache_build.jsonl_ranges(str(tmp_path / "a.jsonl")))
+    ranges = list(cache_build.jsonl_ranges(str(tmp_path / "a.jsonl"), chunk_bytes))
     assert [r[1] for r in ranges] == [0] + [o + n for _, o, n in ranges[:-1]] and sum(r[2] for r in ranges) == len(data)
     pieces = [data[o : o + n] for _, o, n in ranges]
     assert all(piece.endswith(b"\n") and len(piece) >= chunk_bytes for piece in pieces[:-1])
@@ -96,6 +95,16 @@ def test_jsonl_chunks_are_whole_lines_covering_the_file(tmp_path, monkeypatch, c
     firsts = np.cumsum([0] + [n for _, n in numbered])[:-1]
     lines = [(first + i, line) for (rows, _), first in zip(numbered, firsts, strict=True) for i, line in rows]
     assert lines == [(i, line) for i, line in enumerate(data.split(b"\n"), 1) if line.strip()]
+
+
+def test_chunk_size_gives_every_process_many_chunks_within_bounds(monkeypatch):
+    mib = 1 << 20
+    assert cache_build.chunk_bytes(10_000 * mib, 8) == mib  # a large file: the largest chunks
+    assert cache_build.chunk_bytes(6 * mib, 2) == 6 * mib // 32  # 16 chunks per process
+    assert cache_build.chunk_bytes(6 * mib, 1) == 6 * mib // 16
+    assert cache_build.chunk_bytes(100_000, 2) == 1 << 16  # never below 64 KiB
+    monkeypatch.setattr(cache_build, "CHUNK_BYTES", 150)  # as the tests set it: tiny chunks
+    assert cache_build.chunk_bytes(10_000 * mib, 8) == cache_build.chunk_bytes(10, 1) == 150
 
 
 def test_cache_equals_the_loop_for_a_json_list(tmp_path, tokenizer, mixed_rows):
