@@ -49,6 +49,7 @@ def _rows(tokenizer) -> list[str]:
     long_answer = _encode(tokenizer, " ".join(["the answer is two plus four"] * 8)) + [eos]
     wrong = [dict(m) for m in messages]
     wrong[-1]["content"] = "goodbye."
+    answer = messages[1]["content"]
     return [
         _line(messages, p, r),
         _line(messages, compact(prompt), compact(ok_response), first="response_ids"),
@@ -89,6 +90,15 @@ def _rows(tokenizer) -> list[str]:
         json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "paris."}]}),
         _line(messages, p, r)[:-1],  # cut short
         _line(messages, p, r),
+        # messages that are not plain {"role", "content"} pairs: normalize_messages decides, as in the loop
+        _line([{**messages[0], "name": "bob"}, messages[1]], p, r),
+        _line([messages[0], {**messages[1], "reasoning_content": "think"}], p, r),
+        _line([messages[0], {"role": "assistant", "content": [{"type": "text", "text": answer}]}], p, r),
+        _line([messages[0], {"role": "assistant", "content": None}], p, r),
+        '{"conversations": [{"from": "human", "value": "hello"}, {"from": "gpt", "value": '
+        + json.dumps(messages[1]["content"])
+        + "}], "
+        + f'"prompt_ids": {p}, "response_ids": {r}}}',
     ]
 
 
@@ -118,8 +128,8 @@ def test_every_edge_case_ends_as_in_the_loop(tmp_path, tokenizer, monkeypatch, n
         path, tokenizer, SEQ, mask_token_id=mask_id, cache_dir=str(tmp_path / "c"), num_proc=num_proc
     )
     _same(cached, loop)
-    assert loop.num_token_ids == 17 and loop.num_truncated == 1 and len(loop) == 18
-    assert sum(loop.skipped.values()) == 21 and len(loop.skipped) == 11
+    assert loop.num_token_ids == 21 and loop.num_truncated == 1 and len(loop) == 22
+    assert sum(loop.skipped.values()) == 22 and len(loop.skipped) == 12
 
 
 def test_clean_token_id_rows_never_reach_the_per_row_function(tmp_path, tokenizer, monkeypatch):
@@ -205,7 +215,7 @@ def test_without_a_byte_table_the_tokenizer_decodes(tmp_path, tokenizer, monkeyp
     path = _write(tmp_path, _rows(tokenizer))
     loop = DSparkChatDataset(path, tokenizer, SEQ)
     _same(DSparkChatDataset(path, tokenizer, SEQ, cache_dir=str(tmp_path / "c")), loop)
-    assert loop.num_token_ids == 17
+    assert loop.num_token_ids == 21
 
 
 def test_an_unsafe_id_leaves_its_row_to_the_tokenizer(tokenizer):
