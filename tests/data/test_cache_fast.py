@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from nemo_automodel_dspark.data import cache_build
+from nemo_automodel_dspark.data import cache_build, fast_ids
 from nemo_automodel_dspark.data.byte_table import ByteTable
 from nemo_automodel_dspark.data.chat import _decode, split_reasoning
 from nemo_automodel_dspark.data.dataset import DSparkChatDataset
@@ -137,6 +137,7 @@ def test_clean_token_id_rows_never_reach_the_per_row_function(tmp_path, tokenize
     path = _write(tmp_path, rows * 3, invalid_utf8=False)
     reference = []
     monkeypatch.setattr(cache_build, "tokenize_row", lambda *a: reference.append(a) or pytest.fail("per-row path"))
+    monkeypatch.setattr(fast_ids, "normalize_messages", lambda *a: pytest.fail("plain messages need no copy"))
     cached = DSparkChatDataset(path, tokenizer, SEQ, cache_dir=str(tmp_path / "c"))
     assert len(cached) == 19 and cached.num_token_ids == 19 and not reference
     monkeypatch.undo()
