@@ -164,16 +164,21 @@ def _parse_lists(regions: list[bytes]) -> tuple[np.ndarray, np.ndarray, np.ndarr
     (one blank allowed between a comma and a digit) is not ok (count 0). Parsed in one call when all are clean, else
     halved until the bad ones are alone."""
     joined = b",".join(regions)
-    if all(regions) and not joined.translate(None, b"0123456789, ") and _fields_exact(np.frombuffer(joined, np.uint8)):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                values = np.fromstring(joined, dtype=np.int32, sep=",")  # type: ignore[call-overload]
-            except ValueError:
-                values = np.zeros(0, np.int32)
-        counts = np.asarray([r.count(b",") + 1 for r in regions], np.int64)  # [R] fields of each list
-        if len(values) == counts.sum():
-            return values, counts, np.ones(len(regions), bool)
+    if all(regions) and not joined.translate(None, b"0123456789, "):
+        text = np.frombuffer(joined, np.uint8)
+        comma = text == ord(",")
+        if _fields_exact(text, comma, text == ord(" ")):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                try:
+                    values = np.fromstring(joined, dtype=np.int32, sep=",")  # type: ignore[call-overload]
+                except ValueError:
+                    values = np.zeros(0, np.int32)
+            firsts = np.cumsum([0] + [len(r) + 1 for r in regions[:-1]])  # [R] each list's first character
+            counts = np.add.reduceat(comma, firsts, dtype=np.int64)  # [R] commas to the next list's first character
+            counts[-1] += 1  # = fields: each list but the last also counts the comma joining it to the next
+            if len(values) == counts.sum():
+                return values, counts, np.ones(len(regions), bool)
     if len(regions) == 1:
         return np.zeros(0, np.int32), np.zeros(1, np.int64), np.zeros(1, bool)
     half = len(regions) // 2
@@ -181,11 +186,10 @@ def _parse_lists(regions: list[bytes]) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return tuple(np.concatenate([p[k] for p in parts]) for k in range(3))  # type: ignore[return-value]
 
 
-def _fields_exact(text: np.ndarray) -> bool:
+def _fields_exact(text: np.ndarray, comma: np.ndarray, blank: np.ndarray) -> bool:
     """Text of digits, commas and blanks whose every comma-separated field is one optional blank, then 1 to 9 digits
     without a leading zero: a JSON integer that numpy's int32 parse reads exactly (it would read an empty or blank
-    field as 0, and wrap or saturate a longer number)."""
-    comma, blank = text == ord(","), text == ord(" ")
+    field as 0, and wrap or saturate a longer number). `comma`, `blank`: [T] where text is one."""
     if comma[0] or comma[-1] or blank[0] or blank[-1] or (comma[1:] & comma[:-1]).any():  # an empty field
         return False
     if (blank[1:] > comma[:-1]).any() or (blank[:-1] & (comma[1:] | blank[1:])).any():  # a blank not ", <digit>"
