@@ -12,7 +12,9 @@ row the bulk path cannot prove clean. The bad-row accounting (skips per reason w
 truncations, rows used as token ids, empty answers) is computed from every row's number, reason and flags and stored
 beside the table, so a reopened cache reports exactly what the loop would. The first process to
 take the folder's file lock builds (into a temporary folder, renamed into place when complete); the others block on
-the lock and then open what it built.
+the lock and then open what it built. A cache folder that does not open, or whose table holds another number of rows
+than its meta.json says (a build cut short by a power loss: the table is not fsynced), is removed and built again,
+with a warning.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import hashlib
 import json
 import os
 import shutil
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -125,9 +128,11 @@ def _account(numbers: list[int], errors: list[str], flags: list[int], unit: str)
     return report
 
 
-def _build(path_or_id: str, split: str, tokenizer: Any, options: RowOptions, num_proc: int, tmp: Path) -> None:
+def _build(
+    path_or_id: str, split: str, tokenizer: Any, options: RowOptions, num_proc: int, tmp: Path, show_progress: bool
+) -> None:
     """Tokenise every row into `tmp/rows.arrow` (used rows only) and write `tmp/meta.json` (the accounting)."""
-    numbers, errors, flags = build_rows(path_or_id, split, tokenizer, options, num_proc, tmp / _TABLE)
+    numbers, errors, flags = build_rows(path_or_id, split, tokenizer, options, num_proc, tmp / _TABLE, show_progress)
     unit = "line" if path_or_id.endswith(".jsonl") else "row"
     report = _account(numbers, errors, flags, unit)
     atomic_write_json(tmp / _META, {"report": report.__dict__, "rows": len(numbers) - sum(map(bool, errors))})
@@ -168,20 +173,48 @@ def _view(array: Any, dtype: type) -> np.ndarray:
 
 
 def open_cache(
-    path_or_id: str, split: str, tokenizer: Any, options: RowOptions, *, root: str, num_proc: int
+    path_or_id: str,
+    split: str,
+    tokenizer: Any,
+    options: RowOptions,
+    *,
+    root: str,
+    num_proc: int,
+    show_progress: bool = False,
 ) -> tuple[ArrowRows, CacheReport]:
-    """Open the cache of these inputs, building it first if no process has (under the folder's file lock)."""
+    """Open the cache of these inputs, building it first if no process has (under the folder's file lock). A cache
+    folder that does not open (`_damage`: a build cut short by a power loss, a file removed or overwritten) is
+    removed and built again, said in one warning."""
     final = Path(root) / cache_fingerprint(path_or_id, split, tokenizer, options)
-    if not (final / _META).exists():
+    opened = _open(final)
+    if isinstance(opened, str):
         with _file_lock(final.with_suffix(".lock")):
-            if not (final / _META).exists():
+            opened = _open(final)  # another process may have built it while this one waited
+            if isinstance(opened, str):
+                if final.exists():
+                    warnings.warn(f"tokenised cache {final} is damaged ({opened}); building it again", stacklevel=2)
+                    shutil.rmtree(final)
                 tmp = temp_dir_for(final)  # one builder per fingerprint (the lock): a killed build's temp goes here
                 shutil.rmtree(tmp, ignore_errors=True)
                 tmp.mkdir(parents=True)
                 try:
-                    _build(path_or_id, split, tokenizer, options, num_proc, tmp)
+                    _build(path_or_id, split, tokenizer, options, num_proc, tmp, show_progress)
                     commit_dir(tmp, final)
                 finally:
                     shutil.rmtree(tmp, ignore_errors=True)
-    meta = json.loads((final / _META).read_text())
-    return ArrowRows(final / _TABLE), CacheReport(**meta["report"])
+                opened = _open(final)
+                if isinstance(opened, str):
+                    raise RuntimeError(f"the tokenised cache just built in {final} does not open: {opened}")
+    return opened
+
+
+def _open(final: Path) -> tuple[ArrowRows, CacheReport] | str:
+    """The cache in folder `final`, or why it cannot be used: its meta.json must parse, and its table must read as
+    Arrow record batches holding the number of rows meta.json states (a build cut short by a power loss, or a file
+    removed or overwritten, fails this)."""
+    try:
+        meta = json.loads((final / _META).read_text())
+        rows, report, expected = ArrowRows(final / _TABLE), CacheReport(**meta["report"]), int(meta["rows"])
+    except (OSError, ValueError, KeyError, TypeError) as err:  # Arrow's errors are OSError or ValueError
+        return f"{type(err).__name__}: {err}"
+    return (rows, report) if len(rows) == expected else f"{len(rows)} rows in {_TABLE}, {expected} in {_META}"

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from nemo_automodel_dspark.data.chat import RowOptions, RowTokens, tokenize_row
 from nemo_automodel_dspark.data.fast_ids import IdContext, id_context, tokenize_id_lines
@@ -35,6 +36,8 @@ MIN_CHUNK_BYTES = 1 << 16  # ... and at least, unless CHUNK_BYTES is smaller (be
 CHUNKS_PER_PROCESS = 16  # a smaller file gets smaller chunks: text rows cost ~30x token-id rows per byte, and the
 # last chunk of a few large ones would leave the other processes idle
 CHUNK_ROWS = 1024  # rows per chunk of the other sources
+PROGRESS_MIN_BYTES = 16 << 20  # a progress bar for a larger JSONL file (~2,000 token-id rows or more) ...
+PROGRESS_MIN_ROWS = 1000  # ... or more rows of another source
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,7 @@ class Chunk:
     lengths: np.ndarray  # [used rows] int64
     lines: int = 0  # JSONL: the chunk's lines, blank ones included (the next chunk's numbers start after them)
     spilled: str | None = None  # the part file holding input_ids then loss_mask, from a worker
+    done: int = 0  # the progress it makes: JSONL bytes, or rows of the other sources
 
 
 def chunk_bytes(size: int, num_proc: int) -> int:
@@ -88,8 +92,7 @@ def _lines(data: bytes) -> tuple[list[tuple[int, bytes]], int]:
     return [(i, line) for i, line in enumerate(lines, start=1) if line.strip()], len(lines)
 
 
-def _row_chunks(path_or_id: str, split: str) -> Iterator[list[tuple[int, Any]]]:
-    rows = open_rows(path_or_id, split=split)[1]
+def _row_chunks(rows: Iterator[tuple[int, Any]]) -> Iterator[list[tuple[int, Any]]]:
     while chunk := list(islice(rows, CHUNK_ROWS)):
         yield chunk
 
@@ -103,12 +106,14 @@ def _tokenize_jsonl(state: _State, item: tuple[str, int, int]) -> Chunk:
     fast = tokenize_id_lines(lines, state.ids) if state.ids is not None else [None] * len(lines)
     pairs = zip(numbered, fast, strict=True)
     chunk = _collect(state, [(number, tokens if tokens is not None else line) for (number, line), tokens in pairs])
-    chunk.lines = count
+    chunk.lines, chunk.done = count, size
     return chunk
 
 
 def _tokenize_rows(state: _State, rows: list[tuple[int, Any]]) -> Chunk:
-    return _collect(state, rows)
+    chunk = _collect(state, rows)
+    chunk.done = len(rows)
+    return chunk
 
 
 def _collect(state: _State, rows: list[tuple[int, Any]]) -> Chunk:
@@ -207,11 +212,18 @@ def _result(pending: Any) -> Chunk:
 
 
 def build_rows(
-    path_or_id: str, split: str, tokenizer: Any, options: RowOptions, num_proc: int, out: Path
+    path_or_id: str,
+    split: str,
+    tokenizer: Any,
+    options: RowOptions,
+    num_proc: int,
+    out: Path,
+    show_progress: bool = False,
 ) -> tuple[list[int], list[str], list[int]]:
     """Write the used rows to `out` (Arrow IPC stream: input_ids list<int32>, loss_mask list<int8>) and return
     every row's (number, skip reason, flags) for the accounting. The workers' part files go in a folder beside
-    `out`, removed at the end."""
+    `out`, removed at the end. With `show_progress`, a bar over the file's bytes (or the rows) once the input is
+    large enough to take a while."""
     import pyarrow as pa
 
     state = _State(tokenizer, options, id_context(tokenizer, options))
@@ -219,16 +231,22 @@ def build_rows(
     parts = out.with_name(f".{out.name}.parts")
     parts.mkdir(exist_ok=True)
     if os.path.isfile(path) and path_or_id.endswith(".jsonl"):
-        ranges = jsonl_ranges(path, chunk_bytes(os.path.getsize(path), num_proc))
-        chunks = _ordered(state, _tokenize_jsonl, ranges, num_proc, parts)
+        total, unit, large = os.path.getsize(path), "B", PROGRESS_MIN_BYTES
+        chunks = _ordered(state, _tokenize_jsonl, jsonl_ranges(path, chunk_bytes(total, num_proc)), num_proc, parts)
     else:
-        chunks = _ordered(state, _tokenize_rows, _row_chunks(path_or_id, split), num_proc, parts)
+        total, rows = open_rows(path_or_id, split=split)
+        unit, large = " rows", PROGRESS_MIN_ROWS
+        chunks = _ordered(state, _tokenize_rows, _row_chunks(rows), num_proc, parts)
     numbers: list[int] = []
     errors: list[str] = []
     flags: list[int] = []
     lines_before = 0  # JSONL: lines of the chunks so far (a chunk numbers its lines from 1)
+    bar = tqdm(
+        total=total, unit=unit, unit_scale=True, disable=not (show_progress and total > large),
+        desc=f"tokenising {path_or_id} into the cache ({num_proc} processes)",
+    )  # fmt: skip
     try:
-        with pa.OSFile(str(out), "wb") as sink, pa.ipc.new_stream(sink, row_schema()) as writer:
+        with bar, pa.OSFile(str(out), "wb") as sink, pa.ipc.new_stream(sink, row_schema()) as writer:
             for chunk in chunks:
                 numbers += [lines_before + n for n in chunk.numbers] if lines_before else chunk.numbers
                 lines_before += chunk.lines
@@ -236,6 +254,7 @@ def build_rows(
                 flags += chunk.flags
                 if len(chunk.lengths):
                     writer.write_batch(_batch(chunk))
+                bar.update(chunk.done)
     finally:
         shutil.rmtree(parts, ignore_errors=True)
     return numbers, errors, flags

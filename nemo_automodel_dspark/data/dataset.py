@@ -98,7 +98,7 @@ class DSparkChatDataset(torch.utils.data.Dataset):
             self._rows, accounting = self._tokenize_here(path_or_id, split, tokenizer, options, show_progress)
         else:
             self._rows, accounting = open_cache(
-                path_or_id, split, tokenizer, options, root=cache_dir, num_proc=num_proc
+                path_or_id, split, tokenizer, options, root=cache_dir, num_proc=num_proc, show_progress=show_progress
             )
         self._unit = accounting.unit
         self.skipped, self.first_skipped = accounting.skipped, accounting.first_skipped

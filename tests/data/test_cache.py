@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import threading
@@ -136,6 +137,7 @@ def test_restarts_reuse_the_cache_and_inputs_change_its_name(
         cache.cache_fingerprint(path, "train", tokenizer, RowOptions(first_template, SEQ, False, 5)),
         cache.cache_fingerprint(path, "test", tokenizer, options),
     ]
+    tokenizer = copy.deepcopy(tokenizer)  # the session fixture stays as it is for the other tests
     tokenizer.add_tokens(["<|new|>"])
     changed.append(cache.cache_fingerprint(path, "train", tokenizer, options))
     with open(path, "a") as f:
@@ -172,3 +174,39 @@ def test_one_process_builds_while_the_others_wait(tmp_path, tokenizer, conversat
     for t in threads:
         t.join()
     assert len(builds) == 1 and len(results) == 3 and all(len(r) == 3 for r in results)
+
+
+def _damage_table(folder):
+    table, cut = folder / "rows.arrow", folder / "cut"
+    cut.write_bytes(table.read_bytes()[: table.stat().st_size // 2])  # a build cut short: half the table
+    cut.replace(table)  # a new file: truncating the mapped one in place would crash this process (SIGBUS)
+
+
+def _damage_meta(folder):
+    (folder / "meta.json").write_text('{"report": ')
+
+
+def _other_rows(folder):  # a table of another size: meta.json counts one row more
+    meta = json.loads((folder / "meta.json").read_text())
+    (folder / "meta.json").write_text(json.dumps({**meta, "rows": meta["rows"] + 1}))
+
+
+@pytest.mark.parametrize("damage", [_damage_table, _damage_meta, _other_rows, lambda f: (f / "rows.arrow").unlink()])
+def test_a_damaged_cache_is_built_again_with_a_warning(tmp_path, tokenizer, mixed_rows, write_jsonl, damage):
+    path = str(write_jsonl(tmp_path / "train.jsonl", mixed_rows * 20))
+    assert len(DSparkChatDataset(path, tokenizer, SEQ, cache_dir=str(tmp_path / "c"))) == 120
+    (folder,) = [p for p in (tmp_path / "c").iterdir() if p.is_dir()]
+    damage(folder)
+    with pytest.warns(UserWarning, match=f"tokenised cache {folder} is damaged"):
+        again = DSparkChatDataset(path, tokenizer, SEQ, cache_dir=str(tmp_path / "c"))
+    _same(again, DSparkChatDataset(path, tokenizer, SEQ))
+
+
+def test_a_long_build_shows_progress(tmp_path, tokenizer, mixed_rows, write_jsonl, monkeypatch, capsys):
+    path = str(write_jsonl(tmp_path / "train.jsonl", mixed_rows))
+    monkeypatch.setattr(cache_build, "PROGRESS_MIN_BYTES", 0)
+    DSparkChatDataset(path, tokenizer, SEQ, cache_dir=str(tmp_path / "quiet"), show_progress=False)
+    assert "into the cache" not in capsys.readouterr().err
+    DSparkChatDataset(path, tokenizer, SEQ, cache_dir=str(tmp_path / "c"), show_progress=True, num_proc=2)
+    err = capsys.readouterr().err
+    assert f"tokenising {path} into the cache (2 processes)" in err and "100%" in err
