@@ -223,9 +223,10 @@ def build_rows(
     """Write the used rows to `out` (Arrow IPC stream: input_ids list<int32>, loss_mask list<int8>) and return
     every row's (number, skip reason, flags) for the accounting. The workers' part files go in a folder beside
     `out`, removed at the end. With `show_progress`, a bar over the file's bytes (or the rows) once the input is
-    large enough to take a while."""
+    large enough to take a while. `num_proc` is capped at the CPUs this process may run on (more only compete)."""
     import pyarrow as pa
 
+    num_proc = max(1, min(num_proc, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1))
     state = _State(tokenizer, options, id_context(tokenizer, options))
     path = os.path.expanduser(path_or_id)
     parts = out.with_name(f".{out.name}.parts")

@@ -95,7 +95,7 @@ class RecipeArgs(Options):
     max_tokens_per_batch: int = option(0, doc="> 0: micro-batches of similar-length rows, rows x longest <= this")
     tokenized_cache: bool = option(True, doc="tokenise once into a memory-mapped Arrow cache reused by restarts")
     tokenized_cache_dir: str | None = option(None, doc="null: $DSPARK_CACHE_DIR or ~/.cache/nemo_automodel_dspark")
-    tokenize_num_proc: int = option(4, ge=1, doc="worker processes that build the tokenised cache")
+    tokenize_num_proc: int = option(4, ge=1, doc="processes that build the tokenised cache (at most the CPUs)")
 
     def rules(self) -> None:
         rule(

@@ -69,6 +69,7 @@ def _same(a: DSparkChatDataset, b: DSparkChatDataset) -> None:
 def test_cache_equals_the_loop(tmp_path, tokenizer, mixed_rows, write_jsonl, num_proc, monkeypatch):
     if num_proc > 1:  # chunks of a line or two: the workers and the parent each tokenise some
         monkeypatch.setattr(cache_build, "CHUNK_BYTES", 150)
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)  # 3 on 2 CPUs too
     path = str(write_jsonl(tmp_path / "train.jsonl", mixed_rows))
     mask_id = tokenizer.convert_tokens_to_ids("<|mask|>")
     loop = DSparkChatDataset(path, tokenizer, SEQ, mask_token_id=mask_id)
@@ -200,6 +201,15 @@ def test_a_damaged_cache_is_built_again_with_a_warning(tmp_path, tokenizer, mixe
     with pytest.warns(UserWarning, match=f"tokenised cache {folder} is damaged"):
         again = DSparkChatDataset(path, tokenizer, SEQ, cache_dir=str(tmp_path / "c"))
     _same(again, DSparkChatDataset(path, tokenizer, SEQ))
+
+
+def test_processes_are_capped_at_the_cpus(tmp_path, tokenizer, mixed_rows, write_jsonl, monkeypatch):
+    path = str(write_jsonl(tmp_path / "train.jsonl", mixed_rows))
+    monkeypatch.setattr(cache_build, "CHUNK_BYTES", 150)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    monkeypatch.setattr(cache_build.multiprocessing, "get_context", lambda *a: pytest.fail("one CPU: no workers"))
+    cached = DSparkChatDataset(path, tokenizer, SEQ, cache_dir=str(tmp_path / "c"), num_proc=4)
+    _same(cached, DSparkChatDataset(path, tokenizer, SEQ))
 
 
 def test_a_long_build_shows_progress(tmp_path, tokenizer, mixed_rows, write_jsonl, monkeypatch, capsys):
