@@ -86,7 +86,7 @@ def _compare(kind: str, path: Path, rows: int, tokenizer, args, cache_root: str)
         return DSparkChatDataset(str(path), tokenizer, SEQ_LENGTH, show_progress=False)
 
     def build(root: str):
-        return DSparkChatDataset(str(path), tokenizer, SEQ_LENGTH, cache_dir=root, num_proc=args.num_proc)
+        return DSparkChatDataset(str(path), tokenizer, SEQ_LENGTH, cache_dir=root, num_proc=args.num_proc, show_progress=False)
 
     loop_s, cache_s, loop_cpu, cache_cpu = [], [], [], []
     for r in range(args.rounds):
@@ -140,7 +140,9 @@ def main() -> int:
         _write_rows(path, args.reopen_rows, tokenizer, _texts(400_000, 0, longest=40), token_ids=True, seed=2)
         cache = str(root / "cache_reopen")
         built, build_s = _timed(
-            lambda: DSparkChatDataset(str(path), tokenizer, SEQ_LENGTH, cache_dir=cache, num_proc=args.num_proc)
+            lambda: DSparkChatDataset(
+                str(path), tokenizer, SEQ_LENGTH, cache_dir=cache, num_proc=args.num_proc, show_progress=False
+            )
         )
         reopened, reopen_s = _timed(lambda: DSparkChatDataset(str(path), tokenizer, SEQ_LENGTH, cache_dir=cache))
         assert len(built) == len(reopened) == args.reopen_rows
