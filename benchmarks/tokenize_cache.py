@@ -86,7 +86,9 @@ def _compare(kind: str, path: Path, rows: int, tokenizer, args, cache_root: str)
         return DSparkChatDataset(str(path), tokenizer, SEQ_LENGTH, show_progress=False)
 
     def build(root: str):
-        return DSparkChatDataset(str(path), tokenizer, SEQ_LENGTH, cache_dir=root, num_proc=args.num_proc, show_progress=False)
+        return DSparkChatDataset(
+            str(path), tokenizer, SEQ_LENGTH, cache_dir=root, num_proc=args.num_proc, show_progress=False
+        )
 
     loop_s, cache_s, loop_cpu, cache_cpu = [], [], [], []
     for r in range(args.rounds):
