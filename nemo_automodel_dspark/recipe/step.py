@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -199,7 +200,9 @@ class DSparkStep:
             if self.last_verdict is None:  # a refused step never reaches the weights or the optimizer state
                 optimizer.step()
                 self.guard.record(self.last_loss)
-            scheduler.step()
+            with warnings.catch_warnings():  # a refused first step still advances the schedule: torch's warning
+                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)  # says so
+                scheduler.step()
             optimizer.zero_grad(set_to_none=True)
         return totals, grad_norm.detach()
 
