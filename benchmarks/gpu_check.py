@@ -45,6 +45,7 @@ BUDGETS = {
     "capture_vs_hf_hidden_states": (15, 60),
     "greedy_speculative_vs_target": (25, 120),
     "fsdp2_world1_vs_bare": (25, 120),
+    "packed_vs_padded": (30, 120),  # includes compiling FlexAttention for the packed block masks
     "throughput": (200, 300),  # both recipes: target build, setup, compile, 10 steps each; capped by the total
 }
 TOTAL_BUDGET_S = (270, 900)  # CUDA: + imports, start-up and the report stay under 5 minutes

@@ -21,9 +21,11 @@ from transformers import Qwen3ForCausalLM  # imported here, before any section's
 
 from nemo_automodel_dspark import DSparkConfig, DSparkDrafter
 from nemo_automodel_dspark import distributed as D
+from nemo_automodel_dspark.data import collate
+from nemo_automodel_dspark.data.packing import collate_packed
 from nemo_automodel_dspark.inference.speculative import SpeculativeDecoder
 from nemo_automodel_dspark.loss import LossConfig
-from nemo_automodel_dspark.masks import flex_block_mask
+from nemo_automodel_dspark.masks import flex_block_mask, sample_anchors
 from nemo_automodel_dspark.model import layers
 from nemo_automodel_dspark.recipe.step import DSparkStep, MicroBatch
 from nemo_automodel_dspark.target.capture import capture_target_features
@@ -94,6 +96,9 @@ BOUNDS = {
     "bf16_grads": (1.5e-1, 1.5e-1),
     "fsdp_loss": (1e-2, 1e-5),
     "fsdp_grads": (5e-2, 1e-5),
+    "packed_features": (2e-2, 1e-5),  # one kernel call over two documents vs two calls: other accumulation orders
+    "packed_sums": (2e-2, 1e-5),
+    "packed_grads": (5e-2, 1e-4),
 }
 
 
@@ -353,10 +358,82 @@ def check_fsdp2_world1(device: torch.device, p: Problem) -> dict:
     }
 
 
+def check_packed_vs_padded(device: torch.device, p: Problem) -> dict:
+    """Three documents packed end to end (positions restarting per document, `packed_sequence_size` = seq) vs one
+    per padded row, with the same anchors per document: the target's captured features of every document token,
+    the objective's sums and the draft's gradients agree (bf16 target, autocast, compiled FlexAttention on CUDA; the
+    recipe's SDPA path in fp32 on CPU)."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    target = build_target(p.target, device, dtype)
+    draft = build_draft(target, p, "flex_attention" if device.type == "cuda" else "sdpa").to(device)
+    step = build_step(draft, draft, target, p, device)
+    lengths = (p.seq * 5 // 8, p.seq * 3 // 8 - 2, p.seq // 4)  # documents 0 + 1 fill one packed row, 2 the next
+    packs = ([0, 1], [2])
+    g = torch.Generator().manual_seed(4)
+    docs = []
+    for n in lengths:
+        loss_mask = torch.ones(n, dtype=torch.long)
+        loss_mask[: n // 4] = 0
+        docs.append({"input_ids": torch.randint(0, p.target.vocab - 1, (n,), generator=g), "loss_mask": loss_mask})
+    padded_t = collate(docs, seq_length=p.seq, pad_token_id=0)
+    packed_t = collate_packed([[docs[d] for d in pack] for pack in packs], packed_sequence_size=p.seq, pad_token_id=0)
+    starts = [[sum(lengths[d] for d in pack[:i]) for i in range(len(pack))] for pack in packs]
+    spans = [[(s, lengths[d]) for s, d in zip(st, pack, strict=True)] for st, pack in zip(starts, packs, strict=True)]
+    padded = MicroBatch(*(padded_t[k].to(device) for k in ("input_ids", "attention_mask", "loss_mask")), [0, 1, 2])
+    packed = MicroBatch(
+        *(packed_t[k].to(device) for k in ("input_ids", "attention_mask", "loss_mask")),
+        [0, 1, 2],
+        packed_t["position_ids"].to(device),
+        spans,
+    )
+    # the same anchors per document: [3, N] one document a row, shifted into the packed rows [2, 3 N] (zero-padded)
+    per_doc = [
+        sample_anchors(doc["loss_mask"][None], p.anchors, torch.Generator().manual_seed(10 + d))
+        for d, doc in enumerate(docs)
+    ]
+    rows = []
+    for pack, st in zip(packs, starts, strict=True):
+        a = torch.cat([per_doc[d][0][0] + s for d, s in zip(pack, st, strict=True)])
+        k = torch.cat([per_doc[d][1][0] for d in pack])
+        fill = len(docs) * p.anchors - a.numel()
+        rows.append((torch.cat([a, a.new_zeros(fill)]), torch.cat([k, k.new_zeros(fill)])))
+    anchors = {
+        "padded": (torch.cat([a for a, _ in per_doc]).to(device), torch.cat([k for _, k in per_doc]).to(device)),
+        "packed": (torch.stack([a for a, _ in rows]).to(device), torch.stack([k for _, k in rows]).to(device)),
+    }
+    layer_ids = list(draft.dspark.target_layer_ids)
+    feats_u = capture_target_features(target, padded.input_ids, padded.attention_mask, layer_ids).features
+    feats_p = capture_target_features(target, packed.input_ids, None, layer_ids, packed.position_ids).features
+    feat_u = torch.cat([feats_u[d, : lengths[d]] for d in range(len(docs))]).float()
+    feat_p = torch.cat([feats_p[r, s : s + n] for r, row in enumerate(spans) for s, n in row]).float()
+    results = {}
+    for name, batch in (("padded", padded), ("packed", packed)):
+        step.model.zero_grad(set_to_none=True)
+        loss = step._forward_loss(batch, *anchors[name])
+        loss.numerator.backward()
+        grads = {n: t.grad.float().cpu() for n, t in step.model.named_parameters() if t.grad is not None}
+        results[name] = ({k: v.detach().float().cpu() for k, v in loss.sums.items()}, grads)
+    (sums_u, grads_u), (sums_p, grads_p) = results["padded"], results["packed"]
+    feat_err = rel_max(feat_p, feat_u)
+    sums_err = max(rel_max(sums_p[k], sums_u[k]) for k in sums_u)  # each sum: a scalar or one per block slot
+    grad_err, worst = rel_l2(grads_p, grads_u)
+    fb, sb, gb = bound("packed_features", device), bound("packed_sums", device), bound("packed_grads", device)
+    return {
+        "passed": feat_err <= fb and sums_err <= sb and grad_err <= gb and bool(sums_u["weight"] > 0),
+        "documents": list(lengths),
+        "features_rel_max_err": feat_err,
+        "sums_rel_max_err": sums_err,
+        "grads_rel_l2_err": grad_err,
+        "worst_grad": worst,
+        "bound": {"features_rel_max_err": fb, "sums_rel_max_err": sb, "grads_rel_l2_err": gb},
+    }
+
+
 CHECKS = {
     "flex_vs_sdpa": check_flex_vs_sdpa,
     "bf16_step_vs_fp32_cpu": check_bf16_step_vs_fp32_cpu,
     "capture_vs_hf_hidden_states": check_capture_vs_hf,
     "greedy_speculative_vs_target": check_greedy_speculative,
     "fsdp2_world1_vs_bare": check_fsdp2_world1,
+    "packed_vs_padded": check_packed_vs_padded,
 }
