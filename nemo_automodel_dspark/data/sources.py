@@ -125,7 +125,9 @@ def jsonl_lines(path: str) -> Iterator[tuple[int, bytes]]:
 def parse_line(line: bytes) -> dict[str, Any] | RowError:
     try:
         row = json.loads(line)
-    except ValueError:  # JSONDecodeError and UnicodeDecodeError
+    except UnicodeDecodeError:  # bytes that are not UTF-8 (nor the UTF-16/32 that json detects)
+        return RowError("not UTF-8 text")
+    except ValueError:
         return RowError("invalid JSON")
     return row if isinstance(row, dict) else RowError("row is not a JSON object")
 

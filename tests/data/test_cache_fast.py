@@ -129,7 +129,7 @@ def test_every_edge_case_ends_as_in_the_loop(tmp_path, tokenizer, monkeypatch, n
     )
     _same(cached, loop)
     assert loop.num_token_ids == 21 and loop.num_truncated == 1 and len(loop) == 22
-    assert sum(loop.skipped.values()) == 22 and len(loop.skipped) == 12
+    assert sum(loop.skipped.values()) == 22 and len(loop.skipped) == 13 and loop.skipped["not UTF-8 text"] == 1
 
 
 def test_clean_token_id_rows_never_reach_the_per_row_function(tmp_path, tokenizer, monkeypatch):

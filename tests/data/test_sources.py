@@ -41,6 +41,13 @@ def test_jsonl_numbers_lines_and_isolates_bad_ones(tmp_path, write_jsonl):
     assert rows[1][1].reason == "invalid JSON" and rows[2][1].reason == "row is not a JSON object"
 
 
+def test_a_line_that_is_not_utf8_is_named_as_such(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b'{"messages": "caf\xe9"}\n{"messages": "ok"}\n')  # Latin-1, not UTF-8
+    rows = list(iter_rows(str(path)))
+    assert rows[0][1].reason == "not UTF-8 text" and rows[1][1] == {"messages": "ok"}
+
+
 @pytest.mark.parametrize("layout", ["list", "data", "json_lines"])
 def test_json_file(tmp_path, layout):
     path = tmp_path / "train.json"
