@@ -38,7 +38,7 @@ from nemo_automodel_dspark.data.cache_build import build_rows
 from nemo_automodel_dspark.data.chat import EMPTY_ANSWER, MASK_TOKEN_HIT, TOKEN_IDS, TRUNCATED, RowOptions
 from nemo_automodel_dspark.io import atomic_write_json, commit_dir, temp_dir_for
 
-CACHE_FORMAT_VERSION = 3  # bump whenever the table's layout or the tokenisation rules change
+CACHE_FORMAT_VERSION = 4  # bump whenever the table's layout, the tokenisation rules or a skip reason change
 _META = "meta.json"
 _TABLE = "rows.arrow"
 
