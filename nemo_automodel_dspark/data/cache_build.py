@@ -189,6 +189,7 @@ def _ordered(
         pool = multiprocessing.get_context("fork").Pool(num_proc - 1, _init_worker, (state, parts))
     finally:
         gc.unfreeze()
+    workers = list(pool._pool)  # type: ignore[attr-defined]  # a worker exits only when the pool closes
     try:
         pending: deque = deque()  # in item order: a worker's AsyncResult, or a Chunk made here
         for item in chain(first, items):
@@ -197,9 +198,9 @@ def _ordered(
             else:
                 pending.append(fn(state, item))
             while pending and (isinstance(pending[0], Chunk) or pending[0].ready() or len(pending) > 4 * num_proc):
-                yield _result(pending.popleft())
+                yield _result(pending.popleft(), workers)
         while pending:
-            yield _result(pending.popleft())
+            yield _result(pending.popleft(), workers)
     except BaseException:  # an error in a chunk, or the caller stopped early
         pool.terminate()
         raise
@@ -207,8 +208,20 @@ def _ordered(
     pool.join()
 
 
-def _result(pending: Any) -> Chunk:
-    return pending if isinstance(pending, Chunk) else _unspill(pending.get())
+def _result(pending: Any, workers: list[Any]) -> Chunk:
+    """A chunk made here, or a worker's once it is done. A worker killed mid-chunk (by the kernel's OOM killer, say)
+    never answers, and the pool would wait for it forever: that is an error within a second or so instead."""
+    while not isinstance(pending, Chunk):
+        try:
+            return _unspill(pending.get(timeout=1.0))
+        except multiprocessing.TimeoutError:
+            dead = [w for w in workers if w.exitcode is not None]
+            if dead:
+                raise RuntimeError(
+                    f"a worker building the tokenised cache (pid {dead[0].pid}) died with exit code "
+                    f"{dead[0].exitcode} (killed for memory? lower recipe_args.tokenize_num_proc); nothing was kept"
+                ) from None
+    return pending
 
 
 def build_rows(

@@ -5,7 +5,9 @@ from __future__ import annotations
 import copy
 import json
 import os
+import signal
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -220,3 +222,22 @@ def test_a_long_build_shows_progress(tmp_path, tokenizer, mixed_rows, write_json
     DSparkChatDataset(path, tokenizer, SEQ, cache_dir=str(tmp_path / "c"), show_progress=True, num_proc=2)
     err = capsys.readouterr().err
     assert f"tokenising {path} into the cache (2 processes)" in err and "100%" in err
+
+
+def test_a_worker_killed_mid_build_is_an_error_not_a_hang(tmp_path, tokenizer, mixed_rows, write_jsonl, monkeypatch):
+    path = str(write_jsonl(tmp_path / "train.jsonl", mixed_rows * 4))
+    monkeypatch.setattr(cache_build, "CHUNK_BYTES", 150)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    parent, real = os.getpid(), cache_build.tokenize_id_lines
+
+    def killed_in_a_worker(*args):  # the forked worker inherits this; the parent tokenises normally
+        if os.getpid() != parent:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*args)
+
+    monkeypatch.setattr(cache_build, "tokenize_id_lines", killed_in_a_worker)
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"worker building the tokenised cache \(pid \d+\) died with exit code -9"):
+        DSparkChatDataset(path, tokenizer, SEQ, cache_dir=str(tmp_path / "c"), num_proc=2)
+    assert time.monotonic() - start < 30
+    assert [p.name for p in (tmp_path / "c").iterdir() if p.is_dir()] == []  # nothing half-built kept
