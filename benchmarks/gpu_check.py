@@ -35,6 +35,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
 import gpu_checks  # noqa: E402
+import gpu_problem  # noqa: E402
 import gpu_throughput  # noqa: E402
 
 # Seconds per section: (CUDA, CPU dry run). On CUDA the overall budget keeps the whole run under 5 minutes; the dry
@@ -114,7 +115,7 @@ def run_all(dry_run: bool, workdir: Path, total_budget_s: int) -> dict:
         torch.cuda.set_device(device)
     gpu_throughput.warm_imports()
     deadline = time.monotonic() + total_budget_s
-    problem = gpu_checks.DRY if dry_run else gpu_checks.REAL
+    problem = gpu_problem.DRY if dry_run else gpu_problem.REAL
     plan = gpu_throughput.DRY_PLAN if dry_run else gpu_throughput.REAL_PLAN
     column = 1 if dry_run else 0
     sections: dict[str, dict] = {}

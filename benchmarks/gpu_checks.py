@@ -2,213 +2,38 @@
 
 Every check returns a dict with `passed` (bool), the measured figures and the `bound` they were held to. On CUDA the
 compared path is the one real training takes (bf16 target, bf16 autocast or FSDP2 mixed precision, compiled
-FlexAttention); on CPU (`--dry-run`) the same code runs in fp32 or CPU autocast, with eager FlexAttention.
-`tests/test_gpu_check.py` runs these functions under `pytest -m gpu` with the same assertions.
+FlexAttention); on CPU (`--dry-run`) the same code runs in fp32 or CPU autocast, with eager FlexAttention. The
+problem sizes, bounds and builders are in `gpu_problem.py`. `tests/test_gpu_check.py` runs these functions under
+`pytest -m gpu` with the same assertions.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
-import math
-from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
-from torch import Tensor, nn
-from transformers import Qwen3ForCausalLM  # imported here, before any section's clock starts
+from gpu_problem import (
+    Problem,
+    bound,
+    build_draft,
+    build_step,
+    build_target,
+    eager_flex_on_cpu,
+    loss_and_grads,
+    make_batch,
+    rel_l2,
+    rel_max,
+)
+from torch import Tensor
 
-from nemo_automodel_dspark import DSparkConfig, DSparkDrafter
 from nemo_automodel_dspark import distributed as D
-from nemo_automodel_dspark.data import collate
-from nemo_automodel_dspark.data.packing import collate_packed
 from nemo_automodel_dspark.inference.speculative import SpeculativeDecoder
-from nemo_automodel_dspark.loss import LossConfig
-from nemo_automodel_dspark.masks import flex_block_mask, sample_anchors
-from nemo_automodel_dspark.model import layers
+from nemo_automodel_dspark.masks import sample_anchors
+from nemo_automodel_dspark.recipe.batching import plan_micro_batch
 from nemo_automodel_dspark.recipe.step import DSparkStep, MicroBatch
 from nemo_automodel_dspark.target.capture import capture_target_features
-from nemo_automodel_dspark.target.tiny import tiny_config
-
-
-@dataclass(frozen=True)
-class TargetShape:
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    intermediate: int
-    vocab: int
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One batch and one draft for the correctness checks."""
-
-    target: TargetShape
-    seq: int
-    anchors: int
-    block: int
-    draft_layers: int
-    markov_rank: int
-    batch: int
-    decode_target: TargetShape  # small peaked target for the decoding check
-    decode_prompts: int
-    decode_tokens: int
-
-
-QWEN3_0_6B = TargetShape(hidden=1024, layers=28, heads=16, kv_heads=8, head_dim=128, intermediate=3072, vocab=151936)
-# Correctness on CUDA: Qwen3-0.6B widths and vocabulary, 8 layers, so the fp32 CPU reference step stays seconds.
-REAL = Problem(
-    target=TargetShape(1024, 8, 16, 8, 128, 3072, 151936),
-    seq=512,
-    anchors=64,
-    block=7,
-    draft_layers=2,
-    markov_rank=256,
-    batch=2,
-    decode_target=TargetShape(256, 4, 4, 2, 64, 512, 4096),
-    decode_prompts=3,
-    decode_tokens=48,
-)
-DRY = Problem(
-    target=TargetShape(64, 4, 4, 2, 16, 128, 512),
-    seq=48,
-    anchors=6,
-    block=4,
-    draft_layers=2,
-    markov_rank=16,
-    batch=2,
-    decode_target=TargetShape(16, 3, 2, 1, 8, 32, 64),
-    decode_prompts=3,
-    decode_tokens=16,
-)
-
-# Bounds, (CUDA bf16, CPU fp32 dry run). bf16 keeps 8 mantissa bits (relative step 2^-8 ≈ 4e-3); a few roundings
-# along a layer stack give ~1e-2 on activations; gradients through two attention kernels' different accumulation
-# orders get the looser bound.
-BOUNDS = {
-    "flex_logits": (2e-2, 1e-4),
-    "flex_grads": (5e-2, 1e-4),
-    "bf16_loss": (2e-2, 2e-2),
-    "bf16_grads": (1.5e-1, 1.5e-1),
-    "fsdp_loss": (1e-2, 1e-5),
-    "fsdp_grads": (5e-2, 1e-5),
-    "packed_features": (2e-2, 1e-5),  # one kernel call over two documents vs two calls: other accumulation orders
-    "packed_sums": (2e-2, 1e-5),
-    "packed_grads": (5e-2, 1e-4),
-}
-
-
-def bound(name: str, device: torch.device) -> float:
-    return BOUNDS[name][0 if device.type == "cuda" else 1]
-
-
-# ------------------------------------------------------------------------------------------------ builders
-def build_target(shape: TargetShape, device: torch.device, dtype: torch.dtype, *, init_range: float = 0.02):
-    """A random Qwen3 target of `shape` (seed 0), built directly on `device` in `dtype`, frozen."""
-    config = tiny_config(
-        "qwen3",
-        vocab_size=shape.vocab,
-        hidden_size=shape.hidden,
-        intermediate_size=shape.intermediate,
-        num_hidden_layers=shape.layers,
-        num_attention_heads=shape.heads,
-        num_key_value_heads=shape.kv_heads,
-        head_dim=shape.head_dim,
-        max_position_embeddings=4096,
-        initializer_range=init_range,
-        tie_word_embeddings=False,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
-    )
-    torch.manual_seed(0)
-    with torch.device(device):
-        target = Qwen3ForCausalLM(config)
-    target.generation_config.pad_token_id = 0
-    return target.to(dtype).eval().requires_grad_(False)
-
-
-def build_draft(target: nn.Module, p: Problem, backend: str, *, draft_layers: int | None = None) -> DSparkDrafter:
-    """A fresh fp32 draft (seed 1) for `target`; the mask token is the last vocabulary row."""
-    torch.manual_seed(1)
-    config = DSparkConfig(
-        mask_token_id=target.config.vocab_size - 1,
-        draft_num_hidden_layers=draft_layers or p.draft_layers,
-        block_size=p.block,
-        num_anchors=p.anchors,
-        markov_rank=p.markov_rank,
-        attention_backend=backend,
-    )
-    return DSparkDrafter.from_target(target, config).float()
-
-
-def build_step(model: nn.Module, draft: DSparkDrafter, target: nn.Module, p: Problem, device) -> DSparkStep:
-    """The recipe's step object (its autocast choice included) with the shipped loss options."""
-    args = SimpleNamespace(shuffle_seed=0, seq_length=p.seq, max_grad_norm=1.0, divergence_factor=None)
-    info = D.DistInfo(rank=0, world_size=1, local_rank=0, device=device)
-    return DSparkStep(model, draft, target, args, LossConfig(), info, defer_fsdp_sync=False)
-
-
-def make_batch(p: Problem, device: torch.device, seed: int = 2) -> MicroBatch:
-    """Random ids [B, S] (never the mask id), loss on the last three quarters of each row."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, p.target.vocab - 1, (p.batch, p.seq), generator=g)
-    loss_mask = torch.zeros_like(ids)
-    loss_mask[:, p.seq // 4 :] = 1
-    return MicroBatch(ids.to(device), torch.ones_like(ids).to(device), loss_mask.to(device), list(range(p.batch)))
-
-
-def loss_and_grads(
-    step: DSparkStep, batch: MicroBatch, *, backward: bool = True
-) -> tuple[float, dict[str, Tensor], Tensor]:
-    """One micro-batch through the recipe's forward: (loss, fp32 CPU grads by name, draft logits [B, N, K, V])."""
-    seen: dict[str, Tensor] = {}
-    hook = step.draft.register_forward_hook(lambda m, i, out: seen.__setitem__("logits", out.draft_logits.detach()))
-    try:
-        anchors, keep = step.anchors(batch, 0, 0)
-        with contextlib.nullcontext() if backward else torch.no_grad():
-            loss = step._forward_loss(batch, anchors, keep)
-        if backward:
-            (loss.numerator / loss.denominator).backward()
-    finally:
-        hook.remove()
-    grads = {n: _full(p.grad).float().cpu() for n, p in step.model.named_parameters() if p.grad is not None}
-    value = float(loss.numerator.detach().float() / loss.denominator.float())
-    return value, grads, seen["logits"].float().cpu()
-
-
-def _full(t: Tensor) -> Tensor:
-    return t.full_tensor() if hasattr(t, "full_tensor") else t  # FSDP2 gradients are DTensors
-
-
-def rel_max(a: Tensor, ref: Tensor) -> float:
-    return float((a - ref).abs().max() / ref.abs().max().clamp(min=1e-30))
-
-
-def rel_l2(grads: dict[str, Tensor], ref: dict[str, Tensor]) -> tuple[float, str]:
-    """Global relative L2 error of a gradient set, and the parameter with the largest own relative error."""
-    if grads.keys() != ref.keys():
-        raise ValueError(f"different trainable parameters: {sorted(grads.keys() ^ ref.keys())}")
-    diff = math.sqrt(sum(float((grads[n] - ref[n]).pow(2).sum()) for n in ref))
-    norm = math.sqrt(sum(float(ref[n].pow(2).sum()) for n in ref))
-    worst = max(ref, key=lambda n: float((grads[n] - ref[n]).norm() / ref[n].norm().clamp(min=1e-30)))
-    return diff / max(norm, 1e-30), worst
-
-
-def _eager_flex_on_cpu(draft: DSparkDrafter, device: torch.device) -> str:
-    """CUDA uses the drafter's own path (BlockMask + compiled flex); CPU forces the BlockMask with eager flex."""
-    if device.type == "cuda":
-        return "compiled flex_attention + BlockMask (the training path)"
-    from torch.nn.attention.flex_attention import flex_attention
-
-    layers._compiled_flex = flex_attention
-    block = draft.dspark.block_size
-    draft.attention_mask = lambda anchors, keep, seq, *rest: flex_block_mask(anchors, keep, seq, block, *rest)  # type: ignore[method-assign]
-    return "eager flex_attention + BlockMask (CPU dry run)"
 
 
 # ------------------------------------------------------------------------------------------------ the checks
@@ -222,7 +47,7 @@ def check_flex_vs_sdpa(device: torch.device, p: Problem) -> dict:
     sdpa = build_draft(target, p, "sdpa").to(device)
     flex = copy.deepcopy(sdpa)
     flex.dspark = dataclasses.replace(flex.dspark, attention_backend="flex_attention")  # options are frozen
-    mode = _eager_flex_on_cpu(flex, device)
+    mode = eager_flex_on_cpu(flex, device)
     batch, backward = make_batch(p, device), device.type == "cuda"
     loss_s, grads_s, logits_s = loss_and_grads(build_step(sdpa, sdpa, target, p, device), batch)
     loss_f, grads_f, logits_f = loss_and_grads(build_step(flex, flex, target, p, device), batch, backward=backward)
@@ -367,66 +192,76 @@ def check_packed_vs_padded(device: torch.device, p: Problem) -> dict:
     target = build_target(p.target, device, dtype)
     draft = build_draft(target, p, "flex_attention" if device.type == "cuda" else "sdpa").to(device)
     step = build_step(draft, draft, target, p, device)
-    lengths = (p.seq * 5 // 8, p.seq * 3 // 8 - 2, p.seq // 4)  # documents 0 + 1 fill one packed row, 2 the next
-    packs = ([0, 1], [2])
-    g = torch.Generator().manual_seed(4)
-    docs = []
-    for n in lengths:
-        loss_mask = torch.ones(n, dtype=torch.long)
-        loss_mask[: n // 4] = 0
-        docs.append({"input_ids": torch.randint(0, p.target.vocab - 1, (n,), generator=g), "loss_mask": loss_mask})
-    padded_t = collate(docs, seq_length=p.seq, pad_token_id=0)
-    packed_t = collate_packed([[docs[d] for d in pack] for pack in packs], packed_sequence_size=p.seq, pad_token_id=0)
-    starts = [[sum(lengths[d] for d in pack[:i]) for i in range(len(pack))] for pack in packs]
-    spans = [[(s, lengths[d]) for s, d in zip(st, pack, strict=True)] for st, pack in zip(starts, packs, strict=True)]
-    padded = MicroBatch(*(padded_t[k].to(device) for k in ("input_ids", "attention_mask", "loss_mask")), [0, 1, 2])
-    packed = MicroBatch(
-        *(packed_t[k].to(device) for k in ("input_ids", "attention_mask", "loss_mask")),
-        [0, 1, 2],
-        packed_t["position_ids"].to(device),
-        spans,
-    )
-    # the same anchors per document: [3, N] one document a row, shifted into the packed rows [2, 3 N] (zero-padded)
-    per_doc = [
-        sample_anchors(doc["loss_mask"][None], p.anchors, torch.Generator().manual_seed(10 + d))
-        for d, doc in enumerate(docs)
-    ]
-    rows = []
-    for pack, st in zip(packs, starts, strict=True):
-        a = torch.cat([per_doc[d][0][0] + s for d, s in zip(pack, st, strict=True)])
-        k = torch.cat([per_doc[d][1][0] for d in pack])
-        fill = len(docs) * p.anchors - a.numel()
-        rows.append((torch.cat([a, a.new_zeros(fill)]), torch.cat([k, k.new_zeros(fill)])))
-    anchors = {
-        "padded": (torch.cat([a for a, _ in per_doc]).to(device), torch.cat([k for _, k in per_doc]).to(device)),
-        "packed": (torch.stack([a for a, _ in rows]).to(device), torch.stack([k for _, k in rows]).to(device)),
-    }
+    docs, padded, packed = _packing_layouts(p, device)
+    assert packed.spans is not None
     layer_ids = list(draft.dspark.target_layer_ids)
     feats_u = capture_target_features(target, padded.input_ids, padded.attention_mask, layer_ids).features
     feats_p = capture_target_features(target, packed.input_ids, None, layer_ids, packed.position_ids).features
-    feat_u = torch.cat([feats_u[d, : lengths[d]] for d in range(len(docs))]).float()
-    feat_p = torch.cat([feats_p[r, s : s + n] for r, row in enumerate(spans) for s, n in row]).float()
-    results = {}
-    for name, batch in (("padded", padded), ("packed", packed)):
-        step.model.zero_grad(set_to_none=True)
-        loss = step._forward_loss(batch, *anchors[name])
-        loss.numerator.backward()
-        grads = {n: t.grad.float().cpu() for n, t in step.model.named_parameters() if t.grad is not None}
-        results[name] = ({k: v.detach().float().cpu() for k, v in loss.sums.items()}, grads)
-    (sums_u, grads_u), (sums_p, grads_p) = results["padded"], results["packed"]
+    feat_u = torch.cat([feats_u[d, : len(doc["input_ids"])] for d, doc in enumerate(docs)]).float()
+    feat_p = torch.cat([feats_p[r, s : s + n] for r, row in enumerate(packed.spans) for s, n in row]).float()
+    anchors = _same_anchors(docs, packed.spans, p.anchors, device)
+    sums_u, grads_u = _sums_and_grads(step, padded, *anchors[0])
+    sums_p, grads_p = _sums_and_grads(step, packed, *anchors[1])
     feat_err = rel_max(feat_p, feat_u)
     sums_err = max(rel_max(sums_p[k], sums_u[k]) for k in sums_u)  # each sum: a scalar or one per block slot
     grad_err, worst = rel_l2(grads_p, grads_u)
     fb, sb, gb = bound("packed_features", device), bound("packed_sums", device), bound("packed_grads", device)
     return {
         "passed": feat_err <= fb and sums_err <= sb and grad_err <= gb and bool(sums_u["weight"] > 0),
-        "documents": list(lengths),
+        "documents": [len(doc["input_ids"]) for doc in docs],
         "features_rel_max_err": feat_err,
         "sums_rel_max_err": sums_err,
         "grads_rel_l2_err": grad_err,
         "worst_grad": worst,
         "bound": {"features_rel_max_err": fb, "sums_rel_max_err": sb, "grads_rel_l2_err": gb},
     }
+
+
+def _packing_layouts(p: Problem, device: torch.device) -> tuple[list[dict], MicroBatch, MicroBatch]:
+    """(documents, one a padded row, packed two rows: documents 0 + 1, then 2), both by the recipe's
+    `plan_micro_batch`; random ids, the first quarter of each document unsupervised."""
+    g = torch.Generator().manual_seed(4)
+    docs = []
+    for n in (p.seq * 5 // 8, p.seq * 3 // 8 - 2, p.seq // 4):
+        loss_mask = torch.ones(n, dtype=torch.long)
+        loss_mask[: n // 4] = 0
+        docs.append({"input_ids": torch.randint(0, p.target.vocab - 1, (n,), generator=g), "loss_mask": loss_mask})
+    padded = plan_micro_batch(docs, [[0], [1], [2]], SimpleNamespace(packed_sequence_size=0), pad_token_id=0)
+    packed = plan_micro_batch(docs, [[0, 1], [2]], SimpleNamespace(packed_sequence_size=p.seq), pad_token_id=0)
+    return docs, dataclasses.replace(padded, **_on(padded, device)), dataclasses.replace(packed, **_on(packed, device))
+
+
+def _on(batch: MicroBatch, device: torch.device) -> dict[str, Tensor]:
+    names = ("input_ids", "attention_mask", "loss_mask", "position_ids")
+    return {n: getattr(batch, n).to(device) for n in names if getattr(batch, n) is not None}
+
+
+def _same_anchors(docs: list[dict], spans: list[list[tuple[int, int]]], n: int, device: torch.device) -> list:
+    """The same `n` anchors per document in both layouts: [(anchors, keep) [3, n] one document a row, (anchors,
+    keep) [2, 3 n] shifted into the packed rows, zero-padded]."""
+    per_doc = [
+        sample_anchors(doc["loss_mask"][None], n, torch.Generator().manual_seed(10 + d)) for d, doc in enumerate(docs)
+    ]
+    first = iter(range(len(docs)))
+    rows = []
+    for row in spans:
+        ids = [next(first) for _ in row]
+        a = torch.cat([per_doc[d][0][0] + s for d, (s, _) in zip(ids, row, strict=True)])
+        k = torch.cat([per_doc[d][1][0] for d in ids])
+        fill = len(docs) * n - a.numel()
+        rows.append((torch.cat([a, a.new_zeros(fill)]), torch.cat([k, k.new_zeros(fill)])))
+    padded = torch.cat([a for a, _ in per_doc]), torch.cat([k for _, k in per_doc])
+    packed = torch.stack([a for a, _ in rows]), torch.stack([k for _, k in rows])
+    return [tuple(t.to(device) for t in padded), tuple(t.to(device) for t in packed)]
+
+
+def _sums_and_grads(step: DSparkStep, batch: MicroBatch, anchors: Tensor, keep: Tensor) -> tuple[dict, dict]:
+    """The objective's sums and the draft's gradients (fp32, CPU) of one micro-batch with these anchors."""
+    step.model.zero_grad(set_to_none=True)
+    loss = step._forward_loss(batch, anchors, keep)
+    loss.numerator.backward()
+    grads = {n: t.grad.float().cpu() for n, t in step.model.named_parameters() if t.grad is not None}
+    return {k: v.detach().float().cpu() for k, v in loss.sums.items()}, grads
 
 
 CHECKS = {

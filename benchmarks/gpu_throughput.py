@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from gpu_checks import QWEN3_0_6B, TargetShape, build_target
+from gpu_problem import QWEN3_0_6B, TargetShape, build_target
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED_YAML = REPO / "examples" / "dspark" / "qwen3_0.6b_dspark.yaml"

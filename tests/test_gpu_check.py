@@ -16,6 +16,7 @@ sys.path.insert(0, str(BENCH))
 
 import gpu_check  # noqa: E402
 import gpu_checks  # noqa: E402
+import gpu_problem  # noqa: E402
 
 
 def test_a_failing_section_is_a_verdict_not_a_crash():
@@ -47,10 +48,10 @@ def test_a_section_is_not_started_past_the_overall_deadline():
 def test_gradient_error_is_relative_and_names_the_worst_tensor():
     ref = {"a": torch.tensor([3.0, 4.0]), "b": torch.tensor([0.0, 1.0])}
     got = {"a": torch.tensor([3.0, 4.0]), "b": torch.tensor([0.0, 1.5])}
-    err, worst = gpu_checks.rel_l2(got, ref)
+    err, worst = gpu_problem.rel_l2(got, ref)
     assert err == pytest.approx(0.5 / (26.0**0.5)) and worst == "b"
     with pytest.raises(ValueError, match="different trainable parameters: \\['c'\\]"):
-        gpu_checks.rel_l2({**got, "c": torch.zeros(1)}, ref)
+        gpu_problem.rel_l2({**got, "c": torch.zeros(1)}, ref)
 
 
 @pytest.mark.slow
@@ -80,7 +81,7 @@ def test_dry_run_passes_every_verdict(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", list(gpu_checks.CHECKS))
 def test_check_on_cuda(name):
-    result = gpu_checks.CHECKS[name](torch.device("cuda", 0), gpu_checks.REAL)
+    result = gpu_checks.CHECKS[name](torch.device("cuda", 0), gpu_problem.REAL)
     assert result["passed"], result
 
 
