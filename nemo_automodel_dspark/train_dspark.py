@@ -30,7 +30,6 @@ from tqdm import tqdm
 
 from nemo_automodel_dspark import distributed as D
 from nemo_automodel_dspark.data import DSparkChatDataset
-from nemo_automodel_dspark.data.cache import default_cache_root
 from nemo_automodel_dspark.errors import ToolError
 from nemo_automodel_dspark.loss import flatten_sums, metrics_from_sums, unflatten_sums
 from nemo_automodel_dspark.model.families import family_for
@@ -38,7 +37,7 @@ from nemo_automodel_dspark.recipe import batching, resume, run_folder, target_se
 from nemo_automodel_dspark.recipe import checkpoint as ckpt
 from nemo_automodel_dspark.recipe.eval_decode import decode_metrics
 from nemo_automodel_dspark.recipe.guards import RunStopped, divergence_message, non_finite_tensors
-from nemo_automodel_dspark.recipe.inputs import check_data, load_decode_prompts
+from nemo_automodel_dspark.recipe.inputs import check_data, load_decode_prompts, open_dataset
 from nemo_automodel_dspark.recipe.metrics import console_line
 from nemo_automodel_dspark.recipe.optim import build_optimizer, build_scheduler
 from nemo_automodel_dspark.recipe.serving_checks import check_serving, warning_text
@@ -119,19 +118,7 @@ class TrainDSparkRecipe(BaseRecipe):
         return batching.steps_in_epoch(self.sampler, epoch, self.per_step)
 
     def _dataset(self, path: str, split: str) -> DSparkChatDataset:
-        args = self.config.recipe_args
-        dataset = DSparkChatDataset(
-            path,
-            self.tokenizer,
-            args.seq_length,
-            split=split,
-            chat_template=args.chat_template,
-            mask_reasoning_content=args.mask_reasoning_content,
-            mask_token_id=self.draft_config.mask_token_id,
-            show_progress=self.info.is_main,
-            cache_dir=(args.tokenized_cache_dir or default_cache_root()) if args.tokenized_cache else None,
-            num_proc=args.tokenize_num_proc,
-        )
+        dataset = open_dataset(self.config.recipe_args, self.tokenizer, path, split, self.draft_config, self.info)
         self._log(dataset.report())
         return dataset
 
